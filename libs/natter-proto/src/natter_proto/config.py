@@ -1,0 +1,42 @@
+"""Configuration shared by the broker and the client agent (the seed's ``Config``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    """Settings of a broker or a client; the defaults suit the public internet.
+
+    ``broker_addr`` is the broker's listen address for a broker (``":10000"``) and the
+    broker to register with for a client (``"host:10000"``).
+    """
+
+    broker_addr: str = ""
+    client_user: str = ""
+
+    # registration with the broker
+    keepalive_interval: float = 20.0
+    register_timeout: float = 10.0
+    # broker: forget an agent that has been silent this long
+    registration_ttl: float = 60.0
+
+    # introduction and hole punching
+    connect_timeout: float = 10.0
+    punch_interval: float = 0.075
+    punch_timeout: float = 5.0
+    handshake_timeout: float = 8.0
+
+    # the agent's one UDP socket
+    udp_host: str = "0.0.0.0"
+    udp_port: int = 0
+
+    # QUIC tunnel
+    quic_engine: str = "aioquic"
+    max_datagram_size: int = 1350
+    idle_timeout: float = 60.0
+    ping_interval: float = 15.0
+    stream_window: int = 1 << 20
+    connection_window: int = 8 << 20
+    send_buffer_limit: int = 1 << 20

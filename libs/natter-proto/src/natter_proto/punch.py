@@ -1,0 +1,136 @@
+"""Punch session: probe every candidate endpoint of the peer until one answers.
+
+Both agents run one at the same moment (the broker tells both at once, RFC 5128 3.3).
+Probes leave every ``interval`` seconds to every candidate; the first probe answer names
+the winning path, which is the exact (ip, port) the answer came from. Probes from the
+peer are always answered, so the peer finds its path too.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from .endpoints import Endpoint
+from .frames import Message, Probe, ProbeAck, Punch
+
+
+class PunchState(enum.Enum):
+    PROBING = "probing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class PathFound:
+    """A probe answer arrived: this path works both ways."""
+
+    path: Endpoint
+    rtt: float
+
+
+@dataclass(frozen=True)
+class PunchTimedOut:
+    tried: tuple[Endpoint, ...]
+
+
+PunchEvent = PathFound | PunchTimedOut
+
+
+def candidate_endpoints(punch: Punch) -> tuple[Endpoint, ...]:
+    """The peer's public endpoint first, then its local ones, without repeats."""
+    seen: dict[Endpoint, None] = {punch.peer_public: None}
+    for local in punch.peer_locals:
+        seen.setdefault(local, None)
+    return tuple(seen)
+
+
+class PunchSession:
+    def __init__(
+        self,
+        me: str,
+        punch: Punch,
+        now: float,
+        *,
+        interval: float = 0.075,
+        timeout: float = 5.0,
+    ) -> None:
+        self.me = me
+        self.punch = punch
+        self.candidates = candidate_endpoints(punch)
+        self.state = PunchState.PROBING
+        self.path: Endpoint | None = None
+        self.heard_from: set[Endpoint] = set()
+        self._interval = interval
+        self._start = now + punch.delay_ms / 1000
+        self._deadline = self._start + timeout
+        self._next_probe = self._start
+        self._nonce = 0
+        self._sent_at: dict[int, float] = {}
+        self._outbox: list[tuple[Message, Endpoint]] = []
+        self._events: deque[PunchEvent] = deque()
+
+    @property
+    def session_id(self) -> str:
+        return self.punch.session_id
+
+    @property
+    def peer(self) -> str:
+        return self.punch.peer
+
+    @property
+    def role(self) -> str:
+        return self.punch.role
+
+    def knows(self, addr: Endpoint) -> bool:
+        """True if the peer may be at addr: a probe came from it, or it answered one."""
+        return addr in self.heard_from or addr == self.path
+
+    def receive(self, message: Message, addr: Endpoint, now: float) -> None:
+        if isinstance(message, Probe) and message.sender == self.peer:
+            self.heard_from.add(addr)
+            ack = ProbeAck(self.session_id, sender=self.me, nonce=message.nonce, observed=addr)
+            self._outbox.append((ack, addr))
+        elif isinstance(message, ProbeAck) and message.sender == self.peer:
+            sent = self._sent_at.get(message.nonce)
+            if sent is None:
+                return
+            self.heard_from.add(addr)
+            if self.state is PunchState.PROBING:
+                self.state = PunchState.SUCCEEDED
+                self.path = addr
+                self._events.append(PathFound(addr, max(0.0, now - sent)))
+
+    def succeed(self, addr: Endpoint) -> None:
+        """The path was proven another way (QUIC arrived from it); stop probing."""
+        if self.state is PunchState.PROBING:
+            self.state = PunchState.SUCCEEDED
+            self.path = addr
+
+    def handle_timer(self, now: float) -> None:
+        if self.state is not PunchState.PROBING:
+            return
+        if now >= self._deadline:
+            self.state = PunchState.FAILED
+            self._events.append(PunchTimedOut(self.candidates))
+            return
+        if now >= self._next_probe:
+            self._nonce += 1
+            self._sent_at[self._nonce] = now
+            for candidate in self.candidates:
+                probe = Probe(self.session_id, sender=self.me, nonce=self._nonce)
+                self._outbox.append((probe, candidate))
+            self._next_probe = now + self._interval
+
+    def get_timer(self) -> float | None:
+        if self.state is not PunchState.PROBING:
+            return None
+        return min(self._next_probe, self._deadline)
+
+    def frames_to_send(self) -> list[tuple[Message, Endpoint]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_event(self) -> PunchEvent | None:
+        return self._events.popleft() if self._events else None

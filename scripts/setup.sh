@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything natter needs into .venv/ (and, as root on Debian, the system tools
+# that the tests use). Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v conntrack >/dev/null 2>&1 || need_apt+=(conntrack)
+command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: missing ${need_apt[*]} (not root or no apt-get); the tests that need them will skip" >&2
+  fi
+fi
+
+python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+  || { echo "setup: natter needs Python 3.11 or newer" >&2; exit 1; }
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q \
+  -e libs/natter-proto -e services/broker -e services/client-agent -e '.[dev]'
+echo "setup: ready ($(.venv/bin/natter --version))"

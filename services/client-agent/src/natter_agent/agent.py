@@ -1,0 +1,472 @@
+"""The client agent: registration, introductions, hole punching and tunnels to peers.
+
+Everything crosses one UDP socket. The sans-IO machines of natter_proto decide; this
+module feeds them datagrams and time, sends what they produce and turns their events into
+``PeerLink`` tunnels and log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from natter_proto import frames
+from natter_proto.config import Config
+from natter_proto.connect import ConnectAnswered, ConnectAttempt, ConnectFailed
+from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
+from natter_proto.frames import ConnectOffer, Error, FrameError, Message, Probe, ProbeAck, Punch
+from natter_proto.punch import PathFound, PunchSession, PunchTimedOut
+from natter_proto.registration import (
+    PublicEndpointChanged,
+    RegistrationLost,
+    RegistrationRefused,
+    RegistrationUp,
+    Registration,
+    RegState,
+)
+
+from .engine import QuicEngine, make_engine
+from .interfaces import local_ipv4_addresses
+from .link import PeerLink, StreamChannel
+from .tls import self_signed
+from .udp import AgentSocket
+
+log = structlog.get_logger("natter.agent")
+
+
+class NatterError(Exception):
+    """A failure worth one clear line to the user."""
+
+
+class PeerUnavailable(NatterError):
+    """The broker could not introduce us to the peer (unknown, offline, not listening...)."""
+
+    def __init__(self, peer: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.code = code
+
+
+def resolve_broker(addr: str) -> Endpoint:
+    """Resolve the broker's HOST:PORT to one IPv4 endpoint (the agent's socket is IPv4)."""
+    host, port = split_host_port(addr, default_host="127.0.0.1")
+    if port == 0:
+        raise AddressError(f"broker address {addr!r} needs a port")
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise AddressError(f"cannot resolve broker host {host!r}: {exc.strerror}") from None
+    ip, resolved_port = infos[0][4][:2]
+    return endpoint(str(ip), int(resolved_port))
+
+
+IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
+
+
+class Agent:
+    """One natter client: a name, a broker, one UDP socket, and tunnels to peers."""
+
+    def __init__(self, config: Config, *, engine: QuicEngine | None = None) -> None:
+        if not frames.valid_name(config.client_user):
+            raise AddressError(
+                f"invalid name {config.client_user!r}: use letters, digits, '.', '_' or '-'"
+            )
+        self.config = config
+        self.name = config.client_user
+        self.broker = resolve_broker(config.broker_addr)
+        self.engine = engine or make_engine(
+            config.quic_engine,
+            credentials=self_signed(self.name),
+            max_datagram_size=config.max_datagram_size,
+            idle_timeout=config.idle_timeout,
+            stream_window=config.stream_window,
+            connection_window=config.connection_window,
+        )
+        self.sock = AgentSocket(self._on_control, self._on_quic, self._service)
+        self.registration: Registration | None = None
+        self.registered = asyncio.Event()
+        self.listening = False
+        self.incoming_handler: IncomingHandler | None = None
+        self.stats: Counter[str] = Counter()
+        self._log = log.bind(name=self.name)
+        self._attempts: dict[str, ConnectAttempt] = {}
+        self._sessions: dict[str, PunchSession] = {}
+        self._waiters: dict[str, asyncio.Future[PeerLink]] = {}
+        self._links: dict[str, PeerLink] = {}
+        self._links_by_addr: dict[Endpoint, PeerLink] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        if self.registration is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        bound = self.sock.bind(self.config.udp_host, self.config.udp_port)
+        locals_ = tuple(Endpoint(ip, bound.port) for ip in local_ipv4_addresses())
+        self.registration = Registration(
+            self.name,
+            locals_,
+            listening=self.listening,
+            keepalive_interval=self.config.keepalive_interval,
+        )
+        self._log.info("agent started", udp=str(bound), broker=str(self.broker))
+        self.registration.start(self._now())
+        self._service()
+
+    async def wait_registered(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.registered.wait(), timeout)
+        except TimeoutError:
+            raise NatterError(
+                f"broker {self.config.broker_addr} did not answer within {timeout:g} s"
+            ) from None
+
+    def set_listening(self, handler: IncomingHandler) -> None:
+        self.listening = True
+        self.incoming_handler = handler
+        if self.registration is not None:
+            self.registration.update(listening=True, now=self._now())
+            self._service()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for link in list(self._links_by_addr.values()):
+            link.close("agent shutting down")
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(NatterError("agent closed"))
+                waiter.exception()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        await asyncio.sleep(0)  # let the CONNECTION_CLOSE datagrams leave
+        self.sock.close()
+
+    # -- tunnels --------------------------------------------------------------------
+    def link_to(self, peer: str) -> PeerLink | None:
+        link = self._links.get(peer)
+        return link if link is not None and link.is_alive else None
+
+    async def connect(self, peer: str, target: str = "") -> PeerLink:
+        """Return a live tunnel to peer, asking the broker and punching if there is none."""
+        link = self.link_to(peer)
+        if link is not None:
+            return link
+        waiter = self._waiters.get(peer)
+        if waiter is None or waiter.done():
+            waiter = self._start_connect(peer, target)
+        return await asyncio.shield(waiter)
+
+    def _start_connect(self, peer: str, target: str) -> asyncio.Future[PeerLink]:
+        if self._closed:
+            raise NatterError("agent closed")
+        if not frames.valid_name(peer):
+            raise AddressError(f"invalid peer name {peer!r}")
+        assert self._loop is not None
+        waiter: asyncio.Future[PeerLink] = self._loop.create_future()
+        self._waiters[peer] = waiter
+        if self.registration is None or self.registration.state is not RegState.REGISTERED:
+            task = self._loop.create_task(self._connect_when_registered(peer, target, waiter))
+            self._track(task)
+        else:
+            self._send_connect(peer, target)
+        return waiter
+
+    async def _connect_when_registered(
+        self, peer: str, target: str, waiter: asyncio.Future[PeerLink]
+    ) -> None:
+        try:
+            await self.wait_registered(self.config.register_timeout)
+        except NatterError as exc:
+            self._fail_waiter(peer, exc)
+            return
+        if not waiter.done():
+            self._send_connect(peer, target)
+
+    def _send_connect(self, peer: str, target: str) -> None:
+        request_id = secrets.token_hex(6)
+        attempt = ConnectAttempt(
+            request_id, self.name, peer, target, self._now(), deadline=self.config.connect_timeout
+        )
+        self._attempts[request_id] = attempt
+        self._log.info("asking broker for peer", peer=peer, request_id=request_id)
+        self._service()
+
+    def _fail_waiter(self, peer: str, exc: Exception) -> None:
+        waiter = self._waiters.pop(peer, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+            waiter.exception()
+
+    # -- datagram input ---------------------------------------------------------------
+    def _on_control(self, data: bytes, addr: Endpoint) -> None:
+        try:
+            message = frames.decode(data)
+        except FrameError as exc:
+            self.stats[f"dropped_{exc.code}"] += 1
+            self._log.debug("dropped bad frame", source=str(addr), reason=exc.reason)
+            return
+        now = self._now()
+        if isinstance(message, Probe | ProbeAck):
+            session = self._sessions.get(message.session_id)
+            if session is None:
+                self.stats["dropped_unknown_session"] += 1
+                return
+            session.receive(message, addr, now)
+            return
+        if addr != self.broker:
+            self.stats["dropped_not_from_broker"] += 1
+            return
+        self._on_broker_message(message, now)
+
+    def _on_broker_message(self, message: Message, now: float) -> None:
+        assert self.registration is not None
+        if self.registration.receive(message, now):
+            return
+        if isinstance(message, Punch):
+            attempt = self._attempts.get(message.request_id)
+            if attempt is not None:
+                attempt.receive(message)
+            elif message.role == "server":
+                self._start_punch(message, now)
+        elif isinstance(message, Error) and message.request_id is not None:
+            attempt = self._attempts.get(message.request_id)
+            if attempt is not None:
+                attempt.receive(message)
+        elif isinstance(message, ConnectOffer):
+            if self.listening:
+                self._log.info("peer asks for a tunnel", peer=message.peer_from, target=message.target)
+            else:
+                self._log.warning("ignoring tunnel request: not listening", peer=message.peer_from)
+        else:
+            self.stats["dropped_unexpected"] += 1
+
+    def _on_quic(self, data: bytes, addr: Endpoint) -> None:
+        link = self._links_by_addr.get(addr)
+        if link is not None:
+            link.datagram_received(data, addr)
+            return
+        for session in self._sessions.values():
+            if session.role == "server" and session.knows(addr) and self.listening:
+                conn = self.engine.server_connection(data)
+                if conn is None:
+                    self.stats["dropped_not_initial"] += 1
+                    return
+                session.succeed(addr)
+                link = self._new_link(conn, session.peer, addr, "server")
+                link.datagram_received(data, addr)
+                self._track(self._loop_create(self._await_handshake(link, session.punch)))
+                return
+        self.stats["dropped_quic_unknown_source"] += 1
+
+    # -- the sans-IO machines' outputs --------------------------------------------------
+    def _service(self) -> None:
+        """Send what the machines want sent, act on their events and re-arm the timer."""
+        if self._closed or self.registration is None:
+            return
+        reg = self.registration
+        for message in reg.frames_to_send():
+            self._send(message, self.broker)
+        while (event := reg.next_event()) is not None:
+            self._on_registration_event(event)
+        for rid, attempt in list(self._attempts.items()):
+            for message in attempt.frames_to_send():
+                self._send(message, self.broker)
+            while (cevent := attempt.next_event()) is not None:
+                del self._attempts[rid]
+                peer = attempt.request.peer_to
+                if isinstance(cevent, ConnectAnswered):
+                    self._start_punch(cevent.punch, self._now())
+                elif isinstance(cevent, ConnectFailed):
+                    self._log.warning(
+                        "broker could not introduce us",
+                        peer=peer,
+                        broker=self.config.broker_addr,
+                        reason=cevent.message,
+                    )
+                    self._fail_waiter(peer, PeerUnavailable(peer, cevent.code, cevent.message))
+        for session in list(self._sessions.values()):
+            for message, addr in session.frames_to_send():
+                self._send(message, addr)
+            while (pevent := session.next_event()) is not None:
+                self._on_punch_event(session, pevent)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        assert self.registration is not None
+        timers = [self.registration.get_timer()]
+        timers += [a.get_timer() for a in self._attempts.values()]
+        timers += [s.get_timer() for s in self._sessions.values()]
+        when = min((t for t in timers if t is not None), default=None)
+        if self._timer is not None:
+            if when is not None and self._timer.when() == when:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if when is not None and self._loop is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._now()
+        assert self.registration is not None
+        self.registration.handle_timer(now)
+        for attempt in list(self._attempts.values()):
+            attempt.handle_timer(now)
+        for session in list(self._sessions.values()):
+            session.handle_timer(now)
+        self._service()
+
+    def _on_registration_event(self, event: object) -> None:
+        if isinstance(event, RegistrationUp):
+            self._log.info(
+                f"registered as {self.name} at {self.config.broker_addr}",
+                public_endpoint=str(event.public),
+                broker_id=event.broker_id,
+                listening=self.listening,
+            )
+            self.registered.set()
+        elif isinstance(event, PublicEndpointChanged):
+            self._log.warning("public endpoint changed", old=str(event.old), new=str(event.new))
+        elif isinstance(event, RegistrationLost):
+            self.registered.clear()
+            self._log.warning("lost the broker, registering again", reason=event.reason)
+        elif isinstance(event, RegistrationRefused):
+            self._log.error("broker refused registration", code=event.code, reason=event.message)
+
+    # -- punching -----------------------------------------------------------------------
+    def _start_punch(self, punch: Punch, now: float) -> None:
+        if punch.role == "server" and not self.listening:
+            self._log.warning("ignoring punch: not listening", peer=punch.peer)
+            return
+        if punch.session_id in self._sessions:
+            return  # a repeated instruction for a session already under way
+        self._log.info(
+            f"punching to {punch.peer}",
+            role=punch.role,
+            public=str(punch.peer_public),
+            candidates=len(punch.peer_locals) + 1,
+            session=punch.session_id,
+        )
+        self._sessions[punch.session_id] = PunchSession(
+            self.name,
+            punch,
+            now,
+            interval=self.config.punch_interval,
+            timeout=self.config.punch_timeout,
+        )
+        # Keep the session a while after it ends: the peer may still be probing and needs
+        # answers, and the QUIC server accepts the peer's Initial only from a known path.
+        linger = punch.delay_ms / 1000 + self.config.punch_timeout + self.config.handshake_timeout
+        self._loop_call_later(linger, self._sessions.pop, punch.session_id, None)
+
+    def _on_punch_event(self, session: PunchSession, event: object) -> None:
+        if isinstance(event, PathFound):
+            self._log.info(
+                "punch answered",
+                peer=session.peer,
+                path=str(event.path),
+                probe_rtt_ms=round(event.rtt * 1000, 2),
+            )
+            if session.role == "client":
+                link = self._new_link(self.engine.client_connection(), session.peer, event.path, "client")
+                link.start_client()
+                self._track(self._loop_create(self._await_handshake(link, session.punch)))
+        elif isinstance(event, PunchTimedOut):
+            tried = ", ".join(str(c) for c in event.tried)
+            self._log.warning("punch failed: no answer", peer=session.peer, tried=tried)
+            if session.role == "client":
+                self._fail_waiter(
+                    session.peer,
+                    PeerUnavailable(session.peer, "punch_failed", f"no direct path to {session.peer} (tried {tried})"),
+                )
+
+    def _new_link(self, conn: object, peer: str, addr: Endpoint, role: str) -> PeerLink:
+        link = PeerLink(
+            sock=self.sock,
+            conn=conn,  # type: ignore[arg-type]
+            peer=peer,
+            addr=addr,
+            role=role,
+            on_incoming=self._on_incoming_stream,
+            on_closed=self._on_link_closed,
+            ping_interval=self.config.ping_interval,
+            send_buffer_limit=self.config.send_buffer_limit,
+        )
+        old = self._links_by_addr.get(addr)
+        if old is not None:
+            old.close("replaced by a new tunnel")
+        self._links_by_addr[addr] = link
+        return link
+
+    async def _await_handshake(self, link: PeerLink, punch: Punch) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(link.ready), self.config.handshake_timeout)
+        except (TimeoutError, ConnectionError) as exc:
+            reason = "QUIC handshake timed out" if isinstance(exc, TimeoutError) else str(exc)
+            self._log.warning("tunnel failed", peer=link.peer, path=str(link.addr), reason=reason)
+            link.close(reason)
+            if link.role == "client":
+                self._fail_waiter(link.peer, PeerUnavailable(link.peer, "handshake_failed", reason))
+            return
+        previous = self._links.get(link.peer)
+        self._links[link.peer] = link
+        if previous is not None and previous is not link and previous.is_alive:
+            self._log.info("newer tunnel replaces older one", peer=link.peer)
+        self._log.info(
+            f"direct path up with {link.peer}",
+            peer_endpoint=str(link.addr),
+            rtt_ms=round(link.rtt * 1000, 2),
+            role=link.role,
+        )
+        waiter = self._waiters.pop(link.peer, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(link)
+
+    def _on_link_closed(self, link: PeerLink) -> None:
+        if self._links_by_addr.get(link.addr) is link:
+            del self._links_by_addr[link.addr]
+        if self._links.get(link.peer) is link:
+            del self._links[link.peer]
+            if not self._closed:
+                self._log.warning("tunnel closed", peer=link.peer, reason=link.close_reason)
+
+    def _on_incoming_stream(self, channel: StreamChannel) -> None:
+        handler = self.incoming_handler
+        if handler is None or not self.listening:
+            channel.reset()
+            channel.link.release(channel)
+            return
+        self._track(self._loop_create(handler(channel, channel.link.peer)))
+
+    # -- small helpers --------------------------------------------------------------------
+    def _send(self, message: Message, addr: Endpoint) -> None:
+        self.sock.sendto(frames.encode(message), addr)
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _loop_create(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        assert self._loop is not None
+        return self._loop.create_task(coro)  # type: ignore[arg-type]
+
+    def _loop_call_later(self, delay: float, func: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        self._loop.call_later(delay, func, *args)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,153 @@
+"""aioquic behind natter's engine interface, with flow control that follows the reader.
+
+aioquic doubles its receive windows as data arrives, whether or not the application has
+consumed it, so a slow TCP reader would never slow the remote sender and memory would grow
+without bound. ``FlowControlledConnection`` grants credit only for bytes that natter has
+handed on (``consume``): the peer may have at most one window in flight per stream and
+one connection window in all.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import (
+    CONNECTION_LIMIT_FRAME_CAPACITY,
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+)
+from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.stream import QuicStream
+
+from .engine import ALPN
+from .tls import Credentials
+
+
+class FlowControlledConnection(QuicConnection):
+    stream_window: int = 1 << 20
+    connection_window: int = 8 << 20
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._consumed: dict[int, int] = {}
+        self._total_consumed = 0
+        self._released = 0  # credit returned by streams that ended unread
+
+    # -- natter's additions -----------------------------------------------------
+    def send_buffer_size(self, stream_id: int) -> int:
+        """Bytes queued on a stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+    def consume(self, stream_id: int, size: int) -> None:
+        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + size
+        self._total_consumed += size
+
+    def release_stream(self, stream_id: int) -> None:
+        """A stream is done: return connection credit for what arrived but was never read."""
+        consumed = self._consumed.pop(stream_id, 0)
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._released += max(0, stream.receiver.highest_offset - consumed)
+
+    def smoothed_rtt(self) -> float:
+        return float(self._loss._rtt_smoothed)
+
+    # -- credit that follows consumption, not arrival -----------------------------
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: Any) -> None:
+        limit = self._local_max_data
+        consumed = self._total_consumed + self._released
+        target = consumed + self.connection_window
+        if target - limit.value >= self.connection_window // 4:
+            limit.value = target
+        saved_used, limit.used = limit.used, 0  # keeps aioquic from doubling the window
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            limit.used = saved_used
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: Any, stream: QuicStream
+    ) -> None:
+        if not stream.max_stream_data_local or stream.stream_id is None:
+            return
+        target = self._consumed.get(stream.stream_id, 0) + self.stream_window
+        if target - stream.max_stream_data_local >= self.stream_window // 4:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return
+        if stream.receiver.is_finished:
+            return  # FIN received: the peer needs no more credit
+        buf = builder.start_frame(
+            QuicFrameType.MAX_STREAM_DATA,
+            capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+            handler=self._on_max_stream_data_delivery,
+            handler_args=(stream,),
+        )
+        buf.push_uint_var(stream.stream_id)
+        buf.push_uint_var(stream.max_stream_data_local)
+        stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+assert CONNECTION_LIMIT_FRAME_CAPACITY > 0  # imported to pin the aioquic internals we rely on
+
+
+class AioquicEngine:
+    name = "aioquic"
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        max_datagram_size: int = 1350,
+        idle_timeout: float = 60.0,
+        stream_window: int = 1 << 20,
+        connection_window: int = 8 << 20,
+    ) -> None:
+        self.credentials = credentials
+        self.max_datagram_size = max_datagram_size
+        self.idle_timeout = idle_timeout
+        self.stream_window = stream_window
+        self.connection_window = connection_window
+
+    def _configuration(self, is_client: bool) -> QuicConfiguration:
+        cfg = QuicConfiguration(
+            is_client=is_client,
+            alpn_protocols=[ALPN],
+            idle_timeout=self.idle_timeout,
+            max_datagram_size=self.max_datagram_size,
+            max_data=self.connection_window,
+            max_stream_data=self.stream_window,
+            verify_mode=ssl.CERT_NONE,
+        )
+        cfg.certificate = self.credentials.certificate
+        cfg.private_key = self.credentials.private_key
+        return cfg
+
+    def _new(self, **kwargs: Any) -> FlowControlledConnection:
+        conn = FlowControlledConnection(**kwargs)
+        conn.stream_window = self.stream_window
+        conn.connection_window = self.connection_window
+        return conn
+
+    def client_connection(self) -> FlowControlledConnection:
+        return self._new(configuration=self._configuration(True))
+
+    def server_connection(self, initial: bytes) -> FlowControlledConnection | None:
+        cfg = self._configuration(False)
+        if len(initial) < 1200:
+            return None
+        try:
+            header = pull_quic_header(Buffer(data=initial), host_cid_length=cfg.connection_id_length)
+        except ValueError:
+            return None
+        if header.packet_type != QuicPacketType.INITIAL:
+            return None
+        return self._new(configuration=cfg, original_destination_connection_id=header.destination_cid)

@@ -1,0 +1,71 @@
+"""The seed's ``Client`` API on top of the agent: listen, forward, close."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from natter_proto.config import Config
+
+from .agent import Agent
+from .forward import Forward, forward_stdio, serve_incoming
+from .link import PeerLink
+
+
+class Client:
+    """A natter client: ``await client.listen()``, ``await client.forward(":8022", "bob", ":22")``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.agent = Agent(config)
+        self.forwards: list[Forward] = []
+
+    async def start(self) -> None:
+        """Bind the UDP socket and begin registering (retried in the background)."""
+        await self.agent.start()
+
+    async def listen(self, *, wait: bool = True) -> None:
+        """Accept tunnels from peers; by default wait until the broker has registered us."""
+        self.agent.set_listening(serve_incoming)
+        await self.start()
+        if wait:
+            await self.agent.wait_registered(self.config.register_timeout)
+
+    async def forward(self, local: str, peer: str, remote: str) -> Forward:
+        """Forward TCP connections on ``local`` to ``remote`` as seen from ``peer``.
+
+        Returns once the local port is bound; the tunnel comes up (and comes back after a
+        loss) in the background. Close the returned handle to stop the forward.
+        """
+        await self.start()
+        forward = Forward(self.agent, local, peer, remote)
+        await forward.start()
+        self.forwards.append(forward)
+        return forward
+
+    async def forward_stdio(self, peer: str, remote: str) -> tuple[int, int]:
+        """Pipe stdin/stdout through one stream to ``remote`` on ``peer``."""
+        await self.start()
+        return await forward_stdio(self.agent, peer, remote, self.config.connect_timeout * 3)
+
+    async def connect(self, peer: str) -> PeerLink:
+        """The live tunnel to ``peer``, set up if needed (for status and tests)."""
+        await self.start()
+        return await self.agent.connect(peer)
+
+    async def close(self) -> None:
+        for forward in self.forwards:
+            await forward.close()
+        self.forwards.clear()
+        await self.agent.close()
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,160 @@
+"""Forwards: a local TCP port (or stdio) whose connections become streams to a peer, and the
+listener side that connects each incoming stream to its target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from natter_proto import streamhdr
+from natter_proto.backoff import Backoff
+from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
+
+from .agent import Agent, NatterError
+from .bridge import TcpEnd, read_header, splice
+from .link import StreamChannel, StreamClosed
+from .stdio import StdioEnd
+
+log = structlog.get_logger("natter.forward")
+
+
+def normalise_target(remote: str) -> str:
+    """``":22"`` -> ``"localhost:22"``; the peer connects to the result."""
+    host, port = split_host_port(remote, default_host="localhost")
+    if port == 0:
+        raise ValueError(f"remote address {remote!r} needs a port")
+    return format_host_port(host, port)
+
+
+async def serve_incoming(channel: StreamChannel, peer: str) -> None:
+    """Listener side: read the header, connect to the target, answer, then pipe."""
+    try:
+        header, rest = await read_header(channel)
+        target = streamhdr.parse_open(header).target
+        host, port = split_host_port(target, default_host="localhost")
+    except (streamhdr.StreamHeaderError, ValueError, StreamClosed) as exc:
+        log.warning("refused stream with a bad header", peer=peer, reason=str(exc))
+        channel.reset()
+        channel.link.release(channel)
+        return
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+    except (OSError, TimeoutError) as exc:
+        reason = f"cannot connect to {target}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else 'timed out'}"
+        log.warning("refused stream", peer=peer, target=target, reason=reason)
+        with contextlib.suppress(StreamClosed):
+            await channel.write(streamhdr.encode_reply(False, reason))
+            channel.write_eof()
+        await _drain_and_release(channel)
+        return
+    log.debug("stream opened", peer=peer, target=target, stream=channel.stream_id)
+    local = TcpEnd(reader, writer)
+    try:
+        await channel.write(streamhdr.encode_reply(True))
+    except StreamClosed:
+        await local.close()
+        channel.link.release(channel)
+        return
+    sent, received = await splice(local, channel, rest)
+    log.debug("stream closed", peer=peer, target=target, bytes_in=received, bytes_out=sent)
+
+
+async def _drain_and_release(channel: StreamChannel) -> None:
+    """Discard what the peer still sends on a refused stream until it finishes."""
+    with contextlib.suppress(StreamClosed):
+        async with asyncio.timeout(5):
+            while data := await channel.read():
+                channel.consumed(len(data))
+    channel.link.release(channel)
+
+
+async def open_tunnel_stream(agent: Agent, peer: str, target: str, timeout: float) -> tuple[StreamChannel, bytes]:
+    """Open a stream to peer's target and wait for its answer; returns leftover payload."""
+    link = await asyncio.wait_for(agent.connect(peer, target), timeout)
+    channel = link.open_stream()
+    await channel.write(streamhdr.encode_open(target))
+    try:
+        header, rest = await read_header(channel)
+        reply = streamhdr.parse_reply(header)
+    except (streamhdr.StreamHeaderError, StreamClosed) as exc:
+        channel.reset()
+        channel.link.release(channel)
+        raise NatterError(f"{peer} did not accept the stream: {exc}") from None
+    if not reply.ok:
+        channel.reset()
+        channel.link.release(channel)
+        raise NatterError(f"{peer} refused {target}: {reply.error}")
+    return channel, rest
+
+
+class Forward:
+    """A forward ``local -> peer:remote``; its TCP listener runs until ``close()``."""
+
+    def __init__(self, agent: Agent, local: str, peer: str, remote: str) -> None:
+        self.agent = agent
+        self.peer = peer
+        self.remote = remote
+        self.target = normalise_target(remote)
+        host, port = split_host_port(local, default_host="127.0.0.1") if local else ("", 0)
+        self._bind = (host, port)
+        self.local: Endpoint | None = None
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._log = log.bind(peer=peer, target=self.target)
+        self.stream_timeout = agent.config.connect_timeout + agent.config.punch_timeout + agent.config.handshake_timeout
+
+    async def start(self) -> None:
+        host, port = self._bind
+        self._server = await asyncio.start_server(self._on_tcp, host, port)
+        sockname = self._server.sockets[0].getsockname()
+        self.local = Endpoint(sockname[0], sockname[1])
+        self._log.info(f"forwarding {self.local} -> {self.peer}:{self.target}")
+        self._supervisor = asyncio.get_running_loop().create_task(self._keep_tunnel())
+
+    async def _keep_tunnel(self) -> None:
+        """Bring the tunnel up now and again whenever it drops, backing off on failure."""
+        backoff = Backoff(initial=1.0, maximum=30.0)
+        while True:
+            try:
+                link = await self.agent.connect(self.peer, self.target)
+            except NatterError as exc:
+                delay = backoff.next_delay()
+                self._log.warning(f"cannot reach {self.peer}, retrying in {delay:.0f} s", reason=str(exc))
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            await link.closed.wait()
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        local = TcpEnd(reader, writer)
+        try:
+            channel, rest = await open_tunnel_stream(self.agent, self.peer, self.target, self.stream_timeout)
+        except (NatterError, StreamClosed, TimeoutError) as exc:
+            reason = str(exc) or "timed out waiting for the tunnel"
+            self._log.warning("connection dropped", reason=reason)
+            local.abort()
+            await local.close()
+            return
+        await splice(local, channel, rest)
+
+    async def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def forward_stdio(agent: Agent, peer: str, remote: str, timeout: float) -> tuple[int, int]:
+    """Pipe stdin/stdout through one stream to peer's remote; returns (sent, received)."""
+    target = normalise_target(remote)
+    channel, rest = await open_tunnel_stream(agent, peer, target, timeout)
+    local = StdioEnd(0, 1)
+    return await splice(local, channel, rest)

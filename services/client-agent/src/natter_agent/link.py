@@ -1,0 +1,318 @@
+"""One QUIC connection to one peer, driven from natter's own loop over the shared socket.
+
+A ``PeerLink`` feeds datagrams and timers into the sans-IO connection, sends what it
+produces once per event-loop turn, dispatches its events to ``StreamChannel`` objects and
+keeps the path alive with pings. Channels give the tunnel bounded buffers both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable
+
+import structlog
+from aioquic.quic import events
+
+from natter_proto.endpoints import Endpoint
+
+from .engine import TunnelConnection
+from .udp import AgentSocket
+
+log = structlog.get_logger("natter.link")
+
+ERR_RESET = 0x1  # application error code used on RESET_STREAM / STOP_SENDING
+
+
+class StreamClosed(ConnectionError):
+    """The stream or the whole tunnel went away."""
+
+
+class StreamChannel:
+    """One QUIC bidirectional stream with bounded buffering in both directions."""
+
+    def __init__(self, link: PeerLink, stream_id: int) -> None:
+        self.link = link
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._error: str | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._write_closed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- reading (peer -> us) ---------------------------------------------------
+    async def read(self) -> bytes:
+        """Next chunk from the peer; b"" at end of stream. Raises StreamClosed on reset."""
+        while not self._chunks:
+            if self._error is not None:
+                raise StreamClosed(self._error)
+            if self._eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        return self._chunks.popleft()
+
+    def consumed(self, size: int) -> None:
+        """The application handed ``size`` bytes on: grant the peer that much more credit."""
+        self.link.consume(self.stream_id, size)
+
+    # -- writing (us -> peer) ----------------------------------------------------
+    async def write(self, data: bytes) -> None:
+        """Queue data on the stream, waiting while the unacknowledged backlog is full."""
+        while True:
+            if self._error is not None:
+                raise StreamClosed(self._error)
+            if self.link.send_capacity(self.stream_id) > 0:
+                break
+            self._writable.clear()
+            self.link.wait_writable(self)
+            await self._writable.wait()
+        self.link.send(self.stream_id, data, end_stream=False)
+        self.bytes_out += len(data)
+
+    def write_eof(self) -> None:
+        if not self._write_closed and self._error is None:
+            self._write_closed = True
+            self.link.send(self.stream_id, b"", end_stream=True)
+
+    def reset(self) -> None:
+        """Abort both directions (the local side failed)."""
+        if self._error is None:
+            self._error = "reset locally"
+            self.link.abort_stream(self.stream_id)
+        self._wake()
+
+    # -- fed by the link ---------------------------------------------------------
+    def _feed(self, data: bytes, end_stream: bool) -> None:
+        if data:
+            self._chunks.append(data)
+            self.bytes_in += len(data)
+        if end_stream:
+            self._eof = True
+        self._readable.set()
+
+    def _fail(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+        self._wake()
+
+    def _wake(self) -> None:
+        self._readable.set()
+        self._writable.set()
+
+
+class PeerLink:
+    """The QUIC tunnel to one peer over one punched path."""
+
+    _uids = itertools.count(1)
+
+    def __init__(
+        self,
+        *,
+        sock: AgentSocket,
+        conn: TunnelConnection,
+        peer: str,
+        addr: Endpoint,
+        role: str,
+        on_incoming: Callable[[StreamChannel], None],
+        on_closed: Callable[[PeerLink], None],
+        ping_interval: float,
+        send_buffer_limit: int,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.conn = conn
+        self.peer = peer
+        self.addr = addr
+        self.role = role
+        self.id = next(self._uids)
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.closed = asyncio.Event()
+        self.close_reason = ""
+        self._on_incoming = on_incoming
+        self._on_closed = on_closed
+        self._ping_interval = ping_interval
+        self._send_limit = send_buffer_limit
+        self._channels: dict[int, StreamChannel] = {}
+        self._blocked: set[StreamChannel] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._ping_task: asyncio.Task[None] | None = None
+        self.last_ping_rtt: float | None = None
+
+    @property
+    def is_alive(self) -> bool:
+        return not self.closed.is_set()
+
+    @property
+    def rtt(self) -> float:
+        return self.conn.smoothed_rtt()
+
+    def start_client(self) -> None:
+        self.conn.connect((self.addr.host, self.addr.port), now=self.loop.time())
+        self.flush()
+
+    # -- input ----------------------------------------------------------------
+    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
+        self.conn.receive_datagram(data, (addr.host, addr.port), now=self.loop.time())
+        self._process_events()
+        self.schedule_flush()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.conn.handle_timer(now=self.loop.time())
+        self._process_events()
+        self.flush()
+
+    def _process_events(self) -> None:
+        while (event := self.conn.next_event()) is not None:
+            if isinstance(event, events.StreamDataReceived):
+                channel = self._channels.get(event.stream_id)
+                if channel is None:
+                    if self._is_local_stream(event.stream_id):
+                        continue  # data for a stream we already finished with
+                    channel = StreamChannel(self, event.stream_id)
+                    self._channels[event.stream_id] = channel
+                    self._on_incoming(channel)
+                channel._feed(event.data, event.end_stream)
+            elif isinstance(event, events.StreamReset):
+                self._fail_channel(event.stream_id, "peer reset the stream")
+            elif isinstance(event, events.StopSendingReceived):
+                self._fail_channel(event.stream_id, "peer stopped reading")
+                self.conn.reset_stream(event.stream_id, ERR_RESET)
+            elif isinstance(event, events.HandshakeCompleted):
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                if self._ping_task is None:
+                    self._ping_task = self.loop.create_task(self._ping_loop())
+            elif isinstance(event, events.PingAcknowledged):
+                pass
+            elif isinstance(event, events.ConnectionTerminated):
+                reason = event.reason_phrase or f"error 0x{event.error_code:x}"
+                self._terminated(f"connection closed by QUIC ({reason})")
+
+    def _is_local_stream(self, stream_id: int) -> bool:
+        client_initiated = stream_id % 2 == 0
+        return client_initiated == (self.role == "client")
+
+    # -- output ---------------------------------------------------------------
+    def schedule_flush(self) -> None:
+        """Transmit once at the end of this event-loop turn (coalesces many writes)."""
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for data, addr in self.conn.datagrams_to_send(now=self.loop.time()):
+            self.sock.sendto(data, addr)
+        self._arm_timer()
+        self._wake_writers()
+
+    def _arm_timer(self) -> None:
+        when = self.conn.get_timer()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None and not self.closed.is_set():
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _wake_writers(self) -> None:
+        if not self._blocked:
+            return
+        for channel in list(self._blocked):
+            if self.send_capacity(channel.stream_id) > 0:
+                self._blocked.discard(channel)
+                channel._writable.set()
+
+    # -- used by channels -------------------------------------------------------
+    def open_stream(self) -> StreamChannel:
+        if not self.is_alive:
+            raise StreamClosed(self.close_reason or "tunnel closed")
+        stream_id = self.conn.get_next_available_stream_id()
+        channel = StreamChannel(self, stream_id)
+        self._channels[stream_id] = channel
+        return channel
+
+    def send_capacity(self, stream_id: int) -> int:
+        return self._send_limit - self.conn.send_buffer_size(stream_id)
+
+    def wait_writable(self, channel: StreamChannel) -> None:
+        self._blocked.add(channel)
+
+    def send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if not self.is_alive:
+            raise StreamClosed(self.close_reason or "tunnel closed")
+        self.conn.send_stream_data(stream_id, data, end_stream=end_stream)
+        self.schedule_flush()
+
+    def consume(self, stream_id: int, size: int) -> None:
+        self.conn.consume(stream_id, size)
+        self.schedule_flush()
+
+    def abort_stream(self, stream_id: int) -> None:
+        if not self.is_alive:
+            return
+        try:
+            self.conn.reset_stream(stream_id, ERR_RESET)
+            self.conn.stop_stream(stream_id, ERR_RESET)
+        except ValueError:
+            pass  # the stream is already finished in that direction
+        self.schedule_flush()
+
+    def release(self, channel: StreamChannel) -> None:
+        """The application is done with a stream: drop it and return its unread credit."""
+        if self._channels.pop(channel.stream_id, None) is not None:
+            self._blocked.discard(channel)
+            self.conn.release_stream(channel.stream_id)
+            self.schedule_flush()
+
+    def _fail_channel(self, stream_id: int, reason: str) -> None:
+        channel = self._channels.get(stream_id)
+        if channel is not None:
+            channel._fail(reason)
+
+    # -- lifetime ---------------------------------------------------------------
+    async def _ping_loop(self) -> None:
+        """Keep NAT mappings open and notice a dead peer (QUIC has no keepalive of its own)."""
+        while self.is_alive:
+            await asyncio.sleep(self._ping_interval)
+            if not self.is_alive:
+                break
+            self.conn.send_ping(next(self._uids))
+            self.flush()
+
+    def close(self, reason: str = "closed") -> None:
+        if not self.is_alive:
+            return
+        self.conn.close(error_code=0, reason_phrase=reason)
+        self.flush()
+        self._terminated(reason)
+
+    def _terminated(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_reason = reason
+        self.closed.set()
+        if not self.ready.done():
+            self.ready.set_exception(StreamClosed(reason))
+            self.ready.exception()  # mark retrieved: nobody may be waiting
+        for channel in list(self._channels.values()):
+            channel._fail(reason)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._ping_task is not None and self._ping_task is not asyncio.current_task():
+            self._ping_task.cancel()
+        self._on_closed(self)

@@ -1,0 +1,86 @@
+"""The agent's one UDP socket: broker frames, punch probes and QUIC share it.
+
+Demultiplexing is by the first byte (RFC 9443): natter frames start below 0x40, QUIC
+packets always have bit 0x40 set. Datagrams are read in batches per readiness wake-up,
+which matters for QUIC throughput in Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from natter_proto.endpoints import Endpoint
+
+Handler = Callable[[bytes, Endpoint], None]
+
+BUFFER_SIZE = 4 << 20
+BATCH = 128
+
+
+class AgentSocket:
+    def __init__(self, on_control: Handler, on_quic: Handler, on_batch_done: Callable[[], None]):
+        self._on_control = on_control
+        self._on_quic = on_quic
+        self._on_batch_done = on_batch_done
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.send_errors = 0
+
+    def bind(self, host: str, port: int) -> Endpoint:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
+            except OSError:
+                pass
+        sock.setblocking(False)
+        sock.bind((host, port))
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+        return self.local_endpoint
+
+    @property
+    def local_endpoint(self) -> Endpoint:
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        return Endpoint(host, port)
+
+    def sendto(self, data: bytes, addr: Endpoint | tuple[str, int]) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto(data, (addr[0], addr[1]))
+        except (BlockingIOError, InterruptedError):
+            self.send_errors += 1  # a full buffer is loss; QUIC and the probes resend
+        except OSError:
+            self.send_errors += 1  # unreachable network etc.; same treatment
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(BATCH):
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # ICMP errors surface here on Linux; nothing to do
+            if not data:
+                continue
+            source = Endpoint(addr[0], addr[1])
+            if data[0] < 0x40:
+                self._on_control(data, source)
+            else:
+                self._on_quic(data, source)
+        self._on_batch_done()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None

@@ -1,0 +1,80 @@
+"""Forward specs: ``[LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT``.
+
+An empty LOCALPORT (``:bob:22``) means stdin/stdout. IPv6 hosts go in brackets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from natter_proto.endpoints import format_host_port
+from natter_proto.frames import valid_name
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    local: str  # "" for stdio, else HOST:PORT (HOST may be empty: all loopback default)
+    peer: str
+    remote: str  # HOST:PORT, HOST may be empty (the peer's localhost)
+
+    @property
+    def is_stdio(self) -> bool:
+        return self.local == ""
+
+
+def _split(text: str) -> list[str]:
+    parts: list[str] = []
+    current = ""
+    depth = 0
+    for char in text:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        if char == ":" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return parts
+
+
+def _port(text: str, what: str, spec: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise SpecError(f"bad forward spec {spec!r}: {what} {text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def _host(text: str) -> str:
+    return text[1:-1] if text.startswith("[") and text.endswith("]") else text
+
+
+def parse_spec(spec: str) -> ForwardSpec:
+    parts = _split(spec)
+    if len(parts) == 3:
+        lhost, lport, peer, rhost, rport = "", parts[0], parts[1], "", parts[2]
+    elif len(parts) == 4:
+        if parts[1].isdigit() and not parts[0].isdigit():
+            lhost, lport, peer, rhost, rport = parts[0], parts[1], parts[2], "", parts[3]
+        else:
+            lhost, lport, peer, rhost, rport = "", parts[0], parts[1], parts[2], parts[3]
+    elif len(parts) == 5:
+        lhost, lport, peer, rhost, rport = parts
+    else:
+        raise SpecError(
+            f"bad forward spec {spec!r}: expected [LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT"
+        )
+    if not valid_name(peer):
+        raise SpecError(f"bad forward spec {spec!r}: {peer!r} is not a valid peer name")
+    remote = format_host_port(_host(rhost), _port(rport, "remote port", spec))
+    if lport == "":
+        if lhost:
+            raise SpecError(f"bad forward spec {spec!r}: stdio mode takes no local host")
+        return ForwardSpec("", peer, remote)
+    local = format_host_port(_host(lhost), _port(lport, "local port", spec))
+    return ForwardSpec(local, peer, remote)
