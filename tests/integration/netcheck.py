@@ -1,0 +1,169 @@
+"""Small TCP tools for the tests, usable in-process or as a script inside a namespace.
+
+    python netcheck.py echo PORT                 echo server
+    python netcheck.py sink PORT [RATE]          read all (at RATE bytes/s for SLOW s, if given),
+                                                 then answer the sha256 hex of what arrived
+    python netcheck.py source PORT SIZE [RATE]   send SIZE seeded bytes (the reader may be slow)
+    python netcheck.py send HOST PORT SIZE       send SIZE seeded bytes, half-close, print reply
+    python netcheck.py fetch HOST PORT [RATE]    read until EOF (slowly first, if RATE given),
+                                                 print "<size> <sha256>"
+    python netcheck.py echo-check HOST PORT SIZE send SIZE bytes to an echo server; print "ok"
+                                                 if every byte came back
+
+Servers print "ready PORT" on stdout when they listen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import time
+
+CHUNK = 64 * 1024
+SLOW_SECONDS = 8.0
+
+
+def pattern(size: int, seed: int = 1) -> bytes:
+    """Deterministic pseudo-random bytes (cheap to make, hard to confuse)."""
+    block = hashlib.sha256(str(seed).encode()).digest() * (CHUNK // 32)
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(block[:64] + counter.to_bytes(8, "big")).digest() + block[: CHUNK - 32]
+        counter += 1
+    return bytes(out[:size])
+
+
+def digest_of_pattern(size: int, seed: int = 1) -> str:
+    return hashlib.sha256(pattern(size, seed)).hexdigest()
+
+
+async def _paced_read(reader: asyncio.StreamReader, rate: float | None, hasher: hashlib._Hash) -> int:
+    total = 0
+    start = time.monotonic()
+    while True:
+        slow = rate is not None and time.monotonic() - start < SLOW_SECONDS
+        data = await reader.read(16 * 1024 if slow else CHUNK)
+        if not data:
+            return total
+        hasher.update(data)
+        total += len(data)
+        if slow and rate:
+            await asyncio.sleep(len(data) / rate)
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+def sink_handler(rate: float | None = None):  # type: ignore[no-untyped-def]
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hasher = hashlib.sha256()
+        total = await _paced_read(reader, rate, hasher)
+        writer.write(f"{total} {hasher.hexdigest()}\n".encode())
+        await writer.drain()
+        writer.close()
+
+    return handle
+
+
+def source_handler(size: int, seed: int = 7):  # type: ignore[no-untyped-def]
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = pattern(size, seed)
+        view = memoryview(data)
+        for offset in range(0, size, CHUNK):
+            writer.write(view[offset : offset + CHUNK])
+            await writer.drain()
+        writer.close()
+
+    return handle
+
+
+async def send_and_get_reply(host: str, port: int, data: bytes) -> bytes:
+    """Send data, half-close, return everything the server answered."""
+    reader, writer = await asyncio.open_connection(host, port)
+    view = memoryview(data)
+    for offset in range(0, len(data), CHUNK):
+        writer.write(view[offset : offset + CHUNK])
+        await writer.drain()
+    writer.write_eof()
+    reply = await reader.read()
+    writer.close()
+    return reply
+
+
+async def fetch(host: str, port: int, rate: float | None = None) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection(host, port)
+    hasher = hashlib.sha256()
+    total = await _paced_read(reader, rate, hasher)
+    writer.close()
+    return total, hasher.hexdigest()
+
+
+async def echo_check(host: str, port: int, data: bytes) -> bool:
+    reader, writer = await asyncio.open_connection(host, port)
+
+    async def push() -> None:
+        view = memoryview(data)
+        for offset in range(0, len(data), CHUNK):
+            writer.write(view[offset : offset + CHUNK])
+            await writer.drain()
+        writer.write_eof()
+
+    pusher = asyncio.create_task(push())
+    received = hashlib.sha256()
+    total = 0
+    while chunk := await reader.read(CHUNK):
+        received.update(chunk)
+        total += len(chunk)
+    await pusher
+    writer.close()
+    return total == len(data) and received.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def _serve(handler, port: int) -> None:  # type: ignore[no-untyped-def]
+    server = await asyncio.start_server(handler, "127.0.0.1", port)
+    print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str]) -> int:
+    cmd, *rest = argv
+    if cmd == "echo":
+        asyncio.run(_serve(echo_handler, int(rest[0])))
+    elif cmd == "sink":
+        rate = float(rest[1]) if len(rest) > 1 else None
+        asyncio.run(_serve(sink_handler(rate), int(rest[0])))
+    elif cmd == "source":
+        asyncio.run(_serve(source_handler(int(rest[1])), int(rest[0])))
+    elif cmd == "send":
+        size = int(rest[2])
+        reply = asyncio.run(send_and_get_reply(rest[0], int(rest[1]), pattern(size)))
+        print(reply.decode().strip())
+    elif cmd == "fetch":
+        rate = float(rest[2]) if len(rest) > 2 else None
+        total, digest = asyncio.run(fetch(rest[0], int(rest[1]), rate))
+        print(total, digest)
+    elif cmd == "echo-check":
+        ok = asyncio.run(echo_check(rest[0], int(rest[1]), pattern(int(rest[2]), seed=3)))
+        print("ok" if ok else "MISMATCH")
+        return 0 if ok else 1
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""The natter command as separate processes, word for word as the seed writes it."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+
+import pytest
+
+from netcheck import digest_of_pattern, pattern
+from procs import NATTER, free_port, natter, server, tool
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def echo_server():  # type: ignore[no-untyped-def]
+    proc, port = server("echo", "0")
+    yield port
+    proc.stop()
+
+
+def test_seed_command_lines_forward_real_bytes(echo_server: int) -> None:
+    bport = free_port()
+    lport = free_port()
+    broker = natter("-server", f"127.0.0.1:{bport}")
+    bob = alice = None
+    try:
+        broker.wait_event("broker listening")
+        bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
+        bob.wait_event("registered as bob")
+        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{lport}:bob:{echo_server}")
+        alice.wait_event(f"forwarding 127.0.0.1:{lport}")
+        up = alice.wait_event("direct path up with bob")
+        assert up["peer_endpoint"].startswith("127.0.0.1:")
+        assert "rtt_ms" in up
+        assert tool("echo-check", "127.0.0.1", str(lport), str(3 << 20)) == "ok"
+        assert tool("echo-check", "127.0.0.1", str(lport), "1") == "ok"
+    finally:
+        for proc in (alice, bob, broker):
+            if proc is not None:
+                assert proc.stop() == 0, "\n".join(proc.raw_err[-20:])
+
+
+def test_subcommands_and_stdio_mode(echo_server: int) -> None:
+    bport = free_port()
+    broker = natter("broker", "--listen", f"127.0.0.1:{bport}")
+    bob = None
+    try:
+        broker.wait_event("broker listening")
+        bob = natter("listen", "--name", "bob", "--broker", f"127.0.0.1:{bport}")
+        bob.wait_event("registered as bob")
+        data = pattern(2 << 20, seed=5)
+        # stdio mode, as ssh's ProxyCommand runs it: bytes in on stdin, out on stdout
+        result = subprocess.run(
+            [NATTER, "-name", "alice", "-broker", f"127.0.0.1:{bport}", f":bob:{echo_server}",
+             "-log-format", "json"],
+            input=data, capture_output=True, timeout=60, check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+        assert len(result.stdout) == len(data)
+    finally:
+        for proc in (bob, broker):
+            if proc is not None:
+                proc.stop()
+
+
+def test_stdio_mode_carries_bytes_both_ways_with_a_sink() -> None:
+    sink, sink_port = server("sink", "0")
+    bport = free_port()
+    broker = natter("-server", f"127.0.0.1:{bport}")
+    bob = None
+    try:
+        broker.wait_event("broker listening")
+        bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
+        bob.wait_event("registered as bob")
+        size = 5 << 20
+        result = subprocess.run(
+            [NATTER, "-name", "alice", "-broker", f"127.0.0.1:{bport}", f":bob:{sink_port}"],
+            input=pattern(size), capture_output=True, timeout=60, check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert result.stdout.decode().split() == [str(size), digest_of_pattern(size)]
+    finally:
+        for proc in (bob, broker, sink):
+            if proc is not None:
+                proc.stop()
+
+
+def test_unknown_peer_is_named_and_the_forward_keeps_retrying() -> None:
+    bport = free_port()
+    broker = natter("-server", f"127.0.0.1:{bport}")
+    alice = None
+    try:
+        broker.wait_event("broker listening")
+        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{free_port()}:nobody:22")
+        failed = alice.wait_event("broker could not introduce us")
+        assert "nobody" in failed["reason"] and failed["broker"] == f"127.0.0.1:{bport}"
+        alice.wait_event("cannot reach nobody, retrying")
+        assert alice.popen.poll() is None  # still running, still trying
+    finally:
+        for proc in (alice, broker):
+            if proc is not None:
+                proc.stop()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-name", "alice", "-broker", "127.0.0.1:1", "80x:bob:22"],
+        ["-name", "alice", "-broker", "nohost", "8022:bob:22"],
+        ["-frobnicate"],
+        ["forward", "--name", "alice", "--broker", "127.0.0.1:1"],
+    ],
+)
+def test_usage_mistakes_exit_2_with_one_line(argv: list[str]) -> None:
+    result = subprocess.run([NATTER, *argv], capture_output=True, timeout=30, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("natter: error:"), lines
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_runtime_failure_is_one_line_exit_1() -> None:
+    bport = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", bport))
+        result = subprocess.run([NATTER, "-server", f"127.0.0.1:{bport}"], capture_output=True, timeout=30, check=False)
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert "cannot listen on" in err and "Traceback" not in err

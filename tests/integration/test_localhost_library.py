@@ -1,0 +1,183 @@
+"""Broker, bob and alice in one process through the library API, on loopback, real QUIC."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import structlog
+
+from natter import Broker, Client, Config, PeerUnavailable
+from natter_proto import frames
+from netcheck import echo_handler, echo_check, send_and_get_reply, sink_handler
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def config(**kw: object) -> Config:
+    base = dict(keepalive_interval=2.0, registration_ttl=6.0, connect_timeout=5.0, punch_timeout=3.0)
+    base.update(kw)
+    return Config(**base)  # type: ignore[arg-type]
+
+
+@dataclass
+class Trio:
+    broker: Broker
+    bob: Client
+    alice: Client
+    broker_addr: str
+    echo_port: int
+    sink_port: int
+
+
+@pytest.fixture
+async def trio() -> AsyncIterator[Trio]:
+    echo = await asyncio.start_server(echo_handler, "127.0.0.1", 0)
+    sink = await asyncio.start_server(sink_handler(), "127.0.0.1", 0)
+    broker = Broker(config(broker_addr="127.0.0.1:0"))
+    await broker.start()
+    assert broker.address is not None
+    addr = f"127.0.0.1:{broker.address.port}"
+    bob = Client(config(client_user="bob", broker_addr=addr))
+    alice = Client(config(client_user="alice", broker_addr=addr))
+    await bob.listen()
+    try:
+        yield Trio(broker, bob, alice, addr, echo.sockets[0].getsockname()[1], sink.sockets[0].getsockname()[1])
+    finally:
+        await alice.close()
+        await bob.close()
+        await broker.close()
+        echo.close()
+        sink.close()
+
+
+async def test_twenty_concurrent_connections_of_one_megabyte(trio: Trio) -> None:
+    fwd = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.echo_port}")
+    assert fwd.local is not None
+    payloads = [os.urandom(1 << 20) for _ in range(20)]
+    results = await asyncio.gather(*(echo_check("127.0.0.1", fwd.local.port, p) for p in payloads))
+    assert all(results)
+    assert fwd.connections == 20
+    link = trio.alice.agent.link_to("bob")
+    assert link is not None and link.role == "client"
+
+
+async def test_fifty_megabytes_and_half_close(trio: Trio) -> None:
+    fwd = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.sink_port}")
+    assert fwd.local is not None
+    data = os.urandom(50 << 20)
+    # the sink answers only after our FIN: half-close must carry the reply back
+    reply = await send_and_get_reply("127.0.0.1", fwd.local.port, data)
+    assert reply.decode().split() == [str(len(data)), hashlib.sha256(data).hexdigest()]
+
+
+async def test_half_close_keeps_the_read_side_open(trio: Trio) -> None:
+    fwd = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.echo_port}")
+    assert fwd.local is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", fwd.local.port)
+    writer.write(b"hello ")
+    writer.write(b"world")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 20) == b"hello world"
+    writer.close()
+
+
+async def test_second_forward_reuses_the_tunnel(trio: Trio) -> None:
+    first = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.echo_port}")
+    assert first.local is not None
+    assert await echo_check("127.0.0.1", first.local.port, b"x" * 1000)
+    link = trio.alice.agent.link_to("bob")
+    second = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.sink_port}")
+    assert second.local is not None
+    reply = await send_and_get_reply("127.0.0.1", second.local.port, b"y" * 5000)
+    assert reply.startswith(b"5000 ")
+    assert trio.alice.agent.link_to("bob") is link
+    assert len(trio.bob.agent._links_by_addr) == 1
+
+
+async def test_unknown_and_not_listening_peers_get_clear_errors(trio: Trio) -> None:
+    with pytest.raises(PeerUnavailable) as info:
+        await trio.alice.connect("carol")
+    assert info.value.code == frames.ErrorCode.UNKNOWN_PEER and "carol" in str(info.value)
+    # bob connecting to alice: alice is registered but does not listen
+    with pytest.raises(PeerUnavailable) as info:
+        await trio.bob.connect("alice")
+    assert info.value.code == frames.ErrorCode.NOT_LISTENING
+
+
+async def test_forward_to_absent_peer_keeps_retrying_until_it_appears(trio: Trio) -> None:
+    with structlog.testing.capture_logs() as logs:
+        fwd = await trio.alice.forward("127.0.0.1:0", "carol", f":{trio.echo_port}")
+        assert fwd.local is not None
+        await asyncio.sleep(1.5)
+        assert any("cannot reach carol" in e["event"] for e in logs)
+        carol = Client(config(client_user="carol", broker_addr=trio.broker_addr))
+        await carol.listen()
+        try:
+            ok = await asyncio.wait_for(echo_check("127.0.0.1", fwd.local.port, b"z" * 10000), 30)
+            assert ok
+        finally:
+            await carol.close()
+
+
+async def test_refused_target_closes_one_connection_and_keeps_the_forward(trio: Trio) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    bad = await trio.alice.forward("127.0.0.1:0", "bob", f":{closed_port}")
+    assert bad.local is not None
+    with structlog.testing.capture_logs() as logs:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bad.local.port)
+        assert await asyncio.wait_for(reader.read(), 20) == b""
+        writer.close()
+        assert any("refused" in str(e.get("reason", "")) for e in logs)
+    good = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.echo_port}")
+    assert good.local is not None
+    assert await echo_check("127.0.0.1", good.local.port, b"still fine" * 100)
+
+
+async def test_garbage_datagrams_are_counted_and_harmless(trio: Trio) -> None:
+    fwd = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.echo_port}")
+    assert fwd.local is not None
+    assert await echo_check("127.0.0.1", fwd.local.port, b"a" * 1000)
+    bob_port = trio.bob.agent.sock.local_endpoint.port
+    assert trio.broker.address is not None
+    junk = [b"\x1e\xc1", b"\x1e" + b"\xff" * 50, b"\x00\x01\x00\x00", b"\xc0" + os.urandom(1300), b"\x1e\x93\x01\x02\x03"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for data in junk:
+            s.sendto(data, ("127.0.0.1", bob_port))
+            s.sendto(data, ("127.0.0.1", trio.broker.address.port))
+    await asyncio.sleep(0.3)
+    assert sum(v for k, v in trio.bob.agent.stats.items() if k.startswith("dropped")) >= 4
+    assert sum(v for k, v in trio.broker.stats.items() if k.startswith("dropped")) >= 4
+    assert await echo_check("127.0.0.1", fwd.local.port, os.urandom(200_000))
+
+
+async def test_tunnel_comes_back_after_the_listener_restarts(trio: Trio) -> None:
+    fwd = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.echo_port}")
+    assert fwd.local is not None
+    assert await echo_check("127.0.0.1", fwd.local.port, b"1" * 1000)
+    await trio.bob.close()
+    bob2 = Client(config(client_user="bob", broker_addr=trio.broker_addr))
+    await bob2.listen()
+    try:
+        # the old tunnel is gone (bob sent CONNECTION_CLOSE); the forward builds a new one
+        ok = await asyncio.wait_for(_retry_echo(fwd.local.port), 40)
+        assert ok
+    finally:
+        await bob2.close()
+
+
+async def _retry_echo(port: int) -> bool:
+    while True:
+        try:
+            if await echo_check("127.0.0.1", port, b"2" * 1000):
+                return True
+        except ConnectionError:
+            pass
+        await asyncio.sleep(0.5)

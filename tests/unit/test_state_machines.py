@@ -1,0 +1,259 @@
+"""The sans-IO machines driven directly: time is a number, frames are values."""
+
+from __future__ import annotations
+
+import random
+
+from natter_proto.backoff import Backoff
+from natter_proto.broker import BrokerCore, RecentSessions
+from natter_proto.connect import ConnectAnswered, ConnectAttempt, ConnectFailed, ConnectState
+from natter_proto.endpoints import Endpoint
+from natter_proto.frames import (
+    ConnectOffer,
+    ConnectRequest,
+    Error,
+    ErrorCode,
+    Keepalive,
+    Probe,
+    ProbeAck,
+    Punch,
+    Register,
+    Registered,
+)
+from natter_proto.punch import PathFound, PunchSession, PunchState, PunchTimedOut
+from natter_proto.registration import (
+    PublicEndpointChanged,
+    RegistrationLost,
+    RegistrationRefused,
+    RegistrationUp,
+    Registration,
+    RegState,
+)
+from natter_proto.registry import PeerRecord, PeerTable
+
+PUB = Endpoint("203.0.113.1", 4000)
+PUB_BOB = Endpoint("198.51.100.2", 5000)
+LAN_BOB = Endpoint("192.168.2.2", 5000)
+
+
+def no_jitter(initial: float, maximum: float) -> Backoff:
+    return Backoff(initial=initial, maximum=maximum, jitter=0, rng=random.Random(1))
+
+
+# -- registration -------------------------------------------------------------------
+def test_registration_retries_with_backoff_until_answered() -> None:
+    reg = Registration("alice", (), backoff=no_jitter(0.5, 4.0), keepalive_interval=20)
+    reg.start(0.0)
+    assert reg.frames_to_send() == [Register(name="alice", locals=(), listening=False)]
+    sent_at = []
+    now = 0.0
+    while now < 12:
+        now = reg.get_timer()  # type: ignore[assignment]
+        reg.handle_timer(now)
+        if reg.frames_to_send():
+            sent_at.append(now)
+    assert sent_at[:5] == [0.5, 1.5, 3.5, 7.5, 11.5]  # 0.5, 1, 2, 4, 4 (capped)
+    assert reg.state is RegState.REGISTERING
+
+
+def test_registration_keepalive_cycle_and_loss() -> None:
+    reg = Registration("alice", (), backoff=no_jitter(0.5, 4.0), keepalive_interval=20)
+    reg.start(0.0)
+    reg.frames_to_send()
+    assert reg.receive(Registered("alice", PUB, 20, "b1"), 0.1)
+    event = reg.next_event()
+    assert isinstance(event, RegistrationUp) and event.public == PUB
+    assert reg.get_timer() == 20.1
+    reg.handle_timer(20.1)
+    assert reg.frames_to_send() == [Keepalive(name="alice")]
+    reg.receive(Registered("alice", PUB, 20, "b1"), 20.2)
+    assert reg.next_event() is None
+    # the broker falls silent: after two intervals the registration is lost and restarts
+    now = 20.2
+    while reg.state is RegState.REGISTERED:
+        now = reg.get_timer()  # type: ignore[assignment]
+        reg.handle_timer(now)
+    assert now == 60.2
+    assert isinstance(reg.next_event(), RegistrationLost)
+    assert Register(name="alice", locals=(), listening=False) in reg.frames_to_send()
+
+
+def test_registration_notices_public_endpoint_change_and_broker_amnesia() -> None:
+    reg = Registration("alice", (), keepalive_interval=20)
+    reg.start(0.0)
+    reg.receive(Registered("alice", PUB, 20, "b1"), 0.1)
+    reg.next_event()
+    reg.receive(Registered("alice", Endpoint("203.0.113.1", 4001), 20, "b1"), 20.1)
+    assert isinstance(reg.next_event(), PublicEndpointChanged)
+    reg.frames_to_send()
+    reg.receive(Error(ErrorCode.NOT_REGISTERED, "who?"), 40.1)
+    assert isinstance(reg.next_event(), RegistrationLost)
+    assert reg.state is RegState.REGISTERING
+    assert isinstance(reg.frames_to_send()[0], Register)
+
+
+def test_registration_refused_and_listening_update() -> None:
+    reg = Registration("alice", ())
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.receive(Error(ErrorCode.VERSION_MISMATCH, "v2 only"), 0.1)
+    assert reg.next_event() == RegistrationRefused(ErrorCode.VERSION_MISMATCH, "v2 only")
+    reg.update(listening=True, now=0.2)
+    assert reg.frames_to_send() == [Register(name="alice", locals=(), listening=True)]
+    assert not reg.receive(Registered("mallory", PUB, 20, "b"), 0.3)
+
+
+# -- connect attempt --------------------------------------------------------------------
+def punch_for(request_id: str, role: str = "client") -> Punch:
+    return Punch(request_id, "s1", "bob", PUB_BOB, (LAN_BOB,), role)
+
+
+def test_connect_attempt_retries_then_gets_punch() -> None:
+    attempt = ConnectAttempt("r1", "alice", "bob", "localhost:22", 0.0, backoff=no_jitter(0.5, 2))
+    first = attempt.frames_to_send()
+    assert first == [ConnectRequest("r1", "alice", "bob", "localhost:22")]
+    attempt.handle_timer(attempt.get_timer())  # type: ignore[arg-type]
+    assert attempt.frames_to_send() == first  # same request id: the broker dedups
+    attempt.receive(punch_for("other"))
+    assert attempt.state is ConnectState.WAITING
+    attempt.receive(punch_for("r1"))
+    assert attempt.next_event() == ConnectAnswered(punch_for("r1"))
+    assert attempt.get_timer() is None
+
+
+def test_connect_attempt_error_and_timeout() -> None:
+    attempt = ConnectAttempt("r1", "alice", "carol", "x:1", 0.0)
+    attempt.receive(Error(ErrorCode.UNKNOWN_PEER, "who is carol", "r1"))
+    assert attempt.next_event() == ConnectFailed(ErrorCode.UNKNOWN_PEER, "who is carol")
+    slow = ConnectAttempt("r2", "alice", "bob", "x:1", 0.0, deadline=3.0)
+    while slow.get_timer() is not None:
+        slow.handle_timer(slow.get_timer())  # type: ignore[arg-type]
+    event = slow.next_event()
+    assert isinstance(event, ConnectFailed) and event.code == "timeout"
+
+
+# -- punch session ------------------------------------------------------------------------
+def test_punch_probes_every_candidate_until_answered() -> None:
+    session = PunchSession("alice", punch_for("r1"), 10.0, interval=0.075, timeout=5.0)
+    assert session.candidates == (PUB_BOB, LAN_BOB)
+    session.handle_timer(10.0)
+    out = session.frames_to_send()
+    assert [addr for _, addr in out] == [PUB_BOB, LAN_BOB]
+    assert all(isinstance(m, Probe) and m.session_id == "s1" for m, _ in out)
+    assert session.get_timer() == 10.075
+    session.handle_timer(10.075)
+    assert len(session.frames_to_send()) == 2
+    # bob's probe reaches us: we answer it at the exact source
+    source = Endpoint("198.51.100.2", 5001)
+    session.receive(Probe("s1", "bob", 3), source, 10.08)
+    ((ack, to),) = session.frames_to_send()
+    assert ack == ProbeAck("s1", "alice", 3, source) and to == source
+    assert session.knows(source)
+    # the answer to our second probe wins the path
+    session.receive(ProbeAck("s1", "bob", 2, PUB), PUB_BOB, 10.1)
+    event = session.next_event()
+    assert isinstance(event, PathFound) and event.path == PUB_BOB
+    assert abs(event.rtt - 0.025) < 1e-9
+    assert session.state is PunchState.SUCCEEDED and session.get_timer() is None
+
+
+def test_punch_ignores_strangers_and_unknown_nonces() -> None:
+    session = PunchSession("alice", punch_for("r1"), 0.0)
+    session.handle_timer(0.0)
+    session.frames_to_send()
+    session.receive(ProbeAck("s1", "mallory", 1, PUB), PUB_BOB, 0.01)
+    session.receive(ProbeAck("s1", "bob", 99, PUB), PUB_BOB, 0.01)
+    session.receive(Probe("s1", "mallory", 1), PUB_BOB, 0.01)
+    assert session.next_event() is None and session.frames_to_send() == []
+    assert session.state is PunchState.PROBING
+
+
+def test_punch_times_out_after_deadline_and_honours_delay() -> None:
+    punch = Punch("r1", "s1", "bob", PUB_BOB, (), "client", delay_ms=200)
+    session = PunchSession("alice", punch, 0.0, interval=0.1, timeout=1.0)
+    assert session.get_timer() == 0.2
+    probes = 0
+    while session.get_timer() is not None:
+        session.handle_timer(session.get_timer())  # type: ignore[arg-type]
+        probes += len(session.frames_to_send())
+    assert probes == 10
+    assert isinstance(session.next_event(), PunchTimedOut)
+
+
+def test_punch_succeed_by_quic() -> None:
+    session = PunchSession("bob", punch_for("r1", "server"), 0.0)
+    session.succeed(PUB)
+    assert session.state is PunchState.SUCCEEDED and session.path == PUB
+
+
+# -- broker -------------------------------------------------------------------------------
+def record(name: str, public: Endpoint, now: float = 0.0, listening: bool = True) -> PeerRecord:
+    return PeerRecord(name, public, (), listening, now, "b1")
+
+
+def test_broker_register_and_keepalive() -> None:
+    core = BrokerCore("b1", keepalive_s=20)
+    rec, reply = core.on_register(Register(name="bob", locals=(LAN_BOB,), listening=True), PUB_BOB, 1.0)
+    assert reply == Registered("bob", PUB_BOB, 20, "b1")
+    assert rec.locals == (LAN_BOB,) and rec.listening
+    updated, reply = core.on_keepalive(Keepalive("bob"), PUB_BOB, rec, 5.0)
+    assert updated is not None and updated.last_seen == 5.0
+    assert isinstance(reply, Registered)
+    none, err = core.on_keepalive(Keepalive("bob"), PUB, rec, 5.0)  # from another endpoint
+    assert none is None and isinstance(err, Error) and err.code == ErrorCode.NOT_REGISTERED
+
+
+def test_broker_introduces_both_sides_at_once() -> None:
+    core = BrokerCore("b1", keepalive_s=20)
+    alice, bob = record("alice", PUB), record("bob", PUB_BOB)
+    req = ConnectRequest("r1", "alice", "bob", "localhost:22")
+    out = core.on_connect(req, PUB, alice, bob, 1.0, ttl=60)
+    offer, to_bob, to_alice = out
+    assert isinstance(offer[0], ConnectOffer) and offer[1] == PUB_BOB
+    assert isinstance(to_bob[0], Punch) and to_bob[1] == PUB_BOB
+    assert to_bob[0].role == "server" and to_bob[0].peer == "alice" and to_bob[0].peer_public == PUB
+    assert isinstance(to_alice[0], Punch) and to_alice[1] == PUB
+    assert to_alice[0].role == "client" and to_alice[0].peer_public == PUB_BOB
+    assert to_alice[0].session_id == to_bob[0].session_id
+    again = core.on_connect(req, PUB, alice, bob, 2.0, ttl=60)
+    assert again[2][0].session_id == to_alice[0].session_id  # retried request, same session
+
+
+def test_broker_connect_errors() -> None:
+    core = BrokerCore("b1", keepalive_s=20)
+    alice = record("alice", PUB)
+    req = ConnectRequest("r1", "alice", "bob", "x:1")
+
+    def code(requester: PeerRecord | None, target: PeerRecord | None, addr: Endpoint = PUB) -> str:
+        ((msg, to),) = core.on_connect(req, addr, requester, target, 100.0, ttl=60)
+        assert isinstance(msg, Error) and to == addr and msg.request_id == "r1"
+        return msg.code
+
+    assert code(None, record("bob", PUB_BOB)) == ErrorCode.NOT_REGISTERED
+    assert code(alice, record("bob", PUB_BOB), Endpoint("6.6.6.6", 1)) == ErrorCode.NOT_REGISTERED
+    assert code(alice, None) == ErrorCode.UNKNOWN_PEER
+    assert code(alice, record("bob", PUB_BOB, now=10.0)) == ErrorCode.PEER_OFFLINE
+    assert code(alice, record("bob", PUB_BOB, now=99.0, listening=False)) == ErrorCode.NOT_LISTENING
+    self_req = ConnectRequest("r2", "alice", "alice", "x:1")
+    ((msg, _),) = core.on_connect(self_req, PUB, alice, alice, 1.0, ttl=60)
+    assert isinstance(msg, Error) and msg.code == ErrorCode.SELF_CONNECT
+
+
+def test_peer_table_marks_offline_then_forgets() -> None:
+    table = PeerTable(ttl=60, forget_after=600)
+    table.put(record("bob", PUB_BOB, now=0.0))
+    assert table.expire(100.0) == []
+    assert table.get("bob") is not None and table.get("bob").expired(100.0, 60)  # type: ignore[union-attr]
+    assert table.expire(601.0) == ["bob"]
+    assert len(table) == 0
+
+
+def test_recent_sessions_dedup_and_eviction() -> None:
+    recent = RecentSessions(ttl=30, capacity=3)
+    first = recent.session_for("alice", "r1", 0.0)
+    assert recent.session_for("alice", "r1", 10.0) == first
+    assert recent.session_for("bob", "r1", 10.0) != first
+    assert recent.session_for("alice", "r1", 31.0) != first  # expired
+    for i in range(10):
+        recent.session_for("x", f"r{i}", 40.0)
+    assert len(recent._sessions) == 3
