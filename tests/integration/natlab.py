@@ -1,0 +1,146 @@
+"""A NAT lab in Linux network namespaces: real MASQUERADE NATs that drop unsolicited traffic.
+
+            [inet: br0 10.200.0.1/24]  (broker lives here)
+             |                      |
+      wan 10.200.0.2          wan 10.200.0.3
+        [natA]                   [natB]
+      lan 192.168.1.1          lan 192.168.2.1
+             |                      |
+      eth0 192.168.1.2        eth0 192.168.2.2
+        [alice]                  [bob]
+
+Every veth is created with both ends directly inside namespaces of this lab, so the host's
+own namespace never sees a new interface. Names carry the creating process id; namespaces
+of dead runs are removed at start, and every lab removes its own on exit, also on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+
+PREFIX = "ntl"
+INET_IP = "10.200.0.1"
+
+
+class LabUnavailable(Exception):
+    """This machine cannot build the lab (not root, no netns, no iptables)."""
+
+
+def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+    return result
+
+
+def unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (network namespaces and iptables)"
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"the NAT lab needs {tool} (apt-get install iproute2 iptables)"
+    probe = f"{PREFIX}{os.getpid()}-probe{uuid.uuid4().hex[:4]}"
+    if run("ip", "netns", "add", probe, check=False).returncode != 0:
+        return "cannot create network namespaces here"
+    run("ip", "netns", "del", probe, check=False)
+    return None
+
+
+def remove_stale_namespaces() -> None:
+    """Delete namespaces left by earlier runs whose process is gone."""
+    listing = run("ip", "netns", "list", check=False).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        match = re.match(rf"^{PREFIX}(\d+)-", name)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            run("ip", "netns", "del", name, check=False)
+
+
+@dataclass
+class NatLab:
+    """One lab: namespaces named ``ntl<pid>-<tag>-<role>``."""
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
+    created: list[str] = field(default_factory=list)
+
+    def ns(self, role: str) -> str:
+        return f"{PREFIX}{os.getpid()}-{self.tag}-{role}"
+
+    def prefix(self, role: str) -> list[str]:
+        """argv prefix that runs a command inside the role's namespace."""
+        return ["ip", "netns", "exec", self.ns(role)]
+
+    def sh(self, role: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        return run(*self.prefix(role), *argv)
+
+    def __enter__(self) -> NatLab:
+        try:
+            self.build()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def build(self) -> None:
+        for role in ("inet", "natA", "natB", "alice", "bob"):
+            run("ip", "netns", "add", self.ns(role))
+            self.created.append(self.ns(role))
+            self.sh(role, "ip", "link", "set", "lo", "up")
+        self.sh("inet", "ip", "link", "add", "br0", "type", "bridge")
+        self.sh("inet", "ip", "addr", "add", f"{INET_IP}/24", "dev", "br0")
+        self.sh("inet", "ip", "link", "set", "br0", "up")
+        self._nat("natA", "alice", wan_ip="10.200.0.2", lan_net="192.168.1")
+        self._nat("natB", "bob", wan_ip="10.200.0.3", lan_net="192.168.2")
+
+    def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+        run("ip", "link", "add", name_a, "netns", self.ns(ns_a), "type", "veth",
+            "peer", "name", name_b, "netns", self.ns(ns_b))
+
+    def _nat(self, nat: str, client: str, *, wan_ip: str, lan_net: str) -> None:
+        port = f"p{nat}"
+        self._veth(nat, "wan", "inet", port)
+        self.sh("inet", "ip", "link", "set", port, "master", "br0")
+        self.sh("inet", "ip", "link", "set", port, "up")
+        self._veth(nat, "lan", client, "eth0")
+        self.sh(nat, "ip", "addr", "add", f"{wan_ip}/24", "dev", "wan")
+        self.sh(nat, "ip", "addr", "add", f"{lan_net}.1/24", "dev", "lan")
+        self.sh(nat, "ip", "link", "set", "wan", "up")
+        self.sh(nat, "ip", "link", "set", "lan", "up")
+        self.sh(nat, "ip", "route", "add", "default", "via", INET_IP)
+        self.sh(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # a home router: MASQUERADE out, and no unsolicited traffic in (FORWARD and INPUT,
+        # see shared/NATLAB.md on why INPUT matters for hole punching)
+        self.sh(nat, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+        for chain in ("FORWARD", "INPUT"):
+            self.sh(nat, "iptables", "-A", chain, "-i", "wan", "-m", "conntrack",
+                    "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+            self.sh(nat, "iptables", "-A", chain, "-i", "wan", "-j", "DROP")
+        self.sh(client, "ip", "addr", "add", f"{lan_net}.2/24", "dev", "eth0")
+        self.sh(client, "ip", "link", "set", "eth0", "up")
+        self.sh(client, "ip", "route", "add", "default", "via", f"{lan_net}.1")
+
+    def dropped(self, nat: str) -> int:
+        """Packets the NAT's filter dropped on its WAN side (unsolicited inbound)."""
+        out = self.sh(nat, "iptables", "-L", "-v", "-n", "-x").stdout
+        total = 0
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 6 and parts[2] == "DROP" and parts[5] == "wan":
+                total += int(parts[0])
+        return total
+
+    def destroy(self) -> None:
+        for name in reversed(self.created):
+            pids = run("ip", "netns", "pids", name, check=False).stdout.split()
+            for pid in pids:
+                run("kill", "-9", pid, check=False)
+            run("ip", "netns", "del", name, check=False)
+        self.created.clear()

@@ -1,0 +1,87 @@
+"""alice and bob behind two real MASQUERADE NATs, the broker on the "internet" between.
+
+Needs root and network namespaces: skipped elsewhere with the reason, never in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from natlab import INET_IP, NatLab, remove_stale_namespaces, unavailable_reason
+from netcheck import digest_of_pattern
+from procs import Proc, natter, server, tool
+
+pytestmark = [pytest.mark.natlab, pytest.mark.timeout(240)]
+
+BROKER = f"{INET_IP}:10000"
+NAT_A_WAN = "10.200.0.2"
+NAT_B_WAN = "10.200.0.3"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[NatLab]:
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"NAT lab required in CI: {reason}")
+        pytest.skip(reason)
+    remove_stale_namespaces()
+    with NatLab() as built:
+        yield built
+
+
+def test_lab_nats_drop_unsolicited_inbound_udp(lab: NatLab) -> None:
+    before = lab.dropped("natA")
+    send = "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('%s', 40000))"
+    for _ in range(3):
+        subprocess.run([*lab.prefix("inet"), sys.executable, "-c", send % NAT_A_WAN], check=True)
+    assert lab.dropped("natA") >= before + 3
+    # and alice cannot be reached on her private address from the internet at all
+    ping = subprocess.run([*lab.prefix("inet"), "ping", "-c1", "-W1", "192.168.1.2"],
+                          capture_output=True, check=False)
+    assert ping.returncode != 0
+
+
+def test_forward_crosses_two_nats_on_a_direct_path_and_outlives_the_broker(lab: NatLab) -> None:
+    procs: list[Proc] = []
+    try:
+        echo, echo_port = server("echo", "0", prefix=lab.prefix("bob"))
+        sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
+        procs += [echo, sink]
+        broker = natter("-server", BROKER, prefix=lab.prefix("inet"))
+        procs.append(broker)
+        broker.wait_event("broker listening")
+        bob = natter("-name", "bob", "-broker", BROKER, "-listen", prefix=lab.prefix("bob"))
+        procs.append(bob)
+        registered = bob.wait_event("registered as bob")
+        assert registered["public_endpoint"].startswith(f"{NAT_B_WAN}:")  # seen through natB
+        alice = natter("-name", "alice", "-broker", BROKER, f"8022:bob:{echo_port}",
+                       f"8023:bob:{sink_port}", prefix=lab.prefix("alice"))
+        procs.append(alice)
+        alice_up = alice.wait_event("direct path up with bob", timeout=30)
+        bob_up = bob.wait_event("direct path up with alice", timeout=30)
+        # direct: each side's QUIC peer is the other's NAT, not the broker and not a LAN address
+        assert bob_up["peer_endpoint"].split(":")[0] == NAT_A_WAN
+        assert alice_up["peer_endpoint"].split(":")[0] == NAT_B_WAN
+
+        alice_ns = lab.prefix("alice")
+        assert tool("echo-check", "127.0.0.1", "8022", str(4 << 20), prefix=alice_ns) == "ok"
+        size = 20 << 20
+        reply = tool("send", "127.0.0.1", "8023", str(size), prefix=alice_ns)
+        assert reply.split() == [str(size), digest_of_pattern(size)]
+
+        # the broker is never on the data path: stop it, new connections still work
+        assert broker.stop() == 0
+        for _ in range(3):
+            assert tool("echo-check", "127.0.0.1", "8022", str(1 << 20), prefix=alice_ns) == "ok"
+        reply = tool("send", "127.0.0.1", "8023", str(size), prefix=alice_ns)
+        assert reply.split() == [str(size), digest_of_pattern(size)]
+        assert alice.popen.poll() is None and bob.popen.poll() is None
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
