@@ -3,7 +3,9 @@
     natter -server 1.2.3.4:10000
     natter -name bob -broker 1.2.3.4:10000 -listen
     natter -name alice -broker 1.2.3.4:10000 8022:bob:22
-    natter broker --listen ADDR | listen --name N --broker ADDR | forward --name N --broker ADDR SPEC...
+    natter broker --listen ADDR
+    natter listen --name N --broker ADDR
+    natter forward --name N --broker ADDR SPEC...
 
 A usage mistake prints one line and exits 2; a runtime failure prints one line and exits 1.
 """
@@ -19,7 +21,6 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import structlog
-
 from natter_agent import Client, NatterError
 from natter_broker import Broker
 from natter_proto import AddressError, Config
@@ -53,8 +54,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser, dash: str) -> None:
-    parser.add_argument(f"{dash}log-format", choices=("auto", "console", "json"), default="auto",
-                        help="log format on stderr (default: console on a terminal, else json)")
+    parser.add_argument(
+        f"{dash}log-format",
+        choices=("auto", "console", "json"),
+        default="auto",
+        help="log format on stderr (default: console on a terminal, else json)",
+    )
     parser.add_argument(f"{dash}log-level", choices=tuple(logs.LEVELS), default="info")
 
 
@@ -62,16 +67,29 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
     names = [f"{dash}name"] + (["-id"] if legacy else [])
     parser.add_argument(*names, dest="name", metavar="NAME", help="this client's name")
     parser.add_argument(f"{dash}broker", dest="broker", metavar="ADDR", help="broker HOST:PORT")
-    parser.add_argument(f"{dash}udp-port", dest="udp_port", type=int, default=0, metavar="PORT",
-                        help="local UDP port for the agent's one socket (default: any)")
-    parser.add_argument(f"{dash}keepalive", dest="keepalive", type=float, default=20.0, metavar="SECONDS",
-                        help="seconds between keepalives to the broker (default 20)")
+    parser.add_argument(
+        f"{dash}udp-port",
+        dest="udp_port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="local UDP port for the agent's one socket (default: any)",
+    )
+    parser.add_argument(
+        f"{dash}keepalive",
+        dest="keepalive",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="seconds between keepalives to the broker (default 20)",
+    )
 
 
 def legacy_parser() -> Parser:
     p = Parser(
         prog="natter",
-        description="natter: forward TCP ports between machines behind NATs (seed-compatible form). "
+        description="natter: forward TCP ports between machines behind NATs "
+        "(seed-compatible form). "
         "Subcommands 'natter broker|listen|forward --help' offer the same with GNU-style options.",
         epilog="examples:\n  natter -server 1.2.3.4:10000\n"
         "  natter -name bob -broker 1.2.3.4:10000 -listen\n"
@@ -79,11 +97,17 @@ def legacy_parser() -> Parser:
         "  ssh -o ProxyCommand='natter -name alice -broker 1.2.3.4:10000 :bob:22' bob",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-server", "--server", dest="server", metavar="ADDR",
-                   help="run a broker listening on ADDR (e.g. :10000)")
+    p.add_argument(
+        "-server",
+        "--server",
+        dest="server",
+        metavar="ADDR",
+        help="run a broker listening on ADDR (e.g. :10000)",
+    )
     _agent_options(p, "-", legacy=True)
-    p.add_argument("-listen", "--listen", dest="listen", action="store_true",
-                   help="accept forwards from peers")
+    p.add_argument(
+        "-listen", "--listen", dest="listen", action="store_true", help="accept forwards from peers"
+    )
     p.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
     _common(p, "-")
     p.add_argument("-version", "--version", action="version", version=f"natter {__version__}")
@@ -94,24 +118,52 @@ def subcommand_parser() -> Parser:
     p = Parser(prog="natter", description="natter: forward TCP ports between machines behind NATs.")
     p.add_argument("--version", action="version", version=f"natter {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    broker = sub.add_parser("broker", help="run a broker (rendezvous server)",
-                            description="Run a broker: agents register with it and it introduces them.")
-    broker.add_argument("--listen", dest="server", required=True, metavar="ADDR",
-                        help="UDP address to listen on, e.g. :10000")
-    broker.add_argument("--keepalive", dest="keepalive", type=float, default=20.0, metavar="SECONDS",
-                        help="keepalive interval suggested to agents (default 20)")
-    broker.add_argument("--ttl", dest="ttl", type=float, default=60.0, metavar="SECONDS",
-                        help="an agent silent this long is offline (default 60)")
+    broker = sub.add_parser(
+        "broker",
+        help="run a broker (rendezvous server)",
+        description="Run a broker: agents register with it and it introduces them.",
+    )
+    broker.add_argument(
+        "--listen",
+        dest="server",
+        required=True,
+        metavar="ADDR",
+        help="UDP address to listen on, e.g. :10000",
+    )
+    broker.add_argument(
+        "--keepalive",
+        dest="keepalive",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="keepalive interval suggested to agents (default 20)",
+    )
+    broker.add_argument(
+        "--ttl",
+        dest="ttl",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="an agent silent this long is offline (default 60)",
+    )
     _common(broker, "--")
-    listen = sub.add_parser("listen", help="accept forwards from peers",
-                            description="Register with a broker and accept tunnels from peers.")
+    listen = sub.add_parser(
+        "listen",
+        help="accept forwards from peers",
+        description="Register with a broker and accept tunnels from peers.",
+    )
     _agent_options(listen, "--", legacy=False)
     listen.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
     _common(listen, "--")
-    forward = sub.add_parser("forward", help="forward local ports to peers",
-                             description="Forward local TCP ports (or stdio) to ports on peers.")
+    forward = sub.add_parser(
+        "forward",
+        help="forward local ports to peers",
+        description="Forward local TCP ports (or stdio) to ports on peers.",
+    )
     _agent_options(forward, "--", legacy=False)
-    forward.add_argument("--listen", dest="listen", action="store_true", help="also accept forwards")
+    forward.add_argument(
+        "--listen", dest="listen", action="store_true", help="also accept forwards"
+    )
     forward.add_argument("specs", nargs="+", metavar="SPEC", help=SPEC_HELP)
     _common(forward, "--")
     return p
@@ -124,11 +176,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             args.listen = True
     else:
         if not argv:
-            raise UsageError("nothing to do: give -server ADDR, or -name NAME -broker ADDR (see 'natter --help')")
+            raise UsageError(
+                "nothing to do: give -server ADDR, or -name NAME -broker ADDR (see 'natter --help')"
+            )
         args = legacy_parser().parse_args(argv)
         args.command = "broker" if args.server else "client"
     if args.command == "broker":
-        if getattr(args, "name", None) or getattr(args, "specs", None) or getattr(args, "listen", False):
+        if (
+            getattr(args, "name", None)
+            or getattr(args, "specs", None)
+            or getattr(args, "listen", False)
+        ):
             raise UsageError("-server runs a broker and takes no -name, -listen or forward specs")
         try:
             split_host_port(args.server)
@@ -138,7 +196,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if not args.name:
         raise UsageError("a client needs -name NAME (or give -server ADDR to run a broker)")
     if not valid_name(args.name):
-        raise UsageError(f"invalid name {args.name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+        raise UsageError(
+            f"invalid name {args.name!r}: use letters, digits, '.', '_' or '-' (max 64)"
+        )
     if not args.broker:
         raise UsageError("a client needs -broker HOST:PORT")
     try:

@@ -101,8 +101,21 @@ class NatLab:
         self._nat("natB", "bob", wan_ip="10.200.0.3", lan_net="192.168.2")
 
     def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
-        run("ip", "link", "add", name_a, "netns", self.ns(ns_a), "type", "veth",
-            "peer", "name", name_b, "netns", self.ns(ns_b))
+        run(
+            "ip",
+            "link",
+            "add",
+            name_a,
+            "netns",
+            self.ns(ns_a),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name_b,
+            "netns",
+            self.ns(ns_b),
+        )
 
     def _nat(self, nat: str, client: str, *, wan_ip: str, lan_net: str) -> None:
         port = f"p{nat}"
@@ -120,8 +133,20 @@ class NatLab:
         # see shared/NATLAB.md on why INPUT matters for hole punching)
         self.sh(nat, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
         for chain in ("FORWARD", "INPUT"):
-            self.sh(nat, "iptables", "-A", chain, "-i", "wan", "-m", "conntrack",
-                    "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+            self.sh(
+                nat,
+                "iptables",
+                "-A",
+                chain,
+                "-i",
+                "wan",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            )
             self.sh(nat, "iptables", "-A", chain, "-i", "wan", "-j", "DROP")
         self.sh(client, "ip", "addr", "add", f"{lan_net}.2/24", "dev", "eth0")
         self.sh(client, "ip", "link", "set", "eth0", "up")

@@ -29,7 +29,13 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 class Proc:
     """A child process whose stderr (JSON log lines) and stdout are collected by threads."""
 
-    def __init__(self, argv: Sequence[str], *, stdin: int | None = subprocess.DEVNULL, prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: int | None = subprocess.DEVNULL,
+        prefix: Sequence[str] = (),
+    ) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.argv = list(prefix) + list(argv)
         self.popen = subprocess.Popen(
@@ -65,7 +71,9 @@ class Proc:
         for raw in self.popen.stdout:
             self.out.put(raw.decode(errors="replace").rstrip("\n"))
 
-    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+    def wait_log(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -73,9 +81,10 @@ class Proc:
                     if predicate(entry):
                         return entry
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.popen.poll() is not None and not self._more_soon():
+                if remaining <= 0 or (self.popen.poll() is not None and not self._more_soon()):
                     raise AssertionError(
-                        f"log line not seen in {self.argv}; exit={self.popen.poll()}\n" + "\n".join(self.raw_err[-30:])
+                        f"log line not seen in {self.argv}; exit={self.popen.poll()}\n"
+                        + "\n".join(self.raw_err[-30:])
                     )
                 self._cond.wait(min(remaining, 0.2))
 
@@ -89,7 +98,9 @@ class Proc:
         try:
             return self.out.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"no output from {self.argv}\n" + "\n".join(self.raw_err[-30:])) from None
+            raise AssertionError(
+                f"no output from {self.argv}\n" + "\n".join(self.raw_err[-30:])
+            ) from None
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.pid}/status") as status:
@@ -110,8 +121,13 @@ class Proc:
 
 
 def natter(*args: str, prefix: Sequence[str] = (), stdin: int | None = subprocess.DEVNULL) -> Proc:
-    return Proc([NATTER, *args, "-log-format", "json"] if not args or args[0] not in ("broker", "listen", "forward")
-                else [NATTER, *args, "--log-format", "json"], prefix=prefix, stdin=stdin)
+    return Proc(
+        [NATTER, *args, "-log-format", "json"]
+        if not args or args[0] not in ("broker", "listen", "forward")
+        else [NATTER, *args, "--log-format", "json"],
+        prefix=prefix,
+        stdin=stdin,
+    )
 
 
 def server(kind: str, *args: str, prefix: Sequence[str] = ()) -> tuple[Proc, int]:
@@ -122,6 +138,8 @@ def server(kind: str, *args: str, prefix: Sequence[str] = ()) -> tuple[Proc, int
 
 
 def tool(*args: str, prefix: Sequence[str] = (), timeout: float = 120.0) -> str:
-    result = subprocess.run([*prefix, *NETCHECK, *args], capture_output=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        [*prefix, *NETCHECK, *args], capture_output=True, timeout=timeout, check=False
+    )
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout.decode().strip()

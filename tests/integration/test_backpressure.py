@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-
 from netcheck import digest_of_pattern
 from procs import Proc, free_port, natter, server, tool
 
@@ -54,8 +53,14 @@ def tunnel():  # type: ignore[no-untyped-def]
     broker.wait_event("broker listening")
     bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
     bob.wait_event("registered as bob")
-    alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}",
-                   f"{up_port}:bob:{sink_port}", f"{down_port}:bob:{source_port}")
+    alice = natter(
+        "-name",
+        "alice",
+        "-broker",
+        f"127.0.0.1:{bport}",
+        f"{up_port}:bob:{sink_port}",
+        f"{down_port}:bob:{source_port}",
+    )
     alice.wait_event("direct path up with bob")
     # warm up both paths so that the baseline includes imports, TLS and first buffers
     tool("send", "127.0.0.1", str(up_port), str(4 << 20))

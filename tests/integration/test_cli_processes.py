@@ -7,7 +7,6 @@ import socket
 import subprocess
 
 import pytest
-
 from netcheck import digest_of_pattern, pattern
 from procs import NATTER, free_port, natter, server, tool
 
@@ -30,7 +29,9 @@ def test_seed_command_lines_forward_real_bytes(echo_server: int) -> None:
         broker.wait_event("broker listening")
         bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
         bob.wait_event("registered as bob")
-        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{lport}:bob:{echo_server}")
+        alice = natter(
+            "-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{lport}:bob:{echo_server}"
+        )
         alice.wait_event(f"forwarding 127.0.0.1:{lport}")
         up = alice.wait_event("direct path up with bob")
         assert up["peer_endpoint"].startswith("127.0.0.1:")
@@ -54,9 +55,20 @@ def test_subcommands_and_stdio_mode(echo_server: int) -> None:
         data = pattern(2 << 20, seed=5)
         # stdio mode, as ssh's ProxyCommand runs it: bytes in on stdin, out on stdout
         result = subprocess.run(
-            [NATTER, "-name", "alice", "-broker", f"127.0.0.1:{bport}", f":bob:{echo_server}",
-             "-log-format", "json"],
-            input=data, capture_output=True, timeout=60, check=False,
+            [
+                NATTER,
+                "-name",
+                "alice",
+                "-broker",
+                f"127.0.0.1:{bport}",
+                f":bob:{echo_server}",
+                "-log-format",
+                "json",
+            ],
+            input=data,
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
         assert result.returncode == 0, result.stderr.decode()[-2000:]
         assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
@@ -79,7 +91,10 @@ def test_stdio_mode_carries_bytes_both_ways_with_a_sink() -> None:
         size = 5 << 20
         result = subprocess.run(
             [NATTER, "-name", "alice", "-broker", f"127.0.0.1:{bport}", f":bob:{sink_port}"],
-            input=pattern(size), capture_output=True, timeout=60, check=False,
+            input=pattern(size),
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
         assert result.returncode == 0, result.stderr.decode()[-2000:]
         assert result.stdout.decode().split() == [str(size), digest_of_pattern(size)]
@@ -95,7 +110,9 @@ def test_unknown_peer_is_named_and_the_forward_keeps_retrying() -> None:
     alice = None
     try:
         broker.wait_event("broker listening")
-        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{free_port()}:nobody:22")
+        alice = natter(
+            "-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{free_port()}:nobody:22"
+        )
         failed = alice.wait_event("broker could not introduce us")
         assert "nobody" in failed["reason"] and failed["broker"] == f"127.0.0.1:{bport}"
         alice.wait_event("cannot reach nobody, retrying")
@@ -127,7 +144,9 @@ def test_runtime_failure_is_one_line_exit_1() -> None:
     bport = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", bport))
-        result = subprocess.run([NATTER, "-server", f"127.0.0.1:{bport}"], capture_output=True, timeout=30, check=False)
+        result = subprocess.run(
+            [NATTER, "-server", f"127.0.0.1:{bport}"], capture_output=True, timeout=30, check=False
+        )
     assert result.returncode == 1
     err = result.stderr.decode()
     assert "cannot listen on" in err and "Traceback" not in err

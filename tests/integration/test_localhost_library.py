@@ -11,16 +11,18 @@ from dataclasses import dataclass
 
 import pytest
 import structlog
+from natter_proto import frames
+from netcheck import echo_check, echo_handler, send_and_get_reply, sink_handler
 
 from natter import Broker, Client, Config, PeerUnavailable
-from natter_proto import frames
-from netcheck import echo_handler, echo_check, send_and_get_reply, sink_handler
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def config(**kw: object) -> Config:
-    base = dict(keepalive_interval=2.0, registration_ttl=6.0, connect_timeout=5.0, punch_timeout=3.0)
+    base = dict(
+        keepalive_interval=2.0, registration_ttl=6.0, connect_timeout=5.0, punch_timeout=3.0
+    )
     base.update(kw)
     return Config(**base)  # type: ignore[arg-type]
 
@@ -47,7 +49,14 @@ async def trio() -> AsyncIterator[Trio]:
     alice = Client(config(client_user="alice", broker_addr=addr))
     await bob.listen()
     try:
-        yield Trio(broker, bob, alice, addr, echo.sockets[0].getsockname()[1], sink.sockets[0].getsockname()[1])
+        yield Trio(
+            broker,
+            bob,
+            alice,
+            addr,
+            echo.sockets[0].getsockname()[1],
+            sink.sockets[0].getsockname()[1],
+        )
     finally:
         await alice.close()
         await bob.close()
@@ -147,7 +156,13 @@ async def test_garbage_datagrams_are_counted_and_harmless(trio: Trio) -> None:
     assert await echo_check("127.0.0.1", fwd.local.port, b"a" * 1000)
     bob_port = trio.bob.agent.sock.local_endpoint.port
     assert trio.broker.address is not None
-    junk = [b"\x1e\xc1", b"\x1e" + b"\xff" * 50, b"\x00\x01\x00\x00", b"\xc0" + os.urandom(1300), b"\x1e\x93\x01\x02\x03"]
+    junk = [
+        b"\x1e\xc1",
+        b"\x1e" + b"\xff" * 50,
+        b"\x00\x01\x00\x00",
+        b"\xc0" + os.urandom(1300),
+        b"\x1e\x93\x01\x02\x03",
+    ]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for data in junk:
             s.sendto(data, ("127.0.0.1", bob_port))

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-
 from natlab import INET_IP, NatLab, remove_stale_namespaces, unavailable_reason
 from netcheck import digest_of_pattern
 from procs import Proc, natter, server, tool
@@ -37,13 +36,17 @@ def lab() -> Iterator[NatLab]:
 
 def test_lab_nats_drop_unsolicited_inbound_udp(lab: NatLab) -> None:
     before = lab.dropped("natA")
-    send = "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('%s', 40000))"
+    send = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.sendto(b'x', ('%s', 40000))"
+    )
     for _ in range(3):
         subprocess.run([*lab.prefix("inet"), sys.executable, "-c", send % NAT_A_WAN], check=True)
     assert lab.dropped("natA") >= before + 3
     # and alice cannot be reached on her private address from the internet at all
-    ping = subprocess.run([*lab.prefix("inet"), "ping", "-c1", "-W1", "192.168.1.2"],
-                          capture_output=True, check=False)
+    ping = subprocess.run(
+        [*lab.prefix("inet"), "ping", "-c1", "-W1", "192.168.1.2"], capture_output=True, check=False
+    )
     assert ping.returncode != 0
 
 
@@ -60,8 +63,15 @@ def test_forward_crosses_two_nats_on_a_direct_path_and_outlives_the_broker(lab: 
         procs.append(bob)
         registered = bob.wait_event("registered as bob")
         assert registered["public_endpoint"].startswith(f"{NAT_B_WAN}:")  # seen through natB
-        alice = natter("-name", "alice", "-broker", BROKER, f"8022:bob:{echo_port}",
-                       f"8023:bob:{sink_port}", prefix=lab.prefix("alice"))
+        alice = natter(
+            "-name",
+            "alice",
+            "-broker",
+            BROKER,
+            f"8022:bob:{echo_port}",
+            f"8023:bob:{sink_port}",
+            prefix=lab.prefix("alice"),
+        )
         procs.append(alice)
         alice_up = alice.wait_event("direct path up with bob", timeout=30)
         bob_up = bob.wait_event("direct path up with alice", timeout=30)

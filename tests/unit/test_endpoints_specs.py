@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 
 from natter.specs import ForwardSpec, SpecError, parse_spec
-from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 
 
 @pytest.mark.parametrize(
@@ -24,8 +24,18 @@ def test_valid_specs(text: str, expected: ForwardSpec) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["8022", "8022:bob", "x:bob:22", "8022:bob:0", "8022:bob:70000", "8022:b b:22",
-     "1:2:3:4:5:6", "8022:bob:", "host::bob:22", "a:b:c:d:e"],
+    [
+        "8022",
+        "8022:bob",
+        "x:bob:22",
+        "8022:bob:0",
+        "8022:bob:70000",
+        "8022:b b:22",
+        "1:2:3:4:5:6",
+        "8022:bob:",
+        "host::bob:22",
+        "a:b:c:d:e",
+    ],
 )
 def test_invalid_specs(text: str) -> None:
     with pytest.raises(SpecError):

@@ -23,10 +23,10 @@ from natter_proto.frames import (
 from natter_proto.punch import PathFound, PunchSession, PunchState, PunchTimedOut
 from natter_proto.registration import (
     PublicEndpointChanged,
+    Registration,
     RegistrationLost,
     RegistrationRefused,
     RegistrationUp,
-    Registration,
     RegState,
 )
 from natter_proto.registry import PeerRecord, PeerTable
@@ -193,7 +193,9 @@ def record(name: str, public: Endpoint, now: float = 0.0, listening: bool = True
 
 def test_broker_register_and_keepalive() -> None:
     core = BrokerCore("b1", keepalive_s=20)
-    rec, reply = core.on_register(Register(name="bob", locals=(LAN_BOB,), listening=True), PUB_BOB, 1.0)
+    rec, reply = core.on_register(
+        Register(name="bob", locals=(LAN_BOB,), listening=True), PUB_BOB, 1.0
+    )
     assert reply == Registered("bob", PUB_BOB, 20, "b1")
     assert rec.locals == (LAN_BOB,) and rec.listening
     updated, reply = core.on_keepalive(Keepalive("bob"), PUB_BOB, rec, 5.0)

@@ -17,7 +17,7 @@ class Backoff:
     _attempt: int = 0
 
     def next_delay(self) -> float:
-        base = min(self.maximum, self.initial * (2**self._attempt))
+        base = float(min(self.maximum, self.initial * (2.0**self._attempt)))
         self._attempt += 1
         if self.jitter:
             base *= 1 + self.rng.uniform(-self.jitter, self.jitter)

@@ -190,7 +190,7 @@ def encode(message: Message) -> bytes:
         if value is None:
             continue
         body[field.name] = _to_wire(value)
-    data = bytes([PREFIX]) + msgpack.packb(body, use_bin_type=True)
+    data = bytes([PREFIX]) + bytes(msgpack.packb(body, use_bin_type=True))
     if len(data) > MAX_FRAME_SIZE:
         raise FrameError("too_large", f"{message.TYPE} frame is {len(data)} bytes")
     return data
@@ -207,7 +207,9 @@ def _to_wire(value: Any) -> Any:
 def decode(data: bytes) -> Message:
     """Parse and validate one datagram; raise FrameError for anything malformed."""
     if len(data) > MAX_FRAME_SIZE:
-        raise FrameError(ErrorCode.BAD_FRAME, f"frame of {len(data)} bytes exceeds {MAX_FRAME_SIZE}")
+        raise FrameError(
+            ErrorCode.BAD_FRAME, f"frame of {len(data)} bytes exceeds {MAX_FRAME_SIZE}"
+        )
     if not data or data[0] != PREFIX:
         raise FrameError(ErrorCode.BAD_FRAME, "not a natter frame (bad prefix byte)")
     try:
@@ -223,7 +225,9 @@ def decode(data: bytes) -> Message:
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types; none may escape
-        raise FrameError(ErrorCode.BAD_FRAME, f"undecodable msgpack ({type(exc).__name__})") from None
+        raise FrameError(
+            ErrorCode.BAD_FRAME, f"undecodable msgpack ({type(exc).__name__})"
+        ) from None
     if not isinstance(body, dict):
         raise FrameError(ErrorCode.BAD_FRAME, "frame body is not a map")
     request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
@@ -246,7 +250,9 @@ def _build(cls: type[Message], body: dict[str, Any], request_id: str | None) -> 
     known = {f.name for f in dataclasses.fields(cls)} | {"v", "t"}
     extra = set(body) - known
     if extra:
-        raise FrameError(ErrorCode.BAD_FRAME, f"{cls.TYPE}: unknown fields {sorted(extra)}", request_id)
+        raise FrameError(
+            ErrorCode.BAD_FRAME, f"{cls.TYPE}: unknown fields {sorted(extra)}", request_id
+        )
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name not in body:

@@ -108,10 +108,10 @@ class Registration:
         return False
 
     def handle_timer(self, now: float) -> None:
-        if self.state is RegState.REGISTERED and self._last_heard is not None:
-            if now - self._last_heard >= self.lost_after:
-                self._lose("broker stopped answering", now)
-                return
+        deadline = self._loss_deadline()
+        if deadline is not None and now >= deadline:
+            self._lose("broker stopped answering", now)
+            return
         if self._next_send is not None and now >= self._next_send:
             if self.state is RegState.REGISTERING:
                 self._send_register(now)
@@ -155,7 +155,9 @@ class Registration:
         self.broker_id = message.broker_id
         if self.state is not RegState.REGISTERED:
             self.state = RegState.REGISTERED
-            self._events.append(RegistrationUp(message.public, message.broker_id, self.backoff.attempts))
+            self._events.append(
+                RegistrationUp(message.public, message.broker_id, self.backoff.attempts)
+            )
             self.backoff.reset()
             self._next_send = now + self.keepalive_interval
         elif self.public is not None and message.public != self.public:

@@ -34,7 +34,7 @@ class ReplyHeader:
 
 
 def _pack(body: dict[str, object]) -> bytes:
-    payload = msgpack.packb(body, use_bin_type=True)
+    payload = bytes(msgpack.packb(body, use_bin_type=True))
     if len(payload) > MAX_HEADER:
         raise StreamHeaderError("stream header too large")
     return struct.pack("!H", len(payload)) + payload
@@ -62,7 +62,11 @@ def split_header(buffer: bytes) -> tuple[dict[str, object] | None, bytes]:
         return None, buffer
     try:
         body = msgpack.unpackb(
-            buffer[2 : 2 + size], raw=False, strict_map_key=True, max_str_len=MAX_HEADER, max_bin_len=MAX_HEADER
+            buffer[2 : 2 + size],
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_HEADER,
+            max_bin_len=MAX_HEADER,
         )
     except Exception as exc:
         raise StreamHeaderError(f"undecodable stream header ({type(exc).__name__})") from None

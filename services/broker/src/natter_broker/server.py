@@ -14,7 +14,6 @@ from collections import Counter
 from types import TracebackType
 
 import structlog
-
 from natter_proto import frames
 from natter_proto.broker import BrokerCore
 from natter_proto.config import Config
@@ -75,7 +74,9 @@ class Broker:
                 lambda: _Protocol(self), local_addr=(self.host, self.port), family=socket.AF_INET
             )
         except OSError as exc:
-            raise AddressError(f"cannot listen on {self.config.broker_addr}: {exc.strerror}") from None
+            raise AddressError(
+                f"cannot listen on {self.config.broker_addr}: {exc.strerror}"
+            ) from None
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.address = Endpoint(sockname[0], sockname[1])
@@ -146,7 +147,9 @@ class Broker:
                 record, reply = self.core.on_register(message, addr, now)
                 await self.registry.put(record)
                 self.stats["registrations"] += 1
-                self._log.info("registered", name=record.name, public=str(addr), listening=record.listening)
+                self._log.info(
+                    "registered", name=record.name, public=str(addr), listening=record.listening
+                )
                 self._send(reply, addr)
             elif isinstance(message, Keepalive):
                 known = await self.registry.get(message.name)

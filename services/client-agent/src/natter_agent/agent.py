@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import structlog
-
 from natter_proto import frames
 from natter_proto.config import Config
 from natter_proto.connect import ConnectAnswered, ConnectAttempt, ConnectFailed
@@ -23,10 +22,10 @@ from natter_proto.frames import ConnectOffer, Error, FrameError, Message, Probe,
 from natter_proto.punch import PathFound, PunchSession, PunchTimedOut
 from natter_proto.registration import (
     PublicEndpointChanged,
+    Registration,
     RegistrationLost,
     RegistrationRefused,
     RegistrationUp,
-    Registration,
     RegState,
 )
 
@@ -247,7 +246,9 @@ class Agent:
                 attempt.receive(message)
         elif isinstance(message, ConnectOffer):
             if self.listening:
-                self._log.info("peer asks for a tunnel", peer=message.peer_from, target=message.target)
+                self._log.info(
+                    "peer asks for a tunnel", peer=message.peer_from, target=message.target
+                )
             else:
                 self._log.warning("ignoring tunnel request: not listening", peer=message.peer_from)
         else:
@@ -381,7 +382,9 @@ class Agent:
                 probe_rtt_ms=round(event.rtt * 1000, 2),
             )
             if session.role == "client":
-                link = self._new_link(self.engine.client_connection(), session.peer, event.path, "client")
+                link = self._new_link(
+                    self.engine.client_connection(), session.peer, event.path, "client"
+                )
                 link.start_client()
                 self._track(self._loop_create(self._await_handshake(link, session.punch)))
         elif isinstance(event, PunchTimedOut):
@@ -390,7 +393,11 @@ class Agent:
             if session.role == "client":
                 self._fail_waiter(
                     session.peer,
-                    PeerUnavailable(session.peer, "punch_failed", f"no direct path to {session.peer} (tried {tried})"),
+                    PeerUnavailable(
+                        session.peer,
+                        "punch_failed",
+                        f"no direct path to {session.peer} (tried {tried})",
+                    ),
                 )
 
     def _new_link(self, conn: object, peer: str, addr: Endpoint, role: str) -> PeerLink:

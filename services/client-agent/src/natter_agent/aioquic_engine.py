@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     CONNECTION_LIMIT_FRAME_CAPACITY,
@@ -145,9 +145,13 @@ class AioquicEngine:
         if len(initial) < 1200:
             return None
         try:
-            header = pull_quic_header(Buffer(data=initial), host_cid_length=cfg.connection_id_length)
+            header = pull_quic_header(
+                Buffer(data=initial), host_cid_length=cfg.connection_id_length
+            )
         except ValueError:
             return None
         if header.packet_type != QuicPacketType.INITIAL:
             return None
-        return self._new(configuration=cfg, original_destination_connection_id=header.destination_cid)
+        return self._new(
+            configuration=cfg, original_destination_connection_id=header.destination_cid
+        )

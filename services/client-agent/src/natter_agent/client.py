@@ -12,7 +12,7 @@ from .link import PeerLink
 
 
 class Client:
-    """A natter client: ``await client.listen()``, ``await client.forward(":8022", "bob", ":22")``."""
+    """A natter client: ``listen()``, ``forward(":8022", "bob", ":22")``, ``close()``."""
 
     def __init__(self, config: Config) -> None:
         self.config = config

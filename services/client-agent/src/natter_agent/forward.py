@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 
 import structlog
-
 from natter_proto import streamhdr
 from natter_proto.backoff import Backoff
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
@@ -43,7 +42,8 @@ async def serve_incoming(channel: StreamChannel, peer: str) -> None:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
     except (OSError, TimeoutError) as exc:
-        reason = f"cannot connect to {target}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else 'timed out'}"
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+        reason = f"cannot connect to {target}: {why}"
         log.warning("refused stream", peer=peer, target=target, reason=reason)
         with contextlib.suppress(StreamClosed):
             await channel.write(streamhdr.encode_reply(False, reason))
@@ -71,7 +71,9 @@ async def _drain_and_release(channel: StreamChannel) -> None:
     channel.link.release(channel)
 
 
-async def open_tunnel_stream(agent: Agent, peer: str, target: str, timeout: float) -> tuple[StreamChannel, bytes]:
+async def open_tunnel_stream(
+    agent: Agent, peer: str, target: str, timeout: float
+) -> tuple[StreamChannel, bytes]:
     """Open a stream to peer's target and wait for its answer; returns leftover payload."""
     link = await asyncio.wait_for(agent.connect(peer, target), timeout)
     channel = link.open_stream()
@@ -105,7 +107,11 @@ class Forward:
         self._server: asyncio.Server | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._log = log.bind(peer=peer, target=self.target)
-        self.stream_timeout = agent.config.connect_timeout + agent.config.punch_timeout + agent.config.handshake_timeout
+        self.stream_timeout = (
+            agent.config.connect_timeout
+            + agent.config.punch_timeout
+            + agent.config.handshake_timeout
+        )
 
     async def start(self) -> None:
         host, port = self._bind
@@ -123,7 +129,9 @@ class Forward:
                 link = await self.agent.connect(self.peer, self.target)
             except NatterError as exc:
                 delay = backoff.next_delay()
-                self._log.warning(f"cannot reach {self.peer}, retrying in {delay:.0f} s", reason=str(exc))
+                self._log.warning(
+                    f"cannot reach {self.peer}, retrying in {delay:.0f} s", reason=str(exc)
+                )
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
@@ -133,7 +141,9 @@ class Forward:
         self.connections += 1
         local = TcpEnd(reader, writer)
         try:
-            channel, rest = await open_tunnel_stream(self.agent, self.peer, self.target, self.stream_timeout)
+            channel, rest = await open_tunnel_stream(
+                self.agent, self.peer, self.target, self.stream_timeout
+            )
         except (NatterError, StreamClosed, TimeoutError) as exc:
             reason = str(exc) or "timed out waiting for the tunnel"
             self._log.warning("connection dropped", reason=reason)

@@ -8,6 +8,7 @@ which matters for QUIC throughput in Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 
@@ -31,10 +32,8 @@ class AgentSocket:
     def bind(self, host: str, port: int) -> Endpoint:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
+            with contextlib.suppress(OSError):  # capped by net.core.*mem_max: fine
                 sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
-            except OSError:
-                pass
         sock.setblocking(False)
         sock.bind((host, port))
         self._sock = sock
