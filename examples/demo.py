@@ -91,9 +91,7 @@ async def main() -> int:
         bob = Agent("bob", "-name", "bob", "-broker", broker_addr, "-listen")
         agents.append(bob)
         bob.wait_for("registered as bob")
-        alice = Agent(
-            "alice", "-name", "alice", "-broker", broker_addr, f"{local_port}:bob:{service_port}"
-        )
+        alice = Agent("alice", "-name", "alice", "-broker", broker_addr, f"{local_port}:bob:{service_port}")
         agents.append(alice)
         await asyncio.to_thread(alice.wait_for, "direct path up")
         payload = os.urandom(5 << 20)

@@ -66,7 +66,13 @@ def _common(parser: argparse.ArgumentParser, dash: str) -> None:
 def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> None:
     names = [f"{dash}name"] + (["-id"] if legacy else [])
     parser.add_argument(*names, dest="name", metavar="NAME", help="this client's name")
-    parser.add_argument(f"{dash}broker", dest="broker", metavar="ADDR", help="broker HOST:PORT")
+    parser.add_argument(
+        f"{dash}broker",
+        dest="broker",
+        action="append",
+        metavar="ADDR",
+        help="broker HOST:PORT; repeat it (or use a name with several addresses) to fail over",
+    )
     parser.add_argument(
         f"{dash}udp-port",
         dest="udp_port",
@@ -82,6 +88,30 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         default=20.0,
         metavar="SECONDS",
         help="seconds between keepalives to the broker (default 20)",
+    )
+
+
+def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
+    parser.add_argument(
+        f"{dash}redis",
+        dest="redis",
+        metavar="URL",
+        default="",
+        help="join a fleet of replicas sharing registrations in Redis (redis://HOST:PORT/DB)",
+    )
+    parser.add_argument(
+        f"{dash}metrics",
+        dest="metrics",
+        metavar="ADDR",
+        default="",
+        help="serve /healthz, /readyz and /metrics over HTTP on ADDR (e.g. :9100)",
+    )
+    parser.add_argument(
+        f"{dash}broker-id",
+        dest="broker_id",
+        metavar="ID",
+        default="",
+        help="this replica's id in the fleet (default: hostname and a random suffix)",
     )
 
 
@@ -105,6 +135,7 @@ def legacy_parser() -> Parser:
         help="run a broker listening on ADDR (e.g. :10000)",
     )
     _agent_options(p, "-", legacy=True)
+    _broker_options(p, "-")
     p.add_argument(
         "-listen", "--listen", dest="listen", action="store_true", help="accept forwards from peers"
     )
@@ -146,6 +177,7 @@ def subcommand_parser() -> Parser:
         metavar="SECONDS",
         help="an agent silent this long is offline (default 60)",
     )
+    _broker_options(broker, "--")
     _common(broker, "--")
     listen = sub.add_parser(
         "listen",
@@ -161,9 +193,7 @@ def subcommand_parser() -> Parser:
         description="Forward local TCP ports (or stdio) to ports on peers.",
     )
     _agent_options(forward, "--", legacy=False)
-    forward.add_argument(
-        "--listen", dest="listen", action="store_true", help="also accept forwards"
-    )
+    forward.add_argument("--listen", dest="listen", action="store_true", help="also accept forwards")
     forward.add_argument("specs", nargs="+", metavar="SPEC", help=SPEC_HELP)
     _common(forward, "--")
     return p
@@ -182,12 +212,15 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         args = legacy_parser().parse_args(argv)
         args.command = "broker" if args.server else "client"
     if args.command == "broker":
-        if (
-            getattr(args, "name", None)
-            or getattr(args, "specs", None)
-            or getattr(args, "listen", False)
-        ):
+        if getattr(args, "name", None) or getattr(args, "specs", None) or getattr(args, "listen", False):
             raise UsageError("-server runs a broker and takes no -name, -listen or forward specs")
+        if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError(f"bad Redis URL {args.redis!r}: expected redis://HOST:PORT/DB")
+        if args.metrics:
+            try:
+                split_host_port(args.metrics)
+            except ValueError as exc:
+                raise UsageError(f"bad metrics address: {exc}") from None
         try:
             split_host_port(args.server)
         except ValueError as exc:
@@ -196,17 +229,18 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if not args.name:
         raise UsageError("a client needs -name NAME (or give -server ADDR to run a broker)")
     if not valid_name(args.name):
-        raise UsageError(
-            f"invalid name {args.name!r}: use letters, digits, '.', '_' or '-' (max 64)"
-        )
+        raise UsageError(f"invalid name {args.name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+    if getattr(args, "redis", "") or getattr(args, "metrics", ""):
+        raise UsageError("-redis and -metrics are broker options (use them with -server)")
     if not args.broker:
         raise UsageError("a client needs -broker HOST:PORT")
-    try:
-        _, port = split_host_port(args.broker)
-    except ValueError as exc:
-        raise UsageError(f"bad broker address: {exc}") from None
-    if port == 0:
-        raise UsageError(f"bad broker address {args.broker!r}: port 0")
+    for broker in args.broker:
+        try:
+            _, port = split_host_port(broker)
+        except ValueError as exc:
+            raise UsageError(f"bad broker address: {exc}") from None
+        if port == 0:
+            raise UsageError(f"bad broker address {broker!r}: port 0")
     try:
         args.forwards = [parse_spec(s) for s in args.specs]
     except SpecError as exc:
@@ -226,7 +260,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def run_broker(args: argparse.Namespace) -> int:
-    config = Config(broker_addr=args.server)
+    config = Config(
+        broker_addr=args.server, redis_url=args.redis, metrics_addr=args.metrics, broker_id=args.broker_id
+    )
     if hasattr(args, "ttl"):
         config.keepalive_interval = args.keepalive
         config.registration_ttl = args.ttl

@@ -67,8 +67,7 @@ def parse_spec(spec: str) -> ForwardSpec:
         lhost, lport, peer, rhost, rport = parts
     else:
         raise SpecError(
-            f"bad forward spec {spec!r}: "
-            "expected [LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT"
+            f"bad forward spec {spec!r}: expected [LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT"
         )
     if not valid_name(peer):
         raise SpecError(f"bad forward spec {spec!r}: {peer!r} is not a valid peer name")

@@ -30,9 +30,7 @@ def pattern(size: int, seed: int = 1) -> bytes:
     out = bytearray()
     counter = 0
     while len(out) < size:
-        out += (
-            hashlib.sha256(block[:64] + counter.to_bytes(8, "big")).digest() + block[: CHUNK - 32]
-        )
+        out += hashlib.sha256(block[:64] + counter.to_bytes(8, "big")).digest() + block[: CHUNK - 32]
         counter += 1
     return bytes(out[:size])
 
@@ -41,9 +39,7 @@ def digest_of_pattern(size: int, seed: int = 1) -> str:
     return hashlib.sha256(pattern(size, seed)).hexdigest()
 
 
-async def _paced_read(
-    reader: asyncio.StreamReader, rate: float | None, hasher: hashlib._Hash
-) -> int:
+async def _paced_read(reader: asyncio.StreamReader, rate: float | None, hasher: hashlib._Hash) -> int:
     total = 0
     start = time.monotonic()
     while True:

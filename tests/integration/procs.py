@@ -71,9 +71,7 @@ class Proc:
         for raw in self.popen.stdout:
             self.out.put(raw.decode(errors="replace").rstrip("\n"))
 
-    def wait_log(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0
-    ) -> dict[str, Any]:
+    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -98,9 +96,7 @@ class Proc:
         try:
             return self.out.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(
-                f"no output from {self.argv}\n" + "\n".join(self.raw_err[-30:])
-            ) from None
+            raise AssertionError(f"no output from {self.argv}\n" + "\n".join(self.raw_err[-30:])) from None
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.pid}/status") as status:
@@ -138,8 +134,6 @@ def server(kind: str, *args: str, prefix: Sequence[str] = ()) -> tuple[Proc, int
 
 
 def tool(*args: str, prefix: Sequence[str] = (), timeout: float = 120.0) -> str:
-    result = subprocess.run(
-        [*prefix, *NETCHECK, *args], capture_output=True, timeout=timeout, check=False
-    )
+    result = subprocess.run([*prefix, *NETCHECK, *args], capture_output=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout.decode().strip()

@@ -29,9 +29,7 @@ def test_seed_command_lines_forward_real_bytes(echo_server: int) -> None:
         broker.wait_event("broker listening")
         bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
         bob.wait_event("registered as bob")
-        alice = natter(
-            "-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{lport}:bob:{echo_server}"
-        )
+        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{lport}:bob:{echo_server}")
         alice.wait_event(f"forwarding 127.0.0.1:{lport}")
         up = alice.wait_event("direct path up with bob")
         assert up["peer_endpoint"].startswith("127.0.0.1:")
@@ -110,9 +108,7 @@ def test_unknown_peer_is_named_and_the_forward_keeps_retrying() -> None:
     alice = None
     try:
         broker.wait_event("broker listening")
-        alice = natter(
-            "-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{free_port()}:nobody:22"
-        )
+        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{free_port()}:nobody:22")
         failed = alice.wait_event("broker could not introduce us")
         assert "nobody" in failed["reason"] and failed["broker"] == f"127.0.0.1:{bport}"
         alice.wait_event("cannot reach nobody, retrying")

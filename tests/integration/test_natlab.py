@@ -37,8 +37,7 @@ def lab() -> Iterator[NatLab]:
 def test_lab_nats_drop_unsolicited_inbound_udp(lab: NatLab) -> None:
     before = lab.dropped("natA")
     send = (
-        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        "s.sendto(b'x', ('%s', 40000))"
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('%s', 40000))"
     )
     for _ in range(3):
         subprocess.run([*lab.prefix("inet"), sys.executable, "-c", send % NAT_A_WAN], check=True)

@@ -112,9 +112,7 @@ MALFORMED = {
             "broker_id": "x",
         }
     ),
-    "too_many_endpoints": raw(
-        {"v": 1, "t": "register", "name": "b", "locals": [["1.2.3.4", 5]] * 17}
-    ),
+    "too_many_endpoints": raw({"v": 1, "t": "register", "name": "b", "locals": [["1.2.3.4", 5]] * 17}),
     "bytes_too_long": raw({"v": 1, "t": "register", "name": "b", "public_key": b"k" * 300}),
     "bool_wrong_type": raw({"v": 1, "t": "register", "name": "b", "listening": 1}),
     "bad_role": raw(

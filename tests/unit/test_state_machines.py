@@ -13,6 +13,7 @@ from natter_proto.frames import (
     ConnectRequest,
     Error,
     ErrorCode,
+    Goaway,
     Keepalive,
     Probe,
     ProbeAck,
@@ -22,6 +23,7 @@ from natter_proto.frames import (
 )
 from natter_proto.punch import PathFound, PunchSession, PunchState, PunchTimedOut
 from natter_proto.registration import (
+    BrokerChanged,
     PublicEndpointChanged,
     Registration,
     RegistrationLost,
@@ -193,32 +195,29 @@ def record(name: str, public: Endpoint, now: float = 0.0, listening: bool = True
 
 def test_broker_register_and_keepalive() -> None:
     core = BrokerCore("b1", keepalive_s=20)
-    rec, reply = core.on_register(
-        Register(name="bob", locals=(LAN_BOB,), listening=True), PUB_BOB, 1.0
-    )
+    rec, reply = core.on_register(Register(name="bob", locals=(LAN_BOB,), listening=True), PUB_BOB, 1.0)
     assert reply == Registered("bob", PUB_BOB, 20, "b1")
-    assert rec.locals == (LAN_BOB,) and rec.listening
-    updated, reply = core.on_keepalive(Keepalive("bob"), PUB_BOB, rec, 5.0)
-    assert updated is not None and updated.last_seen == 5.0
-    assert isinstance(reply, Registered)
-    none, err = core.on_keepalive(Keepalive("bob"), PUB, rec, 5.0)  # from another endpoint
-    assert none is None and isinstance(err, Error) and err.code == ErrorCode.NOT_REGISTERED
+    assert rec.locals == (LAN_BOB,) and rec.listening and rec.broker_id == "b1"
+    assert core.on_keepalive(Keepalive("bob"), PUB_BOB, known=True) == Registered("bob", PUB_BOB, 20, "b1")
+    err = core.on_keepalive(Keepalive("bob"), PUB, known=False)
+    assert isinstance(err, Error) and err.code == ErrorCode.NOT_REGISTERED
 
 
 def test_broker_introduces_both_sides_at_once() -> None:
     core = BrokerCore("b1", keepalive_s=20)
     alice, bob = record("alice", PUB), record("bob", PUB_BOB)
     req = ConnectRequest("r1", "alice", "bob", "localhost:22")
-    out = core.on_connect(req, PUB, alice, bob, 1.0, ttl=60)
-    offer, to_bob, to_alice = out
-    assert isinstance(offer[0], ConnectOffer) and offer[1] == PUB_BOB
-    assert isinstance(to_bob[0], Punch) and to_bob[1] == PUB_BOB
-    assert to_bob[0].role == "server" and to_bob[0].peer == "alice" and to_bob[0].peer_public == PUB
-    assert isinstance(to_alice[0], Punch) and to_alice[1] == PUB
-    assert to_alice[0].role == "client" and to_alice[0].peer_public == PUB_BOB
-    assert to_alice[0].session_id == to_bob[0].session_id
-    again = core.on_connect(req, PUB, alice, bob, 2.0, ttl=60)
-    assert again[2][0].session_id == to_alice[0].session_id  # retried request, same session
+    decision = core.on_connect(req, PUB, alice, bob, 1.0, ttl=60, session_id="s9")
+    intro = decision.introduction
+    assert decision.refusal is None and intro is not None
+    offer, to_bob = intro.to_target
+    assert isinstance(offer, ConnectOffer) and offer.session_id == "s9"
+    assert isinstance(to_bob, Punch) and intro.target.public == PUB_BOB
+    assert to_bob.role == "server" and to_bob.peer == "alice" and to_bob.peer_public == PUB
+    to_alice = intro.to_requester
+    assert intro.requester.public == PUB
+    assert to_alice.role == "client" and to_alice.peer_public == PUB_BOB
+    assert to_alice.session_id == to_bob.session_id == "s9"
 
 
 def test_broker_connect_errors() -> None:
@@ -227,7 +226,9 @@ def test_broker_connect_errors() -> None:
     req = ConnectRequest("r1", "alice", "bob", "x:1")
 
     def code(requester: PeerRecord | None, target: PeerRecord | None, addr: Endpoint = PUB) -> str:
-        ((msg, to),) = core.on_connect(req, addr, requester, target, 100.0, ttl=60)
+        decision = core.on_connect(req, addr, requester, target, 100.0, ttl=60, session_id="s")
+        assert decision.introduction is None and decision.refusal is not None
+        msg, to = decision.refusal
         assert isinstance(msg, Error) and to == addr and msg.request_id == "r1"
         return msg.code
 
@@ -237,8 +238,49 @@ def test_broker_connect_errors() -> None:
     assert code(alice, record("bob", PUB_BOB, now=10.0)) == ErrorCode.PEER_OFFLINE
     assert code(alice, record("bob", PUB_BOB, now=99.0, listening=False)) == ErrorCode.NOT_LISTENING
     self_req = ConnectRequest("r2", "alice", "alice", "x:1")
-    ((msg, _),) = core.on_connect(self_req, PUB, alice, alice, 1.0, ttl=60)
-    assert isinstance(msg, Error) and msg.code == ErrorCode.SELF_CONNECT
+    decision = core.on_connect(self_req, PUB, alice, alice, 1.0, ttl=60, session_id="s")
+    assert decision.refusal is not None and decision.refusal[0].code == ErrorCode.SELF_CONNECT  # type: ignore[attr-defined]
+
+
+def test_registration_fails_over_between_brokers() -> None:
+    reg = Registration("alice", (), backoff=no_jitter(0.5, 4.0), keepalive_interval=10, brokers=3)
+    reg.start(0.0)
+    assert reg.broker_index == 0
+    reg.frames_to_send()
+    now = 0.0
+    while reg.broker_index == 0:  # three unanswered registrations move us on
+        now = reg.get_timer()  # type: ignore[assignment]
+        reg.handle_timer(now)
+    assert reg.frames_to_send() == [Register(name="alice", locals=(), listening=False)]
+    assert reg.next_event() == BrokerChanged(1, "no answer to 3 registrations")
+    reg.receive(Registered("alice", PUB, 10, "b2"), now)
+    assert isinstance(reg.next_event(), RegistrationUp)
+    # broker 1 falls silent for two keepalive intervals: move to broker 2
+    while reg.broker_index == 1:
+        now = reg.get_timer()  # type: ignore[assignment]
+        reg.handle_timer(now)
+        reg.frames_to_send()
+    assert reg.broker_index == 2 and reg.state is RegState.REGISTERING
+    events = [reg.next_event(), reg.next_event()]
+    assert isinstance(events[0], BrokerChanged) and isinstance(events[1], RegistrationLost)
+
+
+def test_goaway_moves_to_the_next_broker_at_once() -> None:
+    reg = Registration("alice", (), keepalive_interval=10, brokers=2)
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.receive(Registered("alice", PUB, 10, "b1"), 0.1)
+    reg.next_event()
+    reg.receive(Goaway("broker shutting down"), 3.0)
+    assert reg.broker_index == 1 and reg.state is RegState.REGISTERING
+    assert reg.frames_to_send() == [Register(name="alice", locals=(), listening=False)]
+    assert isinstance(reg.next_event(), BrokerChanged)
+    single = Registration("bob", (), keepalive_interval=10)
+    single.start(0.0)
+    single.frames_to_send()
+    single.receive(Registered("bob", PUB, 10, "b1"), 0.1)
+    single.receive(Goaway("bye"), 1.0)
+    assert single.broker_index == 0 and isinstance(single.frames_to_send()[0], Register)
 
 
 def test_peer_table_marks_offline_then_forgets() -> None:

@@ -14,9 +14,7 @@ def test_stream_header_round_trip_and_split() -> None:
     assert header is not None and streamhdr.parse_open(header).target == "localhost:22"
     assert rest == b"payload"
     reply, _ = streamhdr.split_header(streamhdr.encode_reply(False, "nope"))
-    assert reply is not None and streamhdr.parse_reply(reply) == streamhdr.ReplyHeader(
-        False, "nope"
-    )
+    assert reply is not None and streamhdr.parse_reply(reply) == streamhdr.ReplyHeader(False, "nope")
 
 
 @pytest.mark.parametrize(
@@ -68,9 +66,7 @@ def test_seed_command_lines_parse() -> None:
         ["-name", "alice", "-broker", "h:1", "-listen", "-udp-port", "99999"],
     ],
 )
-def test_usage_mistakes_exit_2_with_one_line(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_usage_mistakes_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("natter: error: ")

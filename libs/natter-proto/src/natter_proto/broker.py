@@ -28,28 +28,43 @@ Outgoing = tuple[Message, Endpoint]
 
 
 @dataclass(frozen=True)
-class ConnectPlan:
-    """The datagrams that introduce two peers, and the session id they share."""
+class Introduction:
+    """What introduces two peers: frames for the target (from the replica that owns it) and
+    the punch instruction for the requester (from the replica it talks to)."""
 
     session_id: str
-    outgoing: list[Outgoing]
+    target: PeerRecord
+    to_target: tuple[Message, ...]
+    requester: PeerRecord
+    to_requester: Punch
+
+
+@dataclass(frozen=True)
+class ConnectDecision:
+    """Either a refusal for the requester or an introduction."""
+
+    refusal: Outgoing | None = None
+    introduction: Introduction | None = None
 
 
 class RecentSessions:
-    """Remembers recent connect request ids so that a retried request gets the same session."""
+    """Remembers recent connect request ids so that a retried request gets the same session.
+
+    The in-memory form of what a fleet keeps in Redis (``SET ... NX``).
+    """
 
     def __init__(self, ttl: float = 30.0, capacity: int = 10_000) -> None:
         self.ttl = ttl
         self.capacity = capacity
         self._sessions: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
 
-    def session_for(self, peer: str, request_id: str, now: float) -> str:
+    def session_for(self, peer: str, request_id: str, now: float, candidate: str = "") -> str:
         key = (peer, request_id)
         self._evict(now)
         found = self._sessions.get(key)
         if found is not None:
             return found[0]
-        session_id = secrets.token_hex(8)
+        session_id = candidate or new_session_id()
         self._sessions[key] = (session_id, now)
         while len(self._sessions) > self.capacity:
             self._sessions.popitem(last=False)
@@ -63,6 +78,10 @@ class RecentSessions:
             self._sessions.popitem(last=False)
 
 
+def new_session_id() -> str:
+    return secrets.token_hex(8)
+
+
 class BrokerCore:
     """Answers registrations and keepalives, and turns connect requests into punch instructions."""
 
@@ -70,7 +89,6 @@ class BrokerCore:
         self.broker_id = broker_id
         self.keepalive_s = keepalive_s
         self.punch_delay_ms = punch_delay_ms
-        self.sessions = RecentSessions()
 
     def on_register(self, msg: Register, addr: Endpoint, now: float) -> tuple[PeerRecord, Message]:
         record = PeerRecord(
@@ -82,16 +100,13 @@ class BrokerCore:
             broker_id=self.broker_id,
             public_key=msg.public_key,
         )
-        return record, self._registered(record)
+        return record, self.registered(msg.name, addr)
 
-    def on_keepalive(
-        self, msg: Keepalive, addr: Endpoint, record: PeerRecord | None, now: float
-    ) -> tuple[PeerRecord | None, Message]:
-        """A keepalive refreshes a record only from the endpoint that registered it."""
-        if record is None or record.public != addr:
-            return None, Error(ErrorCode.NOT_REGISTERED, f"{msg.name} is not registered here")
-        record = record.seen(now)
-        return record, self._registered(record)
+    def on_keepalive(self, msg: Keepalive, addr: Endpoint, known: bool) -> Message:
+        """``known``: the registry holds msg.name at exactly addr (and has refreshed it)."""
+        if not known:
+            return Error(ErrorCode.NOT_REGISTERED, f"{msg.name} is not registered here")
+        return self.registered(msg.name, addr)
 
     def on_connect(
         self,
@@ -101,40 +116,42 @@ class BrokerCore:
         target: PeerRecord | None,
         now: float,
         ttl: float,
-    ) -> list[Outgoing]:
+        session_id: str,
+    ) -> ConnectDecision:
         rid = msg.request_id
+
+        def refuse(code: str, text: str) -> ConnectDecision:
+            return ConnectDecision(refusal=(Error(code, text, rid), addr))
+
         if requester is None or requester.public != addr or requester.name != msg.peer_from:
-            text = f"{msg.peer_from} is not registered here; register first"
-            return [(Error(ErrorCode.NOT_REGISTERED, text, rid), addr)]
+            return refuse(ErrorCode.NOT_REGISTERED, f"{msg.peer_from} is not registered here")
         if msg.peer_to == msg.peer_from:
-            return [(Error(ErrorCode.SELF_CONNECT, "cannot connect to yourself", rid), addr)]
+            return refuse(ErrorCode.SELF_CONNECT, "cannot connect to yourself")
         if target is None:
-            text = f"peer {msg.peer_to!r} is unknown to this broker"
-            return [(Error(ErrorCode.UNKNOWN_PEER, text, rid), addr)]
+            return refuse(ErrorCode.UNKNOWN_PEER, f"peer {msg.peer_to!r} is unknown to this broker")
         if target.expired(now, ttl):
             silent = int(now - target.last_seen)
-            text = f"peer {msg.peer_to!r} is offline (silent for {silent} s)"
-            return [(Error(ErrorCode.PEER_OFFLINE, text, rid), addr)]
+            return refuse(ErrorCode.PEER_OFFLINE, f"peer {msg.peer_to!r} is offline (silent {silent} s)")
         if not target.listening:
             text = f"peer {msg.peer_to!r} is online but not accepting forwards (-listen)"
-            return [(Error(ErrorCode.NOT_LISTENING, text, rid), addr)]
-        return self.plan_connect(msg, requester, target, now).outgoing
+            return refuse(ErrorCode.NOT_LISTENING, text)
+        return ConnectDecision(introduction=self.introduce(msg, requester, target, session_id))
 
-    def plan_connect(
-        self, msg: ConnectRequest, requester: PeerRecord, target: PeerRecord, now: float
-    ) -> ConnectPlan:
-        """Offer to the target, and a punch instruction to both sides at the same moment.
+    def introduce(
+        self, msg: ConnectRequest, requester: PeerRecord, target: PeerRecord, session_id: str
+    ) -> Introduction:
+        """An offer and a punch instruction for the target, a punch instruction for the requester.
 
         The target becomes the QUIC server: it listens, so its mapping is the one that has
         been kept open longest; the initiator opens the QUIC connection.
         """
-        session_id = self.sessions.session_for(requester.name, msg.request_id, now)
         offer = ConnectOffer(msg.request_id, session_id, requester.name, msg.target)
-        to_requester = self._punch(msg.request_id, session_id, target, "client")
-        to_target = self._punch(msg.request_id, session_id, requester, "server")
-        return ConnectPlan(
-            session_id,
-            [(offer, target.public), (to_target, target.public), (to_requester, requester.public)],
+        return Introduction(
+            session_id=session_id,
+            target=target,
+            to_target=(offer, self._punch(msg.request_id, session_id, requester, "server")),
+            requester=requester,
+            to_requester=self._punch(msg.request_id, session_id, target, "client"),
         )
 
     def _punch(self, request_id: str, session_id: str, peer: PeerRecord, role: str) -> Punch:
@@ -148,5 +165,5 @@ class BrokerCore:
             delay_ms=self.punch_delay_ms,
         )
 
-    def _registered(self, record: PeerRecord) -> Registered:
-        return Registered(record.name, record.public, self.keepalive_s, self.broker_id)
+    def registered(self, name: str, addr: Endpoint) -> Registered:
+        return Registered(name, addr, self.keepalive_s, self.broker_id)

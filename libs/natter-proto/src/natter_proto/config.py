@@ -5,16 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def broker_list(value: str | list[str]) -> list[str]:
+    """``"a:1,b:2"`` or ``["a:1", "b:2"]`` -> ``["a:1", "b:2"]``."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [item.strip() for item in items if item.strip()]
+
+
 @dataclass
 class Config:
     """Settings of a broker or a client; the defaults suit the public internet.
 
     ``broker_addr`` is the broker's listen address for a broker (``":10000"``) and the
-    broker to register with for a client (``"host:10000"``).
+    broker to register with for a client (``"host:10000"``). A client may name several
+    brokers (a list, or commas) and fails over between them; a name that resolves to
+    several addresses counts as several brokers.
     """
 
-    broker_addr: str = ""
+    broker_addr: str | list[str] = ""
     client_user: str = ""
+
+    # broker: fleet membership and side port
+    redis_url: str = ""
+    metrics_addr: str = ""
+    broker_id: str = ""
 
     # registration with the broker
     keepalive_interval: float = 20.0

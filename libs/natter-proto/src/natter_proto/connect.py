@@ -47,9 +47,7 @@ class ConnectAttempt:
         deadline: float = 10.0,
         backoff: Backoff | None = None,
     ) -> None:
-        self.request = ConnectRequest(
-            request_id=request_id, peer_from=me, peer_to=peer, target=target
-        )
+        self.request = ConnectRequest(request_id=request_id, peer_from=me, peer_to=peer, target=target)
         self.state = ConnectState.WAITING
         self._deadline = now + deadline
         self._backoff = backoff or Backoff(initial=0.5, maximum=2.0)

@@ -153,6 +153,14 @@ class ProbeAck(Message):
     observed: Endpoint
 
 
+@dataclasses.dataclass(frozen=True)
+class Goaway(Message):
+    """Broker -> agent: this broker is shutting down; register with another one now."""
+
+    TYPE: ClassVar[str] = "goaway"
+    reason: str
+
+
 class ErrorCode:
     """The error codes natter sends; the text beside each is for humans and may change."""
 
@@ -164,6 +172,7 @@ class ErrorCode:
     PEER_OFFLINE = "peer_offline"
     NOT_LISTENING = "not_listening"
     SELF_CONNECT = "self_connect"
+    PEER_UNREACHABLE = "peer_unreachable"  # known, but its broker replica is gone
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -178,6 +187,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Error,
         Probe,
         ProbeAck,
+        Goaway,
     )
 }
 
@@ -207,9 +217,7 @@ def _to_wire(value: Any) -> Any:
 def decode(data: bytes) -> Message:
     """Parse and validate one datagram; raise FrameError for anything malformed."""
     if len(data) > MAX_FRAME_SIZE:
-        raise FrameError(
-            ErrorCode.BAD_FRAME, f"frame of {len(data)} bytes exceeds {MAX_FRAME_SIZE}"
-        )
+        raise FrameError(ErrorCode.BAD_FRAME, f"frame of {len(data)} bytes exceeds {MAX_FRAME_SIZE}")
     if not data or data[0] != PREFIX:
         raise FrameError(ErrorCode.BAD_FRAME, "not a natter frame (bad prefix byte)")
     try:
@@ -225,9 +233,7 @@ def decode(data: bytes) -> Message:
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types; none may escape
-        raise FrameError(
-            ErrorCode.BAD_FRAME, f"undecodable msgpack ({type(exc).__name__})"
-        ) from None
+        raise FrameError(ErrorCode.BAD_FRAME, f"undecodable msgpack ({type(exc).__name__})") from None
     if not isinstance(body, dict):
         raise FrameError(ErrorCode.BAD_FRAME, "frame body is not a map")
     request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
@@ -250,16 +256,12 @@ def _build(cls: type[Message], body: dict[str, Any], request_id: str | None) -> 
     known = {f.name for f in dataclasses.fields(cls)} | {"v", "t"}
     extra = set(body) - known
     if extra:
-        raise FrameError(
-            ErrorCode.BAD_FRAME, f"{cls.TYPE}: unknown fields {sorted(extra)}", request_id
-        )
+        raise FrameError(ErrorCode.BAD_FRAME, f"{cls.TYPE}: unknown fields {sorted(extra)}", request_id)
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name not in body:
             if field.default is dataclasses.MISSING:
-                raise FrameError(
-                    ErrorCode.BAD_FRAME, f"{cls.TYPE}: missing field {field.name!r}", request_id
-                )
+                raise FrameError(ErrorCode.BAD_FRAME, f"{cls.TYPE}: missing field {field.name!r}", request_id)
             continue
         try:
             kwargs[field.name] = _check(hints[field.name], body[field.name], field.name)

@@ -1,7 +1,9 @@
-"""Agent-side registration with one broker: register, retry with backoff, keep alive.
+"""Agent-side registration: register, retry with backoff, keep alive, fail over.
 
 Pure state machine: the agent feeds it received messages and the time, and sends what
-``frames_to_send`` returns to the broker from its one UDP socket.
+``frames_to_send`` returns to broker number ``broker_index`` from its one UDP socket.
+With several brokers it moves to the next one when its broker stops answering for two
+keepalive intervals, when a few registrations in a row go unanswered, or at a goaway.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from .backoff import Backoff
 from .endpoints import Endpoint
-from .frames import Error, ErrorCode, Keepalive, Message, Register, Registered
+from .frames import Error, ErrorCode, Goaway, Keepalive, Message, Register, Registered
 
 
 class RegState(enum.Enum):
@@ -51,7 +53,15 @@ class RegistrationRefused:
     message: str
 
 
-RegEvent = RegistrationUp | PublicEndpointChanged | RegistrationLost | RegistrationRefused
+@dataclass(frozen=True)
+class BrokerChanged:
+    """From now on frames go to broker number ``index``."""
+
+    index: int
+    reason: str
+
+
+RegEvent = RegistrationUp | PublicEndpointChanged | RegistrationLost | RegistrationRefused | BrokerChanged
 
 
 class Registration:
@@ -66,6 +76,8 @@ class Registration:
         keepalive_interval: float = 20.0,
         lost_after_intervals: float = 2.0,
         backoff: Backoff | None = None,
+        brokers: int = 1,
+        attempts_per_broker: int = 3,
     ) -> None:
         self.name = name
         self.local_endpoints = local_endpoints
@@ -74,6 +86,10 @@ class Registration:
         self.lost_after = keepalive_interval * lost_after_intervals
         self.backoff = backoff or Backoff(initial=0.5, maximum=10.0)
         self.state = RegState.IDLE
+        self.brokers = max(1, brokers)
+        self.broker_index = 0
+        self.attempts_per_broker = attempts_per_broker
+        self._unanswered = 0
         self.public: Endpoint | None = None
         self.broker_id: str | None = None
         self._next_send: float | None = None
@@ -95,9 +111,14 @@ class Registration:
                 self._outbox.append(self._register_frame())
 
     def receive(self, message: Message, now: float) -> bool:
-        """Handle a frame from the broker; returns False if it is not ours to handle."""
+        """Handle a frame from the current broker; returns False if it is not ours."""
         if isinstance(message, Registered) and message.name == self.name:
             self._on_registered(message, now)
+            return True
+        if isinstance(message, Goaway):
+            if self.state is not RegState.IDLE:
+                self._rotate(f"broker going away: {message.reason}")
+                self._lose(f"broker going away: {message.reason}", now)
             return True
         if isinstance(message, Error) and message.request_id is None:
             if message.code == ErrorCode.NOT_REGISTERED and self.state is RegState.REGISTERED:
@@ -110,10 +131,13 @@ class Registration:
     def handle_timer(self, now: float) -> None:
         deadline = self._loss_deadline()
         if deadline is not None and now >= deadline:
+            self._rotate("broker stopped answering")
             self._lose("broker stopped answering", now)
             return
         if self._next_send is not None and now >= self._next_send:
             if self.state is RegState.REGISTERING:
+                if self._unanswered >= self.attempts_per_broker:
+                    self._rotate(f"no answer to {self._unanswered} registrations")
                 self._send_register(now)
             elif self.state is RegState.REGISTERED:
                 self._outbox.append(Keepalive(name=self.name))
@@ -143,7 +167,15 @@ class Registration:
 
     def _send_register(self, now: float) -> None:
         self._outbox.append(self._register_frame())
+        self._unanswered += 1
         self._next_send = now + self.backoff.next_delay()
+
+    def _rotate(self, reason: str) -> None:
+        self._unanswered = 0
+        if self.brokers > 1:
+            self.broker_index = (self.broker_index + 1) % self.brokers
+            self._outbox.clear()  # nothing queued for the old broker goes to the new one
+            self._events.append(BrokerChanged(self.broker_index, reason))
 
     def _loss_deadline(self) -> float | None:
         if self.state is RegState.REGISTERED and self._last_heard is not None:
@@ -152,12 +184,11 @@ class Registration:
 
     def _on_registered(self, message: Registered, now: float) -> None:
         self._last_heard = now
+        self._unanswered = 0
         self.broker_id = message.broker_id
         if self.state is not RegState.REGISTERED:
             self.state = RegState.REGISTERED
-            self._events.append(
-                RegistrationUp(message.public, message.broker_id, self.backoff.attempts)
-            )
+            self._events.append(RegistrationUp(message.public, message.broker_id, self.backoff.attempts))
             self.backoff.reset()
             self._next_send = now + self.keepalive_interval
         elif self.public is not None and message.public != self.public:

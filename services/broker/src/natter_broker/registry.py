@@ -1,32 +1,82 @@
-"""Where a broker keeps registrations: behind one async interface, so that a fleet can
-share them (Redis) while a lone broker keeps them in memory (the embedded default)."""
+"""Where a broker keeps registrations, behind one async interface: in memory for a lone
+broker (the embedded default), in Redis for a fleet of replicas that share them.
+
+Calls take lists so that a fleet backend can answer a whole batch of keepalives in one
+Redis round trip.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
+from natter_proto.broker import RecentSessions
+from natter_proto.endpoints import Endpoint
 from natter_proto.registry import PeerRecord, PeerTable
+
+BusHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Registry(Protocol):
-    async def get(self, name: str) -> PeerRecord | None: ...
-    async def put(self, record: PeerRecord) -> None: ...
+    """Shared peer records plus a bus to other replicas (none in memory)."""
+
+    async def start(self, broker_id: str, on_bus_message: BusHandler) -> None: ...
+    async def close(self) -> None: ...
+    def is_ready(self) -> bool: ...
+
+    async def register(self, records: Sequence[PeerRecord]) -> None: ...
+    async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
+        """Refresh each (name, public) that is registered at exactly that endpoint."""
+        ...
+
+    async def lookup_connect(
+        self, peer_from: str, peer_to: str, request_id: str, candidate_session: str, now: float
+    ) -> tuple[PeerRecord | None, PeerRecord | None, str]:
+        """Both records and the session id for this request (the same one on a retry)."""
+        ...
+
     async def expire(self, now: float) -> list[str]: ...
-    async def count(self) -> int: ...
+    async def publish(self, broker_id: str, message: dict[str, Any]) -> int:
+        """Send to another replica; returns how many received it (0: it is gone)."""
+        ...
 
 
 class MemoryRegistry:
     def __init__(self, ttl: float) -> None:
         self.table = PeerTable(ttl)
+        self.sessions = RecentSessions()
 
-    async def get(self, name: str) -> PeerRecord | None:
-        return self.table.get(name)
+    async def start(self, broker_id: str, on_bus_message: BusHandler) -> None:
+        return None
 
-    async def put(self, record: PeerRecord) -> None:
-        self.table.put(record)
+    async def close(self) -> None:
+        return None
+
+    def is_ready(self) -> bool:
+        return True
+
+    async def register(self, records: Sequence[PeerRecord]) -> None:
+        for record in records:
+            self.table.put(record)
+
+    async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
+        results = []
+        for name, public in items:
+            record = self.table.get(name)
+            ok = record is not None and record.public == public
+            if ok and record is not None:
+                self.table.put(record.seen(now))
+            results.append(ok)
+        return results
+
+    async def lookup_connect(
+        self, peer_from: str, peer_to: str, request_id: str, candidate_session: str, now: float
+    ) -> tuple[PeerRecord | None, PeerRecord | None, str]:
+        session = self.sessions.session_for(peer_from, request_id, now, candidate_session)
+        return self.table.get(peer_from), self.table.get(peer_to), session
 
     async def expire(self, now: float) -> list[str]:
         return self.table.expire(now)
 
-    async def count(self) -> int:
-        return len(self.table)
+    async def publish(self, broker_id: str, message: dict[str, Any]) -> int:
+        return 0

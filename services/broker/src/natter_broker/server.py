@@ -2,6 +2,8 @@
 
 It learns each agent's public endpoint from the source of its datagrams, answers
 registrations and keepalives, and introduces peers. It never carries tunnel data.
+Datagrams that arrive in one event-loop turn are handled as one batch, so that a fleet
+replica answers a whole batch of keepalives with one Redis round trip.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import asyncio
 import contextlib
 import secrets
 import socket
-from collections import Counter
+import time
+from collections import OrderedDict
 from types import TracebackType
+from typing import Any
 
 import structlog
 from natter_proto import frames
-from natter_proto.broker import BrokerCore
+from natter_proto.broker import BrokerCore, Introduction, new_session_id
 from natter_proto.config import Config
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 from natter_proto.frames import (
@@ -23,20 +27,24 @@ from natter_proto.frames import (
     Error,
     ErrorCode,
     FrameError,
+    Goaway,
     Keepalive,
     Message,
     Register,
 )
 
+from .http import HealthServer
+from .metrics import BrokerMetrics
 from .registry import MemoryRegistry, Registry
 
 log = structlog.get_logger("natter.broker")
 
+PENDING_TTL = 15.0
+
 
 def listen_address(addr: str) -> tuple[str, int]:
-    """``":10000"`` -> ("0.0.0.0", 10000); a host must be an IP literal or a local name."""
-    host, port = split_host_port(addr, default_host="0.0.0.0")
-    return host, port
+    """``":10000"`` -> ("0.0.0.0", 10000)."""
+    return split_host_port(addr, default_host="0.0.0.0")
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -44,29 +52,52 @@ class _Protocol(asyncio.DatagramProtocol):
         self.broker = broker
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.broker.datagram_received(data, Endpoint(str(addr[0]), int(addr[1])))
+        self.broker.datagram_received(data, str(addr[0]), int(addr[1]))
 
     def error_received(self, exc: Exception) -> None:
-        self.broker.stats["socket_errors"] += 1
+        self.broker.metrics.dropped.labels("socket_error").inc()
 
 
 class Broker:
-    """The seed's ``Broker``: ``await Broker(Config(broker_addr=":10000")).serve()``."""
+    """The seed's ``Broker``: ``await Broker(Config(broker_addr=":10000")).serve()``.
+
+    With ``Config.redis_url`` it is one replica of a fleet sharing registrations in Redis.
+    """
 
     def __init__(self, config: Config, *, registry: Registry | None = None) -> None:
         self.config = config
+        if not isinstance(config.broker_addr, str):
+            raise AddressError("a broker listens on one address")
         self.host, self.port = listen_address(config.broker_addr)
-        self.broker_id = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+        self.broker_id = config.broker_id or f"{socket.gethostname()}-{secrets.token_hex(3)}"
         self.core = BrokerCore(self.broker_id, keepalive_s=int(config.keepalive_interval))
-        self.registry: Registry = registry or MemoryRegistry(config.registration_ttl)
-        self.stats: Counter[str] = Counter()
+        self.metrics = BrokerMetrics()
+        self.registry: Registry = registry or self._make_registry()
         self.address: Endpoint | None = None
+        self.metrics_address: tuple[str, int] | None = None
         self._transport: asyncio.DatagramTransport | None = None
-        self._expiry: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._health: HealthServer | None = None
+        self._inbox: list[tuple[Message, Endpoint]] = []
+        self._drain_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heard: dict[str, tuple[Endpoint, float]] = {}  # agents this replica serves
+        self._awaiting: OrderedDict[tuple[str, str], tuple[bytes, Endpoint, float]] = OrderedDict()
         self._stopped = asyncio.Event()
+        self._closing = False
         self._log = log.bind(broker_id=self.broker_id)
 
+    def _make_registry(self) -> Registry:
+        if not self.config.redis_url:
+            return MemoryRegistry(self.config.registration_ttl)
+        from .redis_registry import RedisRegistry
+
+        return RedisRegistry(
+            self.config.redis_url,
+            forget_after=self.config.registration_ttl * 10,
+            metrics=self.metrics,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> Endpoint:
         loop = asyncio.get_running_loop()
         try:
@@ -74,15 +105,32 @@ class Broker:
                 lambda: _Protocol(self), local_addr=(self.host, self.port), family=socket.AF_INET
             )
         except OSError as exc:
-            raise AddressError(
-                f"cannot listen on {self.config.broker_addr}: {exc.strerror}"
-            ) from None
+            raise AddressError(f"cannot listen on {self.config.broker_addr}: {exc.strerror}") from None
         self._transport = transport
         sockname = transport.get_extra_info("sockname")
         self.address = Endpoint(sockname[0], sockname[1])
-        self._expiry = loop.create_task(self._expire_loop())
-        self._log.info(f"broker listening on {self.address}", registry=type(self.registry).__name__)
+        await self.registry.start(self.broker_id, self._on_bus_message)
+        self._spawn(self._housekeeping())
+        if self.config.metrics_addr:
+            host, port = split_host_port(self.config.metrics_addr, default_host="0.0.0.0")
+            self._health = HealthServer(self.is_ready, self._render_metrics)
+            try:
+                self.metrics_address = await self._health.start(host, port)
+            except OSError as exc:
+                await self.close()
+                raise AddressError(
+                    f"cannot serve metrics on {self.config.metrics_addr}: {exc.strerror}"
+                ) from None
+        mode = "fleet (redis)" if self.config.redis_url else "standalone (memory)"
+        self._log.info(
+            f"broker listening on {self.address}",
+            mode=mode,
+            metrics=self.config.metrics_addr or None,
+        )
         return self.address
+
+    def is_ready(self) -> bool:
+        return self._transport is not None and not self._closing and self.registry.is_ready()
 
     async def serve(self) -> None:
         """Run until ``close()`` (the seed's ListenAndServe)."""
@@ -90,18 +138,33 @@ class Broker:
             await self.start()
         await self._stopped.wait()
 
-    async def close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry
-        for task in list(self._pending):
+    async def close(self, *, goaway: bool = True) -> None:
+        """Stop; first tell the agents this replica serves to move to another (goaway)."""
+        if self._closing:
+            await self._stopped.wait()
+            return
+        self._closing = True
+        if goaway and self._transport is not None:
+            self._send_goaways()
+            await asyncio.sleep(0)
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._pending, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._health is not None:
+            await self._health.close()
+        await self.registry.close()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
         self._stopped.set()
+
+    def _send_goaways(self) -> None:
+        goaway = frames.encode(Goaway("broker shutting down"))
+        for _, (addr, _) in self._heard.items():
+            self._sendto(goaway, addr)
+            self.metrics.goaways.inc()
+        if self._heard:
+            self._log.info("sent goaway", agents=len(self._heard))
 
     async def __aenter__(self) -> Broker:
         await self.start()
@@ -116,69 +179,201 @@ class Broker:
         await self.close()
 
     # -- datagrams ----------------------------------------------------------------
-    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
+    def datagram_received(self, data: bytes, host: str, port: int) -> None:
         try:
-            source = endpoint(addr.host, addr.port)
+            source = endpoint(host, port)
             message = frames.decode(data)
         except FrameError as exc:
-            self._reject(exc, addr, len(data))
+            self._reject(exc, Endpoint(host, port), len(data))
             return
         except AddressError:
-            self.stats["dropped_bad_source"] += 1
+            self.metrics.dropped.labels("bad_source").inc()
             return
-        task = asyncio.get_running_loop().create_task(self._handle(message, source))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._inbox.append((message, source))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._spawn(self._drain())
 
     def _reject(self, exc: FrameError, addr: Endpoint, size: int) -> None:
         """Count and log a bad frame; tell the sender why only where the answer is small."""
-        self.stats[f"dropped_{exc.code}"] += 1
-        self._log.info("dropped frame", source=str(addr), code=exc.code, reason=exc.reason)
+        self.metrics.dropped.labels(exc.code).inc()
+        self._log.debug("dropped frame", source=str(addr), code=exc.code, reason=exc.reason)
         if exc.code in (ErrorCode.VERSION_MISMATCH, ErrorCode.UNKNOWN_TYPE):
             reply = frames.encode(Error(exc.code, exc.reason[:200], exc.request_id))
             if len(reply) <= max(size, 64):
                 self._sendto(reply, addr)
 
-    async def _handle(self, message: Message, addr: Endpoint) -> None:
-        now = asyncio.get_running_loop().time()
-        ttl = self.config.registration_ttl
-        try:
+    async def _drain(self) -> None:
+        """Handle everything that arrived this loop turn: keepalives and registrations in
+        one batch each, connect requests one by one."""
+        await asyncio.sleep(0)  # let the rest of this turn's datagrams arrive
+        batch, self._inbox = self._inbox, []
+        self._drain_scheduled = False
+        registers: list[tuple[Register, Endpoint]] = []
+        keepalives: list[tuple[Keepalive, Endpoint]] = []
+        for message, addr in batch:
             if isinstance(message, Register):
-                record, reply = self.core.on_register(message, addr, now)
-                await self.registry.put(record)
-                self.stats["registrations"] += 1
-                self._log.info(
-                    "registered", name=record.name, public=str(addr), listening=record.listening
-                )
-                self._send(reply, addr)
+                registers.append((message, addr))
             elif isinstance(message, Keepalive):
-                known = await self.registry.get(message.name)
-                updated, reply = self.core.on_keepalive(message, addr, known, now)
-                if updated is not None:
-                    await self.registry.put(updated)
-                self.stats["keepalives"] += 1
-                self._send(reply, addr)
+                keepalives.append((message, addr))
             elif isinstance(message, ConnectRequest):
-                requester = await self.registry.get(message.peer_from)
-                target = await self.registry.get(message.peer_to)
-                outgoing = self.core.on_connect(message, addr, requester, target, now, ttl)
-                outcome = outgoing[0][0].code if isinstance(outgoing[0][0], Error) else "introduced"
-                self.stats[f"connect_{outcome}"] += 1
-                self._log.info(
-                    "connect request",
-                    request_id=message.request_id,
-                    peer_from=message.peer_from,
-                    peer_to=message.peer_to,
-                    outcome=outcome,
-                )
-                for reply, to in outgoing:
-                    self._send(reply, to)
+                self._spawn(self._guard(self._on_connect(message, addr), "connect"))
             else:
-                self.stats["dropped_unexpected"] += 1
-        except Exception:  # a registry failure must not kill the broker
-            self.stats["handler_errors"] += 1
-            self._log.exception("failed to handle frame", type=message.TYPE, source=str(addr))
+                self.metrics.dropped.labels("unexpected_type").inc()
+        if registers:
+            await self._guard(self._on_registers(registers), "register")
+        if keepalives:
+            await self._guard(self._on_keepalives(keepalives), "keepalive")
 
+    async def _guard(self, work: Any, what: str) -> None:
+        """A registry failure (Redis down) costs the batch an answer, never the broker."""
+        try:
+            await work
+        except Exception as exc:
+            self.metrics.dropped.labels(f"{what}_failed").inc()
+            self._log.warning(f"{what} failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _on_registers(self, batch: list[tuple[Register, Endpoint]]) -> None:
+        now = time.time()
+        records, replies = [], []
+        for message, addr in batch:
+            record, reply = self.core.on_register(message, addr, now)
+            records.append(record)
+            replies.append((reply, addr))
+        await self.registry.register(records)
+        for record in records:
+            self.metrics.registrations.inc()
+            self._heard[record.name] = (record.public, now)
+            self._log.info(
+                "registered",
+                name=record.name,
+                public=str(record.public),
+                listening=record.listening,
+            )
+        for reply, addr in replies:
+            self._send(reply, addr)
+
+    async def _on_keepalives(self, batch: list[tuple[Keepalive, Endpoint]]) -> None:
+        now = time.time()
+        known = await self.registry.touch([(m.name, addr) for m, addr in batch], now, self.broker_id)
+        for (message, addr), ok in zip(batch, known, strict=True):
+            self.metrics.keepalives.labels("ok" if ok else "unknown").inc()
+            if ok:
+                self._heard[message.name] = (addr, now)
+            self._send(self.core.on_keepalive(message, addr, ok), addr)
+
+    async def _on_connect(self, message: ConnectRequest, addr: Endpoint) -> None:
+        now = time.time()
+        requester, target, session = await self.registry.lookup_connect(
+            message.peer_from, message.peer_to, message.request_id, new_session_id(), now
+        )
+        decision = self.core.on_connect(
+            message, addr, requester, target, now, self.config.registration_ttl, session
+        )
+        rlog = self._log.bind(
+            request_id=message.request_id, peer_from=message.peer_from, peer_to=message.peer_to
+        )
+        if decision.refusal is not None:
+            reply, to = decision.refusal
+            outcome = reply.code if isinstance(reply, Error) else "refused"
+            self.metrics.connects.labels(outcome).inc()
+            rlog.info("connect refused", outcome=outcome)
+            self._send(reply, to)
+            return
+        intro = decision.introduction
+        assert intro is not None
+        owner = intro.target.broker_id
+        if owner in ("", self.broker_id) or isinstance(self.registry, MemoryRegistry):
+            self._introduce_target(intro.target.public, [frames.encode(m) for m in intro.to_target])
+            self._send(intro.to_requester, intro.requester.public)
+            self.metrics.punches.inc()
+            self.metrics.connects.labels("introduced").inc()
+            rlog.info("connect introduced", session=session)
+            return
+        await self._introduce_remote(intro, owner, message.request_id, rlog)
+
+    async def _introduce_remote(self, intro: Introduction, owner: str, request_id: str, rlog: Any) -> None:
+        """The target talks to another replica: that replica must send its instruction (its
+        NAT only answers that replica's address), and the requester gets hers on its ack."""
+        key = (intro.requester.name, request_id)
+        self._awaiting[key] = (
+            frames.encode(intro.to_requester),
+            intro.requester.public,
+            time.time(),
+        )
+        target = intro.target.public
+        receivers = await self.registry.publish(
+            owner,
+            {
+                "kind": "introduce",
+                "origin": self.broker_id,
+                "requester": intro.requester.name,
+                "request_id": request_id,
+                "to": [target.host, target.port],
+                "frames": [frames.encode(m) for m in intro.to_target],
+            },
+        )
+        if receivers == 0:
+            self._awaiting.pop(key, None)
+            self.metrics.connects.labels(ErrorCode.PEER_UNREACHABLE).inc()
+            text = (
+                f"peer {intro.target.name!r} is registered with broker replica {owner}, which is gone; "
+                "it will re-register with another replica shortly"
+            )
+            rlog.warning("connect: owner replica gone", owner=owner)
+            self._send(Error(ErrorCode.PEER_UNREACHABLE, text, request_id), intro.requester.public)
+            return
+        rlog.info("connect relayed to owner replica", owner=owner, session=intro.session_id)
+
+    async def _on_bus_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("kind")
+        if kind == "introduce":
+            await self._on_bus_introduce(message)
+        elif kind == "ack":
+            key = (message.get("requester"), message.get("request_id"))
+            pending = self._awaiting.pop(key, None)  # type: ignore[arg-type]
+            if pending is not None:
+                data, addr, _ = pending
+                self._sendto(data, addr)
+                self.metrics.punches.inc()
+                self.metrics.connects.labels("introduced").inc()
+                self._log.info("connect introduced across replicas", request_id=key[1], peer_from=key[0])
+
+    async def _on_bus_introduce(self, message: dict[str, Any]) -> None:
+        to, datagrams, origin = message.get("to"), message.get("frames"), message.get("origin")
+        valid = (
+            isinstance(to, list)
+            and len(to) == 2
+            and isinstance(origin, str)
+            and isinstance(datagrams, list)
+            and all(isinstance(d, bytes) and 0 < len(d) <= frames.MAX_FRAME_SIZE for d in datagrams)
+        )
+        if not valid:
+            self.metrics.dropped.labels("bad_bus_message").inc()
+            return
+        try:
+            addr = endpoint(str(to[0]), int(to[1]))  # type: ignore[index]
+        except (AddressError, ValueError, TypeError):
+            self.metrics.dropped.labels("bad_bus_message").inc()
+            return
+        self._introduce_target(addr, datagrams)  # type: ignore[arg-type]
+        self.metrics.punches.inc()
+        self._log.info("introduced on behalf of replica", origin=origin, request_id=message.get("request_id"))
+        with contextlib.suppress(Exception):
+            await self.registry.publish(
+                str(origin),
+                {
+                    "kind": "ack",
+                    "requester": message.get("requester"),
+                    "request_id": message.get("request_id"),
+                },
+            )
+
+    def _introduce_target(self, addr: Endpoint, datagrams: list[bytes]) -> None:
+        for data in datagrams:
+            self._sendto(data, addr)
+
+    # -- output and housekeeping -------------------------------------------------------
     def _send(self, message: Message, addr: Endpoint) -> None:
         self._sendto(frames.encode(message), addr)
 
@@ -186,10 +381,26 @@ class Broker:
         if self._transport is not None:
             self._transport.sendto(data, (addr.host, addr.port))
 
-    async def _expire_loop(self) -> None:
+    def _render_metrics(self) -> bytes:
+        self.metrics.ready.set(1 if self.is_ready() else 0)
+        self.metrics.active_peers.set(len(self._heard))
+        return self.metrics.render()
+
+    async def _housekeeping(self) -> None:
+        """Forget silent agents and stale cross-replica introductions."""
         while True:
-            await asyncio.sleep(max(1.0, self.config.registration_ttl / 4))
-            gone = await self.registry.expire(asyncio.get_running_loop().time())
-            for name in gone:
-                self.stats["expired"] += 1
-                self._log.info("expired silent agent", name=name)
+            await asyncio.sleep(max(0.5, min(5.0, self.config.registration_ttl / 4)))
+            now = time.time()
+            ttl = self.config.registration_ttl
+            for name in [n for n, (_, seen) in self._heard.items() if now - seen > ttl]:
+                del self._heard[name]
+            while self._awaiting and now - next(iter(self._awaiting.values()))[2] > PENDING_TTL:
+                self._awaiting.popitem(last=False)
+            with contextlib.suppress(Exception):
+                for name in await self.registry.expire(now):
+                    self._log.info("forgot silent agent", name=name)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

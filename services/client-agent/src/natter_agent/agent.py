@@ -15,12 +15,13 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from natter_proto import frames
-from natter_proto.config import Config
+from natter_proto.config import Config, broker_list
 from natter_proto.connect import ConnectAnswered, ConnectAttempt, ConnectFailed
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 from natter_proto.frames import ConnectOffer, Error, FrameError, Message, Probe, ProbeAck, Punch
 from natter_proto.punch import PathFound, PunchSession, PunchTimedOut
 from natter_proto.registration import (
+    BrokerChanged,
     PublicEndpointChanged,
     Registration,
     RegistrationLost,
@@ -51,17 +52,26 @@ class PeerUnavailable(NatterError):
         self.code = code
 
 
-def resolve_broker(addr: str) -> Endpoint:
-    """Resolve the broker's HOST:PORT to one IPv4 endpoint (the agent's socket is IPv4)."""
-    host, port = split_host_port(addr, default_host="127.0.0.1")
-    if port == 0:
-        raise AddressError(f"broker address {addr!r} needs a port")
-    try:
-        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise AddressError(f"cannot resolve broker host {host!r}: {exc.strerror}") from None
-    ip, resolved_port = infos[0][4][:2]
-    return endpoint(str(ip), int(resolved_port))
+def resolve_brokers(addrs: str | list[str]) -> list[Endpoint]:
+    """Resolve broker HOST:PORTs to IPv4 endpoints (the agent's socket is IPv4).
+
+    A name with several addresses yields each of them: several brokers to fail over between.
+    """
+    found: dict[Endpoint, None] = {}
+    for addr in broker_list(addrs):
+        host, port = split_host_port(addr, default_host="127.0.0.1")
+        if port == 0:
+            raise AddressError(f"broker address {addr!r} needs a port")
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+        except socket.gaierror as exc:
+            raise AddressError(f"cannot resolve broker host {host!r}: {exc.strerror}") from None
+        for info in infos:
+            ip, resolved_port = info[4][:2]
+            found.setdefault(endpoint(str(ip), int(resolved_port)), None)
+    if not found:
+        raise AddressError("no broker address given")
+    return list(found)
 
 
 IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
@@ -72,12 +82,10 @@ class Agent:
 
     def __init__(self, config: Config, *, engine: QuicEngine | None = None) -> None:
         if not frames.valid_name(config.client_user):
-            raise AddressError(
-                f"invalid name {config.client_user!r}: use letters, digits, '.', '_' or '-'"
-            )
+            raise AddressError(f"invalid name {config.client_user!r}: use letters, digits, '.', '_' or '-'")
         self.config = config
         self.name = config.client_user
-        self.broker = resolve_broker(config.broker_addr)
+        self.brokers = resolve_brokers(config.broker_addr)
         self.engine = engine or make_engine(
             config.quic_engine,
             credentials=self_signed(self.name),
@@ -103,6 +111,12 @@ class Agent:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def broker(self) -> Endpoint:
+        """The broker this agent talks to now."""
+        index = self.registration.broker_index if self.registration is not None else 0
+        return self.brokers[index]
+
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
         if self.registration is not None:
@@ -115,8 +129,10 @@ class Agent:
             locals_,
             listening=self.listening,
             keepalive_interval=self.config.keepalive_interval,
+            brokers=len(self.brokers),
         )
-        self._log.info("agent started", udp=str(bound), broker=str(self.broker))
+        brokers = ", ".join(str(b) for b in self.brokers)
+        self._log.info("agent started", udp=str(bound), brokers=brokers)
         self.registration.start(self._now())
         self._service()
 
@@ -125,7 +141,7 @@ class Agent:
             await asyncio.wait_for(self.registered.wait(), timeout)
         except TimeoutError:
             raise NatterError(
-                f"broker {self.config.broker_addr} did not answer within {timeout:g} s"
+                f"broker {broker_list(self.config.broker_addr)} did not answer within {timeout:g} s"
             ) from None
 
     def set_listening(self, handler: IncomingHandler) -> None:
@@ -246,9 +262,7 @@ class Agent:
                 attempt.receive(message)
         elif isinstance(message, ConnectOffer):
             if self.listening:
-                self._log.info(
-                    "peer asks for a tunnel", peer=message.peer_from, target=message.target
-                )
+                self._log.info("peer asks for a tunnel", peer=message.peer_from, target=message.target)
             else:
                 self._log.warning("ignoring tunnel request: not listening", peer=message.peer_from)
         else:
@@ -294,7 +308,7 @@ class Agent:
                     self._log.warning(
                         "broker could not introduce us",
                         peer=peer,
-                        broker=self.config.broker_addr,
+                        broker=str(self.broker),
                         reason=cevent.message,
                     )
                     self._fail_waiter(peer, PeerUnavailable(peer, cevent.code, cevent.message))
@@ -333,7 +347,7 @@ class Agent:
     def _on_registration_event(self, event: object) -> None:
         if isinstance(event, RegistrationUp):
             self._log.info(
-                f"registered as {self.name} at {self.config.broker_addr}",
+                f"registered as {self.name} at {self.broker}",
                 public_endpoint=str(event.public),
                 broker_id=event.broker_id,
                 listening=self.listening,
@@ -344,6 +358,8 @@ class Agent:
         elif isinstance(event, RegistrationLost):
             self.registered.clear()
             self._log.warning("lost the broker, registering again", reason=event.reason)
+        elif isinstance(event, BrokerChanged):
+            self._log.warning(f"moving to broker {self.brokers[event.index]}", reason=event.reason)
         elif isinstance(event, RegistrationRefused):
             self._log.error("broker refused registration", code=event.code, reason=event.message)
 
@@ -382,9 +398,7 @@ class Agent:
                 probe_rtt_ms=round(event.rtt * 1000, 2),
             )
             if session.role == "client":
-                link = self._new_link(
-                    self.engine.client_connection(), session.peer, event.path, "client"
-                )
+                link = self._new_link(self.engine.client_connection(), session.peer, event.path, "client")
                 link.start_client()
                 self._track(self._loop_create(self._await_handshake(link, session.punch)))
         elif isinstance(event, PunchTimedOut):

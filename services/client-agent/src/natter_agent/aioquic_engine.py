@@ -73,9 +73,7 @@ class FlowControlledConnection(QuicConnection):
         finally:
             limit.used = saved_used
 
-    def _write_stream_limits(
-        self, builder: QuicPacketBuilder, space: Any, stream: QuicStream
-    ) -> None:
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: Any, stream: QuicStream) -> None:
         if not stream.max_stream_data_local or stream.stream_id is None:
             return
         target = self._consumed.get(stream.stream_id, 0) + self.stream_window
@@ -145,13 +143,9 @@ class AioquicEngine:
         if len(initial) < 1200:
             return None
         try:
-            header = pull_quic_header(
-                Buffer(data=initial), host_cid_length=cfg.connection_id_length
-            )
+            header = pull_quic_header(Buffer(data=initial), host_cid_length=cfg.connection_id_length)
         except ValueError:
             return None
         if header.packet_type != QuicPacketType.INITIAL:
             return None
-        return self._new(
-            configuration=cfg, original_destination_connection_id=header.destination_cid
-        )
+        return self._new(configuration=cfg, original_destination_connection_id=header.destination_cid)

@@ -108,9 +108,7 @@ class Forward:
         self._supervisor: asyncio.Task[None] | None = None
         self._log = log.bind(peer=peer, target=self.target)
         self.stream_timeout = (
-            agent.config.connect_timeout
-            + agent.config.punch_timeout
-            + agent.config.handshake_timeout
+            agent.config.connect_timeout + agent.config.punch_timeout + agent.config.handshake_timeout
         )
 
     async def start(self) -> None:
@@ -129,9 +127,7 @@ class Forward:
                 link = await self.agent.connect(self.peer, self.target)
             except NatterError as exc:
                 delay = backoff.next_delay()
-                self._log.warning(
-                    f"cannot reach {self.peer}, retrying in {delay:.0f} s", reason=str(exc)
-                )
+                self._log.warning(f"cannot reach {self.peer}, retrying in {delay:.0f} s", reason=str(exc))
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
@@ -141,9 +137,7 @@ class Forward:
         self.connections += 1
         local = TcpEnd(reader, writer)
         try:
-            channel, rest = await open_tunnel_stream(
-                self.agent, self.peer, self.target, self.stream_timeout
-            )
+            channel, rest = await open_tunnel_stream(self.agent, self.peer, self.target, self.stream_timeout)
         except (NatterError, StreamClosed, TimeoutError) as exc:
             reason = str(exc) or "timed out waiting for the tunnel"
             self._log.warning("connection dropped", reason=reason)

@@ -1,0 +1,255 @@
+"""Registrations in Redis, shared by a fleet of stateless broker replicas.
+
+Keys (all soft state, rebuilt by the next keepalives):
+- ``natter:peer:{name}``  hash: public endpoint, local candidates, listening, last_seen,
+  the replica that last heard it; its TTL is refreshed by every keepalive.
+- ``natter:replica:{id}``  liveness of one replica, refreshed every few seconds.
+- ``natter:req:{peer}:{request_id}``  the session id of one connect request (SET NX), so a
+  retried request gets the same session whichever replica it lands on.
+Channel ``natter:bus:{id}`` carries introductions to the replica that owns a peer.
+
+Costs: a batch of keepalives is one pipelined round trip (one EVALSHA each); a connect
+request is one pipelined round trip, plus one PUBLISH when the target is on another
+replica, plus that replica's PUBLISH of the acknowledgement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+import structlog
+from natter_proto.backoff import Backoff
+from natter_proto.endpoints import AddressError, Endpoint, endpoint
+from natter_proto.registry import PeerRecord
+from redis.exceptions import RedisError
+
+from .metrics import BrokerMetrics
+from .registry import BusHandler
+
+log = structlog.get_logger("natter.redis")
+
+TOUCH_LUA = """
+if redis.call('HGET', KEYS[1], 'public') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'last_seen', ARGV[2], 'replica', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+MAX_BUS_MESSAGE = 4096
+REQUEST_TTL = 30
+REPLICA_TTL = 10
+HEARTBEAT = 3.0
+
+
+def peer_key(name: str) -> str:
+    return f"natter:peer:{{{name}}}"
+
+
+def bus_channel(broker_id: str) -> str:
+    return f"natter:bus:{broker_id}"
+
+
+def _public_text(public: Endpoint) -> str:
+    return f"{public.host}|{public.port}"
+
+
+def _record_fields(record: PeerRecord) -> dict[str, bytes | str]:
+    fields: dict[str, bytes | str] = {
+        "public": _public_text(record.public),
+        "locals": msgpack.packb([[e.host, e.port] for e in record.locals]),
+        "listening": "1" if record.listening else "0",
+        "last_seen": repr(record.last_seen),
+        "replica": record.broker_id,
+    }
+    if record.public_key is not None:
+        fields["key"] = record.public_key
+    return fields
+
+
+def _parse_record(name: str, raw: dict[bytes, bytes]) -> PeerRecord | None:
+    """Rebuild a record from its hash; a damaged one counts as absent."""
+    if not raw:
+        return None
+    try:
+        host, port = raw[b"public"].decode().rsplit("|", 1)
+        locals_raw = msgpack.unpackb(raw[b"locals"], max_array_len=32, max_str_len=64)
+        return PeerRecord(
+            name=name,
+            public=endpoint(host, int(port)),
+            locals=tuple(endpoint(str(h), int(p)) for h, p in locals_raw),
+            listening=raw[b"listening"] == b"1",
+            last_seen=float(raw[b"last_seen"]),
+            broker_id=raw[b"replica"].decode(),
+            public_key=raw.get(b"key"),
+        )
+    except (KeyError, ValueError, TypeError, AddressError, msgpack.ExtraData):
+        return None
+
+
+class RedisRegistry:
+    def __init__(self, url: str, *, forget_after: float, metrics: BrokerMetrics | None = None) -> None:
+        self.url = url
+        self.forget_after = int(max(1, forget_after))
+        self.metrics = metrics or BrokerMetrics()
+        self.client: aioredis.Redis = aioredis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=10
+        )
+        self._touch = self.client.register_script(TOUCH_LUA)
+        self._broker_id = ""
+        self._handler: BusHandler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = False
+        self._reachable = False
+        self.drop_incoming = 0  # fault injection for tests: lose this many bus messages
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self, broker_id: str, on_bus_message: BusHandler) -> None:
+        self._broker_id = broker_id
+        self._handler = on_bus_message
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._subscribe())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.delete(f"natter:replica:{self._broker_id}")
+        await self.client.aclose()
+
+    def is_ready(self) -> bool:
+        return self._reachable and self._subscribed
+
+    async def _heartbeat(self) -> None:
+        """Refresh this replica's liveness key; it doubles as the readiness probe of Redis."""
+        while True:
+            try:
+                await self._timed(
+                    "heartbeat",
+                    self.client.set(f"natter:replica:{self._broker_id}", str(time.time()), ex=REPLICA_TTL),
+                )
+                if not self._reachable:
+                    log.info("redis reachable", url=self._safe_url())
+                self._reachable = True
+            except (RedisError, OSError) as exc:
+                if self._reachable:
+                    log.warning("redis unreachable", url=self._safe_url(), error=str(exc))
+                self._reachable = False
+            await asyncio.sleep(HEARTBEAT if self._reachable else 1.0)
+
+    async def _subscribe(self) -> None:
+        """Listen on this replica's channel, resubscribing with backoff after any failure."""
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        channel = bus_channel(self._broker_id)
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                self._subscribed = True
+                backoff.reset()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        await self._deliver(message.get("data"))
+            except (RedisError, OSError) as exc:
+                if self._subscribed:
+                    log.warning("redis subscription lost", error=str(exc))
+                self._subscribed = False
+                self.metrics.redis_errors.labels("subscribe").inc()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _deliver(self, data: object) -> None:
+        if not isinstance(data, bytes) or len(data) > MAX_BUS_MESSAGE:
+            self.metrics.redis_received.labels("invalid").inc()
+            return
+        try:
+            message = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=8)
+        except Exception:
+            self.metrics.redis_received.labels("invalid").inc()
+            return
+        if not isinstance(message, dict):
+            self.metrics.redis_received.labels("invalid").inc()
+            return
+        if self.drop_incoming > 0:
+            self.drop_incoming -= 1
+            self.metrics.redis_received.labels("dropped_by_test").inc()
+            return
+        self.metrics.redis_received.labels(str(message.get("kind", "?"))[:16]).inc()
+        if self._handler is not None:
+            await self._handler(message)
+
+    # -- registry ---------------------------------------------------------------------
+    async def register(self, records: Sequence[PeerRecord]) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        for record in records:
+            key = peer_key(record.name)
+            pipe.delete(key)
+            pipe.hset(key, mapping=_record_fields(record))  # type: ignore[arg-type]
+            pipe.expire(key, self.forget_after)
+        await self._timed("register", pipe.execute())
+
+    async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
+        pipe = self.client.pipeline(transaction=False)
+        for name, public in items:
+            await self._touch(
+                keys=[peer_key(name)],
+                args=[_public_text(public), repr(now), broker_id, self.forget_after],
+                client=pipe,
+            )
+        results = await self._timed("keepalive", pipe.execute())
+        return [bool(r) for r in results]
+
+    async def lookup_connect(
+        self, peer_from: str, peer_to: str, request_id: str, candidate_session: str, now: float
+    ) -> tuple[PeerRecord | None, PeerRecord | None, str]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(peer_key(peer_from))
+        pipe.hgetall(peer_key(peer_to))
+        pipe.set(
+            f"natter:req:{{{peer_from}}}:{request_id}",
+            candidate_session,
+            nx=True,
+            get=True,
+            ex=REQUEST_TTL,
+        )
+        raw_from, raw_to, previous = await self._timed("connect", pipe.execute())
+        session = previous.decode() if isinstance(previous, bytes) else candidate_session
+        return _parse_record(peer_from, raw_from), _parse_record(peer_to, raw_to), session
+
+    async def expire(self, now: float) -> list[str]:
+        return []  # Redis expires peer keys by their TTL
+
+    async def publish(self, broker_id: str, message: dict[str, Any]) -> int:
+        data = msgpack.packb(message, use_bin_type=True)
+        receivers = int(await self._timed("publish", self.client.publish(bus_channel(broker_id), data)))
+        self.metrics.redis_published.inc()
+        if receivers == 0:
+            self.metrics.redis_no_receiver.inc()
+        return receivers
+
+    # -- helpers ----------------------------------------------------------------------
+    async def _timed(self, op: str, awaitable: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            result = await awaitable
+        except (RedisError, OSError):
+            self.metrics.redis_errors.labels(op).inc()
+            raise
+        self.metrics.redis_latency.labels(op).observe(time.perf_counter() - start)
+        return result
+
+    def _safe_url(self) -> str:
+        """The URL without a password, for logs."""
+        if "@" in self.url:
+            scheme, rest = self.url.split("://", 1)
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return self.url
