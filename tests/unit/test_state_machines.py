@@ -102,6 +102,10 @@ def test_registration_refused_and_listening_update() -> None:
     assert reg.next_event() == RegistrationRefused(ErrorCode.VERSION_MISMATCH, "v2 only")
     reg.update(listening=True, now=0.2)
     assert reg.frames_to_send() == [Register(name="alice", locals=(), listening=True)]
+    reg.receive(Registered("alice", PUB, 20, "b"), 0.3)
+    assert isinstance(reg.next_event(), RegistrationUp)
+    reg.update(listening=False, now=1.0)
+    assert reg.state is RegState.REGISTERING  # until the broker acknowledges the change
     assert not reg.receive(Registered("mallory", PUB, 20, "b"), 0.3)
 
 
@@ -196,7 +200,7 @@ def record(name: str, public: Endpoint, now: float = 0.0, listening: bool = True
 def test_broker_register_and_keepalive() -> None:
     core = BrokerCore("b1", keepalive_s=20)
     rec, reply = core.on_register(Register(name="bob", locals=(LAN_BOB,), listening=True), PUB_BOB, 1.0)
-    assert reply == Registered("bob", PUB_BOB, 20, "b1")
+    assert reply == Registered("bob", PUB_BOB, 20, "b1", listening=True)
     assert rec.locals == (LAN_BOB,) and rec.listening and rec.broker_id == "b1"
     assert core.on_keepalive(Keepalive("bob"), PUB_BOB, known=True) == Registered("bob", PUB_BOB, 20, "b1")
     err = core.on_keepalive(Keepalive("bob"), PUB, known=False)
@@ -301,3 +305,14 @@ def test_recent_sessions_dedup_and_eviction() -> None:
     for i in range(10):
         recent.session_for("x", f"r{i}", 40.0)
     assert len(recent._sessions) == 3
+
+
+def test_stale_register_answer_does_not_acknowledge_a_listening_change() -> None:
+    reg = Registration("bob", ())
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.update(listening=True, now=0.01)
+    reg.receive(Registered("bob", PUB, 20, "b1", listening=False), 0.02)  # answers the first
+    assert reg.state is RegState.REGISTERING and reg.next_event() is None
+    reg.receive(Registered("bob", PUB, 20, "b1", listening=True), 0.03)
+    assert isinstance(reg.next_event(), RegistrationUp)

@@ -100,7 +100,8 @@ class BrokerCore:
             broker_id=self.broker_id,
             public_key=msg.public_key,
         )
-        return record, self.registered(msg.name, addr)
+        reply = Registered(msg.name, addr, self.keepalive_s, self.broker_id, listening=msg.listening)
+        return record, reply
 
     def on_keepalive(self, msg: Keepalive, addr: Endpoint, known: bool) -> Message:
         """``known``: the registry holds msg.name at exactly addr (and has refreshed it)."""

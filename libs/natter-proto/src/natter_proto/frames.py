@@ -76,6 +76,7 @@ class Registered(Message):
     public: Endpoint
     keepalive_s: int
     broker_id: str
+    listening: bool | None = None  # echoes a Register (absent in keepalive answers)
 
 
 @dataclasses.dataclass(frozen=True)

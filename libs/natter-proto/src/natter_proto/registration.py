@@ -104,11 +104,14 @@ class Registration:
         self._send_register(now)
 
     def update(self, *, listening: bool, now: float) -> None:
-        """Re-announce ourselves at once when what the broker knows of us changed."""
+        """Re-announce ourselves at once when what the broker knows of us changed; we count
+        as registered again only once the broker has acknowledged the change."""
         if listening != self.listening:
             self.listening = listening
             if self.state is not RegState.IDLE:
-                self._outbox.append(self._register_frame())
+                self.state = RegState.REGISTERING
+                self.backoff.reset()
+                self._send_register(now)
 
     def receive(self, message: Message, now: float) -> bool:
         """Handle a frame from the current broker; returns False if it is not ours."""
@@ -183,6 +186,8 @@ class Registration:
         return None
 
     def _on_registered(self, message: Registered, now: float) -> None:
+        if self.state is RegState.REGISTERING and message.listening not in (None, self.listening):
+            return  # the answer to an older Register; wait for the current one's
         self._last_heard = now
         self._unanswered = 0
         self.broker_id = message.broker_id

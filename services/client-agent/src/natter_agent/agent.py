@@ -148,6 +148,7 @@ class Agent:
         self.listening = True
         self.incoming_handler = handler
         if self.registration is not None:
+            self.registered.clear()
             self.registration.update(listening=True, now=self._now())
             self._service()
 

@@ -1,0 +1,192 @@
+"""Broker replicas sharing one real Redis, in one process: cross-replica introductions,
+a lost pub/sub message, an owner replica that vanished, and metrics that move."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from natter_proto import frames
+from netcheck import echo_check, echo_handler
+from redis_server import RedisContainer, RedisProcess, start_redis
+
+from natter import Broker, Client, Config, PeerUnavailable
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisProcess | RedisContainer]:
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def config(**kw: object) -> Config:
+    base: dict[str, object] = dict(
+        keepalive_interval=1.0, registration_ttl=4.0, connect_timeout=5.0, punch_timeout=3.0
+    )
+    base.update(kw)
+    return Config(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def replicas(redis: RedisProcess | RedisContainer) -> AsyncIterator[list[Broker]]:
+    brokers = [
+        Broker(
+            config(
+                broker_addr="127.0.0.1:0", redis_url=redis.url, broker_id=f"r{i}", metrics_addr="127.0.0.1:0"
+            )
+        )
+        for i in (1, 2, 3)
+    ]
+    for broker in brokers:
+        await broker.start()
+    for _ in range(100):
+        if all(b.is_ready() for b in brokers):
+            break
+        await asyncio.sleep(0.05)
+    assert all(b.is_ready() for b in brokers)
+    try:
+        yield brokers
+    finally:
+        for broker in brokers:
+            await broker.close()
+
+
+def addr(broker: Broker) -> str:
+    assert broker.address is not None
+    return f"127.0.0.1:{broker.address.port}"
+
+
+@pytest.fixture
+async def echo_port() -> AsyncIterator[int]:
+    server = await asyncio.start_server(echo_handler, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def test_alice_on_one_replica_bob_on_another(replicas: list[Broker], echo_port: int) -> None:
+    r1, r2, r3 = replicas
+    async with (
+        Client(config(client_user="bob", broker_addr=addr(r2))) as bob,
+        Client(config(client_user="alice", broker_addr=addr(r1))) as alice,
+        Client(config(client_user="carol", broker_addr=addr(r3))) as carol,
+    ):
+        await bob.listen()
+        await carol.start()
+        await carol.agent.wait_registered(5)
+        fwd = await alice.forward("127.0.0.1:0", "bob", f":{echo_port}")
+        assert fwd.local is not None
+        payloads = [os.urandom(1 << 20) for _ in range(5)]
+        assert all(await asyncio.gather(*(echo_check("127.0.0.1", fwd.local.port, p) for p in payloads)))
+        # carol on the third replica reaches bob too
+        fwd3 = await carol.forward("127.0.0.1:0", "bob", f":{echo_port}")
+        assert fwd3.local is not None
+        assert await echo_check("127.0.0.1", fwd3.local.port, os.urandom(300_000))
+    # the introductions crossed replicas over Redis
+    assert r1.metrics.sample("natter_broker_redis_published_total") >= 1
+    assert r2.metrics.sample("natter_broker_redis_received_total", kind="introduce") >= 2
+    assert r1.metrics.sample("natter_broker_redis_received_total", kind="ack") >= 1
+    assert r1.metrics.sample("natter_broker_connect_requests_total", outcome="introduced") >= 1
+
+
+async def test_lost_pubsub_message_is_healed_by_the_agents_retry(
+    replicas: list[Broker], echo_port: int
+) -> None:
+    r1, r2, _ = replicas
+    r2.registry.drop_incoming = 1  # type: ignore[attr-defined]
+    async with (
+        Client(config(client_user="bob", broker_addr=addr(r2))) as bob,
+        Client(config(client_user="alice", broker_addr=addr(r1))) as alice,
+    ):
+        await bob.listen()
+        await alice.start()
+        await alice.agent.wait_registered(5)
+        link = await asyncio.wait_for(alice.connect("bob"), 20)
+        assert link.is_alive
+    assert r2.metrics.sample("natter_broker_redis_received_total", kind="dropped_by_test") == 1
+    assert r1.metrics.sample("natter_broker_redis_published_total") >= 2  # the retry published again
+
+
+async def test_vanished_owner_replica_then_failover(replicas: list[Broker], echo_port: int) -> None:
+    r1, r2, _ = replicas
+    bob = Client(config(client_user="bob", broker_addr=[addr(r2), addr(r1)]))
+    alice = Client(config(client_user="alice", broker_addr=addr(r1)))
+    try:
+        await bob.listen()
+        await alice.start()
+        await alice.agent.wait_registered(5)
+        await r2.close(goaway=False)  # a crash: no goaway, bob's record still names r2
+        with pytest.raises(PeerUnavailable) as info:
+            await alice.connect("bob")
+        assert info.value.code == frames.ErrorCode.PEER_UNREACHABLE
+        assert r1.metrics.sample("natter_broker_redis_no_receiver_total") >= 1
+        # bob notices within two keepalive intervals and re-registers with r1
+        await asyncio.sleep(0.1)
+        for _ in range(100):
+            if bob.agent.broker == r1.address and bob.agent.registered.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert bob.agent.broker == r1.address
+        fwd = await alice.forward("127.0.0.1:0", "bob", f":{echo_port}")
+        assert fwd.local is not None
+        assert await asyncio.wait_for(echo_check("127.0.0.1", fwd.local.port, os.urandom(100_000)), 30)
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_metrics_and_health_endpoints(replicas: list[Broker], echo_port: int) -> None:
+    r1 = replicas[0]
+    assert r1.metrics_address is not None
+    base = f"http://127.0.0.1:{r1.metrics_address[1]}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
+    assert (await asyncio.to_thread(get, "/readyz"))[0] == 200
+    assert (await asyncio.to_thread(get, "/nowhere"))[0] == 404
+    before = (await asyncio.to_thread(get, "/metrics"))[1]
+    assert "natter_broker_registrations_total" in before
+    async with (
+        Client(config(client_user="bob", broker_addr=addr(r1))) as bob,
+        Client(config(client_user="alice", broker_addr=addr(r1))) as alice,
+    ):
+        await bob.listen()
+        await alice.start()
+        await alice.agent.wait_registered(5)
+        await alice.connect("bob")
+        with pytest.raises(PeerUnavailable):
+            await alice.connect("nobody")
+        assert r1.address is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"\x1e\xc1garbage", ("127.0.0.1", r1.address.port))
+        await asyncio.sleep(1.5)  # at least one keepalive each
+        status, text = await asyncio.to_thread(get, "/metrics")
+    assert status == 200
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["natter_broker_registrations_total"] >= 2
+    assert values['natter_broker_connect_requests_total{outcome="introduced"}'] >= 1
+    assert values['natter_broker_connect_requests_total{outcome="unknown_peer"}'] >= 1
+    assert values["natter_broker_punch_instructions_total"] >= 1
+    assert values['natter_broker_frames_dropped_total{reason="bad_frame"}'] >= 1
+    assert values['natter_broker_keepalives_total{result="ok"}'] >= 2
+    assert values["natter_broker_active_peers"] >= 2
+    assert values["natter_broker_ready"] == 1
+    assert any(k.startswith("natter_broker_redis_latency_seconds_count") for k in values)
