@@ -71,11 +71,18 @@ class Proc:
         for raw in self.popen.stdout:
             self.out.put(raw.decode(errors="replace").rstrip("\n"))
 
-    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+    def mark(self) -> int:
+        """A position in the log; pass it as ``since`` to wait only for later lines."""
+        with self._cond:
+            return len(self.lines)
+
+    def wait_log(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0, since: int = 0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for entry in self.lines:
+                for entry in self.lines[since:]:
                     if predicate(entry):
                         return entry
                 remaining = deadline - time.monotonic()
@@ -89,8 +96,8 @@ class Proc:
     def _more_soon(self) -> bool:
         return False
 
-    def wait_event(self, text: str, timeout: float = 20.0) -> dict[str, Any]:
-        return self.wait_log(lambda e: text in str(e.get("event", "")), timeout)
+    def wait_event(self, text: str, timeout: float = 20.0, since: int = 0) -> dict[str, Any]:
+        return self.wait_log(lambda e: text in str(e.get("event", "")), timeout, since)
 
     def read_line(self, timeout: float = 20.0) -> str:
         try:

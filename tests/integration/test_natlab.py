@@ -14,6 +14,7 @@ import pytest
 from natlab import INET_IP, NatLab, remove_stale_namespaces, unavailable_reason
 from netcheck import digest_of_pattern
 from procs import Proc, natter, server, tool
+from redis_server import RedisProcess
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(240)]
 
@@ -94,3 +95,39 @@ def test_forward_crosses_two_nats_on_a_direct_path_and_outlives_the_broker(lab: 
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_fleet_in_the_internet_namespace_introduces_across_replicas(lab: NatLab) -> None:
+    """Two replicas and Redis on the "internet"; alice on replica 1, bob on replica 2."""
+    redis = RedisProcess(prefix=lab.prefix("inet"), port=6379)
+    procs: list[Proc] = []
+    try:
+        redis.start()
+        replicas = []
+        for i, port in enumerate((10000, 10001), start=1):
+            replica = natter(
+                "broker", "--listen", f"{INET_IP}:{port}", "--redis", redis.url, "--broker-id", f"r{i}",
+                prefix=lab.prefix("inet"),
+            )  # fmt: skip
+            procs.append(replica)
+            replica.wait_event("broker listening")
+            replicas.append(replica)
+        sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
+        procs.append(sink)
+        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10001", "-listen", prefix=lab.prefix("bob"))
+        procs.append(bob)
+        bob.wait_event("registered as bob")
+        alice = natter(
+            "-name", "alice", "-broker", f"{INET_IP}:10000", f"8024:bob:{sink_port}", prefix=lab.prefix("alice")
+        )  # fmt: skip
+        procs.append(alice)
+        bob_up = bob.wait_event("direct path up with alice", timeout=30)
+        assert bob_up["peer_endpoint"].split(":")[0] == NAT_A_WAN
+        replicas[1].wait_event("introduced on behalf of replica")
+        size = 10 << 20
+        reply = tool("send", "127.0.0.1", "8024", str(size), prefix=lab.prefix("alice"))
+        assert reply.split() == [str(size), digest_of_pattern(size)]
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        redis.close()
