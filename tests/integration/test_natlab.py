@@ -118,7 +118,8 @@ def test_fleet_in_the_internet_namespace_introduces_across_replicas(lab: NatLab)
         procs.append(bob)
         bob.wait_event("registered as bob")
         alice = natter(
-            "-name", "alice", "-broker", f"{INET_IP}:10000", f"8024:bob:{sink_port}", prefix=lab.prefix("alice")
+            "-name", "alice", "-broker", f"{INET_IP}:10000", f"8024:bob:{sink_port}",
+            prefix=lab.prefix("alice"),
         )  # fmt: skip
         procs.append(alice)
         bob_up = bob.wait_event("direct path up with alice", timeout=30)

@@ -8,7 +8,7 @@ Keys (all soft state, rebuilt by the next keepalives):
   retried request gets the same session whichever replica it lands on.
 Channel ``natter:bus:{id}`` carries introductions to the replica that owns a peer.
 
-Costs: a batch of keepalives is one pipelined round trip (one EVALSHA each); a connect
+Costs: a batch of keepalives is one round trip (one EVALSHA for the whole batch); a connect
 request is one pipelined round trip, plus one PUBLISH when the target is on another
 replica, plus that replica's PUBLISH of the acknowledgement.
 """
@@ -27,18 +27,28 @@ import structlog
 from natter_proto.backoff import Backoff
 from natter_proto.endpoints import AddressError, Endpoint, endpoint
 from natter_proto.registry import PeerRecord
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .metrics import BrokerMetrics
-from .registry import BusHandler
+from .registry import BusHandler, ConnectFound, ConnectLookup
 
 log = structlog.get_logger("natter.redis")
 
+# Refresh every peer in KEYS whose stored endpoint is the one it was heard from now.
+# ARGV: now, replica, ttl, then one endpoint per key. Returns one 0/1 per key.
 TOUCH_LUA = """
-if redis.call('HGET', KEYS[1], 'public') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'last_seen', ARGV[2], 'replica', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 1
+local now, replica, ttl = ARGV[1], ARGV[2], ARGV[3]
+local known = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'public') == ARGV[i + 3] then
+    redis.call('HSET', key, 'last_seen', now, 'replica', replica)
+    redis.call('EXPIRE', key, ttl)
+    known[i] = 1
+  else
+    known[i] = 0
+  end
+end
+return known
 """
 
 MAX_BUS_MESSAGE = 4096
@@ -97,10 +107,16 @@ class RedisRegistry:
         self.url = url
         self.forget_after = int(max(1, forget_after))
         self.metrics = metrics or BrokerMetrics()
-        self.client: aioredis.Redis = aioredis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=10
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=16,  # bursts wait for a connection instead of failing
+            timeout=5,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            health_check_interval=10,
         )
-        self._touch = self.client.register_script(TOUCH_LUA)
+        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        self._touch_sha: str | None = None
         self._broker_id = ""
         self._handler: BusHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -198,32 +214,43 @@ class RedisRegistry:
         await self._timed("register", pipe.execute())
 
     async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
-        pipe = self.client.pipeline(transaction=False)
-        for name, public in items:
-            await self._touch(
-                keys=[peer_key(name)],
-                args=[_public_text(public), repr(now), broker_id, self.forget_after],
-                client=pipe,
-            )
-        results = await self._timed("keepalive", pipe.execute())
-        return [bool(r) for r in results]
+        """One EVALSHA for the whole batch of keepalives: one round trip.
 
-    async def lookup_connect(
-        self, peer_from: str, peer_to: str, request_id: str, candidate_session: str, now: float
-    ) -> tuple[PeerRecord | None, PeerRecord | None, str]:
+        (Under Redis Cluster the keys of one call would have to share a slot; natter's
+        fleet uses a standalone or Sentinel-managed Redis.)
+        """
+        keys = [peer_key(name) for name, _ in items]
+        args: list[str | int] = [repr(now), broker_id, self.forget_after]
+        args += [_public_text(public) for _, public in items]
+        for attempt in (1, 2):
+            if self._touch_sha is None:
+                self._touch_sha = str(await self._timed("script_load", self.client.script_load(TOUCH_LUA)))
+            try:
+                results = await self._timed(
+                    "keepalive", self.client.evalsha(self._touch_sha, len(keys), *keys, *args)
+                )
+            except NoScriptError:
+                self._touch_sha = None  # Redis restarted and forgot the script: load it again
+                if attempt == 2:
+                    raise
+                continue
+            return [bool(r) for r in results]
+        raise AssertionError("unreachable")
+
+    async def lookup_connects(self, requests: Sequence[ConnectLookup], now: float) -> list[ConnectFound]:
+        """Both records and a session claim (SET NX GET) per request, all in one round trip."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(peer_key(peer_from))
-        pipe.hgetall(peer_key(peer_to))
-        pipe.set(
-            f"natter:req:{{{peer_from}}}:{request_id}",
-            candidate_session,
-            nx=True,
-            get=True,
-            ex=REQUEST_TTL,
-        )
-        raw_from, raw_to, previous = await self._timed("connect", pipe.execute())
-        session = previous.decode() if isinstance(previous, bytes) else candidate_session
-        return _parse_record(peer_from, raw_from), _parse_record(peer_to, raw_to), session
+        for peer_from, peer_to, request_id, candidate in requests:
+            pipe.hgetall(peer_key(peer_from))
+            pipe.hgetall(peer_key(peer_to))
+            pipe.set(f"natter:req:{{{peer_from}}}:{request_id}", candidate, nx=True, get=True, ex=REQUEST_TTL)
+        replies = await self._timed("connect", pipe.execute())
+        found: list[ConnectFound] = []
+        for i, (peer_from, peer_to, _, candidate) in enumerate(requests):
+            raw_from, raw_to, previous = replies[3 * i : 3 * i + 3]
+            session = previous.decode() if isinstance(previous, bytes) else candidate
+            found.append((_parse_record(peer_from, raw_from), _parse_record(peer_to, raw_to), session))
+        return found
 
     async def expire(self, now: float) -> list[str]:
         return []  # Redis expires peer keys by their TTL

@@ -15,6 +15,8 @@ from natter_proto.endpoints import Endpoint
 from natter_proto.registry import PeerRecord, PeerTable
 
 BusHandler = Callable[[dict[str, Any]], Awaitable[None]]
+ConnectLookup = tuple[str, str, str, str]  # peer_from, peer_to, request_id, candidate session id
+ConnectFound = tuple[PeerRecord | None, PeerRecord | None, str]
 
 
 class Registry(Protocol):
@@ -29,10 +31,8 @@ class Registry(Protocol):
         """Refresh each (name, public) that is registered at exactly that endpoint."""
         ...
 
-    async def lookup_connect(
-        self, peer_from: str, peer_to: str, request_id: str, candidate_session: str, now: float
-    ) -> tuple[PeerRecord | None, PeerRecord | None, str]:
-        """Both records and the session id for this request (the same one on a retry)."""
+    async def lookup_connects(self, requests: Sequence[ConnectLookup], now: float) -> list[ConnectFound]:
+        """For each request: both records and the session id (the same one on a retry)."""
         ...
 
     async def expire(self, now: float) -> list[str]: ...
@@ -69,11 +69,12 @@ class MemoryRegistry:
             results.append(ok)
         return results
 
-    async def lookup_connect(
-        self, peer_from: str, peer_to: str, request_id: str, candidate_session: str, now: float
-    ) -> tuple[PeerRecord | None, PeerRecord | None, str]:
-        session = self.sessions.session_for(peer_from, request_id, now, candidate_session)
-        return self.table.get(peer_from), self.table.get(peer_to), session
+    async def lookup_connects(self, requests: Sequence[ConnectLookup], now: float) -> list[ConnectFound]:
+        found = []
+        for peer_from, peer_to, request_id, candidate in requests:
+            session = self.sessions.session_for(peer_from, request_id, now, candidate)
+            found.append((self.table.get(peer_from), self.table.get(peer_to), session))
+        return found
 
     async def expire(self, now: float) -> list[str]:
         return self.table.expire(now)

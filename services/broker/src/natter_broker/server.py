@@ -2,8 +2,8 @@
 
 It learns each agent's public endpoint from the source of its datagrams, answers
 registrations and keepalives, and introduces peers. It never carries tunnel data.
-Datagrams that arrive in one event-loop turn are handled as one batch, so that a fleet
-replica answers a whole batch of keepalives with one Redis round trip.
+Registrations and keepalives that arrive while the previous batch is in flight are
+handled as one batch, so that a fleet replica answers many with one Redis round trip.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any
 
@@ -32,10 +33,13 @@ from natter_proto.frames import (
     Message,
     Register,
 )
+from natter_proto.registry import PeerRecord
 
+from .batcher import Batcher
 from .http import HealthServer
 from .metrics import BrokerMetrics
 from .registry import MemoryRegistry, Registry
+from .udp import BrokerSocket
 
 log = structlog.get_logger("natter.broker")
 
@@ -45,17 +49,6 @@ PENDING_TTL = 15.0
 def listen_address(addr: str) -> tuple[str, int]:
     """``":10000"`` -> ("0.0.0.0", 10000)."""
     return split_host_port(addr, default_host="0.0.0.0")
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.broker.datagram_received(data, str(addr[0]), int(addr[1]))
-
-    def error_received(self, exc: Exception) -> None:
-        self.broker.metrics.dropped.labels("socket_error").inc()
 
 
 class Broker:
@@ -75,10 +68,11 @@ class Broker:
         self.registry: Registry = registry or self._make_registry()
         self.address: Endpoint | None = None
         self.metrics_address: tuple[str, int] | None = None
-        self._transport: asyncio.DatagramTransport | None = None
+        self._socket = BrokerSocket(self.datagram_received)
         self._health: HealthServer | None = None
-        self._inbox: list[tuple[Message, Endpoint]] = []
-        self._drain_scheduled = False
+        self._registers: Batcher[tuple[Register, Endpoint]] | None = None
+        self._keepalives: Batcher[tuple[Keepalive, Endpoint]] | None = None
+        self._connects: Batcher[tuple[ConnectRequest, Endpoint]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._heard: dict[str, tuple[Endpoint, float]] = {}  # agents this replica serves
         self._awaiting: OrderedDict[tuple[str, str], tuple[bytes, Endpoint, float]] = OrderedDict()
@@ -99,17 +93,15 @@ class Broker:
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> Endpoint:
-        loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Protocol(self), local_addr=(self.host, self.port), family=socket.AF_INET
-            )
+            host, port = self._socket.bind(self.host, self.port)
         except OSError as exc:
             raise AddressError(f"cannot listen on {self.config.broker_addr}: {exc.strerror}") from None
-        self._transport = transport
-        sockname = transport.get_extra_info("sockname")
-        self.address = Endpoint(sockname[0], sockname[1])
+        self.address = Endpoint(host, port)
         await self.registry.start(self.broker_id, self._on_bus_message)
+        self._registers = Batcher(lambda batch: self._guard(self._on_registers(batch), "register"))
+        self._keepalives = Batcher(lambda batch: self._guard(self._on_keepalives(batch), "keepalive"))
+        self._connects = Batcher(lambda batch: self._guard(self._on_connects(batch), "connect"))
         self._spawn(self._housekeeping())
         if self.config.metrics_addr:
             host, port = split_host_port(self.config.metrics_addr, default_host="0.0.0.0")
@@ -130,11 +122,11 @@ class Broker:
         return self.address
 
     def is_ready(self) -> bool:
-        return self._transport is not None and not self._closing and self.registry.is_ready()
+        return self._socket.is_open and not self._closing and self.registry.is_ready()
 
     async def serve(self) -> None:
         """Run until ``close()`` (the seed's ListenAndServe)."""
-        if self._transport is None:
+        if not self._socket.is_open:
             await self.start()
         await self._stopped.wait()
 
@@ -144,18 +136,19 @@ class Broker:
             await self._stopped.wait()
             return
         self._closing = True
-        if goaway and self._transport is not None:
+        if goaway and self._socket.is_open:
             self._send_goaways()
             await asyncio.sleep(0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for batcher in (self._registers, self._keepalives, self._connects):
+            if batcher is not None:
+                await batcher.close()
         if self._health is not None:
             await self._health.close()
         await self.registry.close()
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        self._socket.close()
         self._stopped.set()
 
     def _send_goaways(self) -> None:
@@ -189,10 +182,16 @@ class Broker:
         except AddressError:
             self.metrics.dropped.labels("bad_source").inc()
             return
-        self._inbox.append((message, source))
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            self._spawn(self._drain())
+        if self._closing or self._registers is None or self._keepalives is None or self._connects is None:
+            return
+        if isinstance(message, Keepalive):
+            self._keepalives.submit((message, source))
+        elif isinstance(message, Register):
+            self._registers.submit((message, source))
+        elif isinstance(message, ConnectRequest):
+            self._connects.submit((message, source))
+        else:
+            self.metrics.dropped.labels("unexpected_type").inc()
 
     def _reject(self, exc: FrameError, addr: Endpoint, size: int) -> None:
         """Count and log a bad frame; tell the sender why only where the answer is small."""
@@ -202,28 +201,6 @@ class Broker:
             reply = frames.encode(Error(exc.code, exc.reason[:200], exc.request_id))
             if len(reply) <= max(size, 64):
                 self._sendto(reply, addr)
-
-    async def _drain(self) -> None:
-        """Handle everything that arrived this loop turn: keepalives and registrations in
-        one batch each, connect requests one by one."""
-        await asyncio.sleep(0)  # let the rest of this turn's datagrams arrive
-        batch, self._inbox = self._inbox, []
-        self._drain_scheduled = False
-        registers: list[tuple[Register, Endpoint]] = []
-        keepalives: list[tuple[Keepalive, Endpoint]] = []
-        for message, addr in batch:
-            if isinstance(message, Register):
-                registers.append((message, addr))
-            elif isinstance(message, Keepalive):
-                keepalives.append((message, addr))
-            elif isinstance(message, ConnectRequest):
-                self._spawn(self._guard(self._on_connect(message, addr), "connect"))
-            else:
-                self.metrics.dropped.labels("unexpected_type").inc()
-        if registers:
-            await self._guard(self._on_registers(registers), "register")
-        if keepalives:
-            await self._guard(self._on_keepalives(keepalives), "keepalive")
 
     async def _guard(self, work: Any, what: str) -> None:
         """A registry failure (Redis down) costs the batch an answer, never the broker."""
@@ -262,11 +239,28 @@ class Broker:
                 self._heard[message.name] = (addr, now)
             self._send(self.core.on_keepalive(message, addr, ok), addr)
 
-    async def _on_connect(self, message: ConnectRequest, addr: Endpoint) -> None:
+    async def _on_connects(self, batch: list[tuple[ConnectRequest, Endpoint]]) -> None:
         now = time.time()
-        requester, target, session = await self.registry.lookup_connect(
-            message.peer_from, message.peer_to, message.request_id, new_session_id(), now
-        )
+        lookups = [(m.peer_from, m.peer_to, m.request_id, new_session_id()) for m, _ in batch]
+        found = await self.registry.lookup_connects(lookups, now)
+        remote = []
+        for (message, addr), (requester, target, session) in zip(batch, found, strict=True):
+            work = self._on_connect(message, addr, requester, target, session, now)
+            if work is not None:
+                remote.append(work)
+        if remote:
+            await asyncio.gather(*remote)
+
+    def _on_connect(
+        self,
+        message: ConnectRequest,
+        addr: Endpoint,
+        requester: PeerRecord | None,
+        target: PeerRecord | None,
+        session: str,
+        now: float,
+    ) -> Awaitable[None] | None:
+        """Answer at once where this replica can; return the work that needs another replica."""
         decision = self.core.on_connect(
             message, addr, requester, target, now, self.config.registration_ttl, session
         )
@@ -279,7 +273,7 @@ class Broker:
             self.metrics.connects.labels(outcome).inc()
             rlog.info("connect refused", outcome=outcome)
             self._send(reply, to)
-            return
+            return None
         intro = decision.introduction
         assert intro is not None
         owner = intro.target.broker_id
@@ -289,8 +283,8 @@ class Broker:
             self.metrics.punches.inc()
             self.metrics.connects.labels("introduced").inc()
             rlog.info("connect introduced", session=session)
-            return
-        await self._introduce_remote(intro, owner, message.request_id, rlog)
+            return None
+        return self._introduce_remote(intro, owner, message.request_id, rlog)
 
     async def _introduce_remote(self, intro: Introduction, owner: str, request_id: str, rlog: Any) -> None:
         """The target talks to another replica: that replica must send its instruction (its
@@ -378,8 +372,7 @@ class Broker:
         self._sendto(frames.encode(message), addr)
 
     def _sendto(self, data: bytes, addr: Endpoint) -> None:
-        if self._transport is not None:
-            self._transport.sendto(data, (addr.host, addr.port))
+        self._socket.sendto(data, (addr.host, addr.port))
 
     def _render_metrics(self) -> bytes:
         self.metrics.ready.set(1 if self.is_ready() else 0)
