@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 NATTER = str(Path(sys.executable).parent / "natter")
@@ -30,7 +31,9 @@ class Agent:
 
     def __init__(self, label: str, *args: str) -> None:
         self.label = label
-        argv = [NATTER, *args, "-log-format", "json"]
+        # each agent keeps its identity key in a state directory of its own
+        state = ["-state-dir", tempfile.mkdtemp(prefix=f"natter-demo-{label}-")] if label != "broker" else []
+        argv = [NATTER, *args, *state, "-log-format", "json"]
         print(f"$ natter {' '.join(args)}")
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -22,17 +22,20 @@ from typing import NoReturn
 
 import structlog
 from natter_agent import Client, NatterError
+from natter_agent.keystore import KEY_FILE, StateError, load_identity, state_dir
 from natter_broker import Broker
 from natter_proto import AddressError, Config
+from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
 from natter_proto.endpoints import split_host_port
 from natter_proto.frames import valid_name
+from natter_proto.identity import valid_fingerprint
 
 from . import __version__, logs
 from .specs import ForwardSpec, SpecError, parse_spec
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-SUBCOMMANDS = ("broker", "listen", "forward")
+SUBCOMMANDS = ("broker", "listen", "forward", "id")
 
 SPEC_HELP = (
     "forward spec [LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT, e.g. 8022:bob:22; "
@@ -89,6 +92,42 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         metavar="SECONDS",
         help="seconds between keepalives to the broker (default 20)",
     )
+    _identity_options(parser, dash)
+    parser.add_argument(
+        f"{dash}token", dest="token", metavar="TOKEN", default="", help="token for a broker that requires one"
+    )
+    parser.add_argument(
+        f"{dash}peer",
+        dest="peers",
+        action="append",
+        default=[],
+        metavar="NAME=FINGERPRINT",
+        help="pin a peer's key: refuse a tunnel to or from NAME unless it proves this key",
+    )
+    parser.add_argument(
+        f"{dash}allow",
+        dest="allow",
+        action="append",
+        metavar="PEER[=FINGERPRINT]",
+        help="listener: only these peers may connect (default: any authenticated peer)",
+    )
+    parser.add_argument(
+        f"{dash}allow-target",
+        dest="allow_targets",
+        action="append",
+        metavar="HOST:PORT|PORT|HOST:*|*",
+        help="listener: where peers may connect to (default: loopback only, any port)",
+    )
+
+
+def _identity_options(parser: argparse.ArgumentParser, dash: str) -> None:
+    parser.add_argument(
+        f"{dash}state-dir",
+        dest="state_dir",
+        metavar="DIR",
+        default="",
+        help="where the identity key and known_peers live (default ~/.config/natter)",
+    )
 
 
 def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
@@ -105,6 +144,13 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         metavar="ADDR",
         default="",
         help="serve /healthz, /readyz and /metrics over HTTP on ADDR (e.g. :9100)",
+    )
+    parser.add_argument(
+        f"{dash}tokens",
+        dest="tokens",
+        metavar="FILE",
+        default="",
+        help="only agents listed in FILE ('NAME_OR_FINGERPRINT TOKEN' per line) may register",
     )
     parser.add_argument(
         f"{dash}broker-id",
@@ -196,6 +242,13 @@ def subcommand_parser() -> Parser:
     forward.add_argument("--listen", dest="listen", action="store_true", help="also accept forwards")
     forward.add_argument("specs", nargs="+", metavar="SPEC", help=SPEC_HELP)
     _common(forward, "--")
+    ident = sub.add_parser(
+        "id",
+        help="show this agent's key fingerprint",
+        description="Print the fingerprint of this agent's key (created on first use).",
+    )
+    _identity_options(ident, "--")
+    _common(ident, "--")
     return p
 
 
@@ -204,6 +257,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         args = subcommand_parser().parse_args(argv)
         if args.command == "listen":
             args.listen = True
+        if args.command == "id":
+            return args
     else:
         if not argv:
             raise UsageError(
@@ -230,8 +285,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         raise UsageError("a client needs -name NAME (or give -server ADDR to run a broker)")
     if not valid_name(args.name):
         raise UsageError(f"invalid name {args.name!r}: use letters, digits, '.', '_' or '-' (max 64)")
-    if getattr(args, "redis", "") or getattr(args, "metrics", ""):
-        raise UsageError("-redis and -metrics are broker options (use them with -server)")
+    if getattr(args, "redis", "") or getattr(args, "metrics", "") or getattr(args, "tokens", ""):
+        raise UsageError("-redis, -metrics and -tokens are broker options (use them with -server)")
     if not args.broker:
         raise UsageError("a client needs -broker HOST:PORT")
     for broker in args.broker:
@@ -256,12 +311,31 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         raise UsageError(f"bad UDP port {args.udp_port}")
     if args.keepalive <= 0:
         raise UsageError("keepalive must be positive")
+    args.pinned = {}
+    for pin in args.peers:
+        name, _, print_ = pin.partition("=")
+        if not valid_name(name) or not valid_fingerprint(print_):
+            raise UsageError(f"--peer {pin!r}: expected NAME=FINGERPRINT (see 'natter id')")
+        args.pinned[name] = print_
+    try:
+        for rule in args.allow or []:
+            parse_peer_rule(rule)
+        for rule in args.allow_targets or []:
+            parse_target_rule(rule)
+    except AclError as exc:
+        raise UsageError(str(exc)) from None
+    if (args.allow or args.allow_targets) and not args.listen:
+        raise UsageError("--allow and --allow-target restrict a listener: add -listen")
     return args
 
 
 async def run_broker(args: argparse.Namespace) -> int:
     config = Config(
-        broker_addr=args.server, redis_url=args.redis, metrics_addr=args.metrics, broker_id=args.broker_id
+        broker_addr=args.server,
+        redis_url=args.redis,
+        metrics_addr=args.metrics,
+        broker_id=args.broker_id,
+        tokens_file=args.tokens,
     )
     if hasattr(args, "ttl"):
         config.keepalive_interval = args.keepalive
@@ -281,6 +355,11 @@ async def run_client(args: argparse.Namespace) -> int:
         broker_addr=args.broker,
         udp_port=args.udp_port,
         keepalive_interval=args.keepalive,
+        state_dir=args.state_dir,
+        token=args.token,
+        pinned_peers=args.pinned,
+        allow_peers=args.allow,
+        allow_targets=args.allow_targets,
     )
     client = Client(config)
     try:
@@ -316,6 +395,19 @@ async def _until_signalled() -> None:
     log.info("shutting down")
 
 
+def show_id(args: argparse.Namespace) -> int:
+    try:
+        directory = state_dir(args.state_dir)
+        identity, created = load_identity(directory)
+    except StateError as exc:
+        print(f"natter: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(identity.fingerprint)
+    if created:
+        print(f"natter: created a new key in {directory / KEY_FILE}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -324,10 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"natter: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(args.log_format, args.log_level)
+    if args.command == "id":
+        return show_id(args)
     runner = run_broker if args.command == "broker" else run_client
     try:
         return asyncio.run(runner(args))
-    except (AddressError, NatterError, OSError) as exc:
+    except (AddressError, NatterError, StateError, OSError) as exc:
         print(f"natter: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +36,11 @@ class Proc:
         *,
         stdin: int | None = subprocess.DEVNULL,
         prefix: Sequence[str] = (),
+        home: str | None = None,
     ) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # each process gets its own state directory (identity key, known peers) unless told
+        home = home or tempfile.mkdtemp(prefix="natter-home-")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=home)
         self.argv = list(prefix) + list(argv)
         self.popen = subprocess.Popen(
             self.argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
@@ -123,14 +127,17 @@ class Proc:
         return self.popen.returncode
 
 
-def natter(*args: str, prefix: Sequence[str] = (), stdin: int | None = subprocess.DEVNULL) -> Proc:
-    return Proc(
-        [NATTER, *args, "-log-format", "json"]
-        if not args or args[0] not in ("broker", "listen", "forward")
-        else [NATTER, *args, "--log-format", "json"],
-        prefix=prefix,
-        stdin=stdin,
-    )
+def natter(
+    *args: str, prefix: Sequence[str] = (), stdin: int | None = subprocess.DEVNULL, home: str | None = None
+) -> Proc:
+    """Run the natter command with JSON logs; ``home`` keeps one identity across runs."""
+    log_flag = "--log-format" if args and args[0] in ("broker", "listen", "forward") else "-log-format"
+    return Proc([NATTER, *args, log_flag, "json"], prefix=prefix, stdin=stdin, home=home)
+
+
+def isolated_env() -> dict[str, str]:
+    """The environment for a one-off natter run with a state directory of its own."""
+    return dict(os.environ, XDG_CONFIG_HOME=tempfile.mkdtemp(prefix="natter-home-"))
 
 
 def server(kind: str, *args: str, prefix: Sequence[str] = ()) -> tuple[Proc, int]:

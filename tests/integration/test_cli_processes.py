@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from netcheck import digest_of_pattern, pattern
-from procs import NATTER, free_port, natter, server, tool
+from procs import NATTER, free_port, isolated_env, natter, server, tool
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,6 +67,7 @@ def test_subcommands_and_stdio_mode(echo_server: int) -> None:
             capture_output=True,
             timeout=60,
             check=False,
+            env=isolated_env(),
         )
         assert result.returncode == 0, result.stderr.decode()[-2000:]
         assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
@@ -93,6 +94,7 @@ def test_stdio_mode_carries_bytes_both_ways_with_a_sink() -> None:
             capture_output=True,
             timeout=60,
             check=False,
+            env=isolated_env(),
         )
         assert result.returncode == 0, result.stderr.decode()[-2000:]
         assert result.stdout.decode().split() == [str(size), digest_of_pattern(size)]

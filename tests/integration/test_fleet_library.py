@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis as redis_client
 from natter_proto import frames
 from netcheck import echo_check, echo_handler
 from redis_server import RedisContainer, RedisProcess, start_redis
@@ -33,11 +35,15 @@ def config(**kw: object) -> Config:
         keepalive_interval=1.0, registration_ttl=4.0, connect_timeout=5.0, punch_timeout=3.0
     )
     base.update(kw)
+    base.setdefault("state_dir", tempfile.mkdtemp(prefix="natter-state-"))
     return Config(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 async def replicas(redis: RedisProcess | RedisContainer) -> AsyncIterator[list[Broker]]:
+    # every test starts from an empty Redis: names bound to keys by an earlier test's agents
+    # (each test makes fresh identities) would otherwise refuse this test's agents
+    redis_client.Redis.from_url(redis.url).flushall()
     brokers = [
         Broker(
             config(

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.timeout(180)
 def config(**kw: object) -> Config:
     base = dict(keepalive_interval=2.0, registration_ttl=6.0, connect_timeout=5.0, punch_timeout=3.0)
     base.update(kw)
+    base.setdefault("state_dir", tempfile.mkdtemp(prefix="natter-state-"))
     return Config(**base)  # type: ignore[arg-type]
 
 
@@ -176,7 +178,10 @@ async def test_tunnel_comes_back_after_the_listener_restarts(trio: Trio) -> None
     assert fwd.local is not None
     assert await echo_check("127.0.0.1", fwd.local.port, b"1" * 1000)
     await trio.bob.close()
-    bob2 = Client(config(client_user="bob", broker_addr=trio.broker_addr))
+    # the same bob (same state directory, same key) comes back
+    bob2 = Client(
+        config(client_user="bob", broker_addr=trio.broker_addr, state_dir=trio.bob.config.state_dir)
+    )
     await bob2.listen()
     try:
         # the old tunnel is gone (bob sent CONNECTION_CLOSE); the forward builds a new one

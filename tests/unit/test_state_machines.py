@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from natter_proto.backoff import Backoff
 from natter_proto.broker import BrokerCore, RecentSessions
 from natter_proto.connect import ConnectAnswered, ConnectAttempt, ConnectFailed, ConnectState
 from natter_proto.endpoints import Endpoint
 from natter_proto.frames import (
+    Challenge,
     ConnectOffer,
     ConnectRequest,
     Error,
@@ -20,8 +22,11 @@ from natter_proto.frames import (
     Punch,
     Register,
     Registered,
+    encode,
 )
+from natter_proto.identity import Identity
 from natter_proto.punch import PathFound, PunchSession, PunchState, PunchTimedOut
+from natter_proto.ratelimit import RateLimiter
 from natter_proto.registration import (
     BrokerChanged,
     PublicEndpointChanged,
@@ -32,6 +37,7 @@ from natter_proto.registration import (
     RegState,
 )
 from natter_proto.registry import PeerRecord, PeerTable
+from natter_proto.tokens import TokenList
 
 PUB = Endpoint("203.0.113.1", 4000)
 PUB_BOB = Endpoint("198.51.100.2", 5000)
@@ -197,14 +203,85 @@ def record(name: str, public: Endpoint, now: float = 0.0, listening: bool = True
     return PeerRecord(name, public, (), listening, now, "b1")
 
 
+def signed_register(identity: Identity, core: BrokerCore, addr: Endpoint, **kw: object) -> Register:
+    unsigned = Register(
+        name=str(kw.get("name", "bob")),
+        locals=(LAN_BOB,),
+        listening=True,
+        public_key=identity.public_key,
+        cookie=core.cookies.issue(addr, 1.0),
+        token=kw.get("token"),  # type: ignore[arg-type]
+    )
+    return replace(unsigned, signature=identity.sign_register(unsigned))
+
+
 def test_broker_register_and_keepalive() -> None:
     core = BrokerCore("b1", keepalive_s=20)
-    rec, reply = core.on_register(Register(name="bob", locals=(LAN_BOB,), listening=True), PUB_BOB, 1.0)
-    assert reply == Registered("bob", PUB_BOB, 20, "b1", listening=True)
-    assert rec.locals == (LAN_BOB,) and rec.listening and rec.broker_id == "b1"
-    assert core.on_keepalive(Keepalive("bob"), PUB_BOB, known=True) == Registered("bob", PUB_BOB, 20, "b1")
-    err = core.on_keepalive(Keepalive("bob"), PUB, known=False)
+    bob = Identity.generate()
+    msg = signed_register(bob, core, PUB_BOB)
+    assert core.admit(msg, PUB_BOB, 200, 1.0).ok
+    rec, reply = core.on_register(msg, PUB_BOB, 1.0)
+    assert isinstance(reply, Registered) and reply.public == PUB_BOB and reply.listening is True
+    assert reply.cookie is not None and core.cookies.valid(reply.cookie, PUB_BOB, 1.0)
+    assert rec is not None and rec.locals == (LAN_BOB,) and rec.listening and rec.broker_id == "b1"
+    assert rec.public_key == bob.public_key
+    ok = core.on_keepalive(Keepalive("bob"), PUB_BOB, known=True, now=5.0)
+    assert isinstance(ok, Registered) and ok.cookie is not None
+    err = core.on_keepalive(Keepalive("bob"), PUB, known=False, now=5.0)
     assert isinstance(err, Error) and err.code == ErrorCode.NOT_REGISTERED
+
+
+def test_broker_refuses_forged_and_unauthorized_registrations() -> None:
+    tokens = TokenList.parse("bob s3cret\n")
+    core = BrokerCore("b1", keepalive_s=20, tokens=tokens)
+    bob, mallory = Identity.generate(), Identity.generate()
+    good = signed_register(bob, core, PUB_BOB, token="s3cret")
+    assert core.on_register(good, PUB_BOB, 1.0)[0] is not None
+    forged = replace(good, public_key=mallory.public_key)  # signature no longer matches
+    record, reply = core.on_register(forged, PUB_BOB, 1.0)
+    assert record is None and isinstance(reply, Error) and reply.code == ErrorCode.BAD_SIGNATURE
+    tampered = replace(good, listening=False)
+    assert core.on_register(tampered, PUB_BOB, 1.0)[0] is None
+    no_token = signed_register(bob, core, PUB_BOB)
+    record, reply = core.on_register(no_token, PUB_BOB, 1.0)
+    assert record is None and isinstance(reply, Error) and reply.code == ErrorCode.NOT_AUTHORIZED
+    by_key = BrokerCore("b1", keepalive_s=20, tokens=TokenList.parse(f"{bob.fingerprint} t0k\n"))
+    assert by_key.on_register(signed_register(bob, by_key, PUB_BOB, name="anyname", token="t0k"), PUB_BOB, 1)[
+        0
+    ]
+    taken = core.name_taken(good, mallory.public_key)
+    assert taken.code == ErrorCode.NAME_TAKEN and mallory.fingerprint in taken.message
+
+
+def test_admission_demands_a_cookie_and_never_amplifies() -> None:
+    core = BrokerCore("b1", keepalive_s=20)
+    bob = Identity.generate()
+    unsigned = Register(name="bob", public_key=bob.public_key)
+    request = replace(unsigned, signature=bob.sign_register(unsigned))
+    size = len(encode(request))
+    verdict = core.admit(request, PUB_BOB, size, 1.0)
+    assert not verdict.ok and isinstance(verdict.reply, Challenge)
+    assert len(encode(verdict.reply)) <= size
+    assert core.cookies.valid(verdict.reply.cookie, PUB_BOB, 1.0)
+    tiny = Keepalive("b")  # smaller than a challenge: no reply at all
+    verdict = core.admit(tiny, PUB_BOB, len(encode(tiny)), 1.0)
+    assert not verdict.ok and verdict.reply is None
+    # a cookie is bound to its address and expires
+    cookie = core.cookies.issue(PUB_BOB, 1.0)
+    assert core.admit(Keepalive("bob", cookie=cookie), PUB_BOB, 50, 2.0).ok
+    assert not core.admit(Keepalive("bob", cookie=cookie), PUB, 50, 2.0).ok
+    assert not core.admit(Keepalive("bob", cookie=cookie), PUB_BOB, 50, 1.0 + 121).ok
+    # replies to other frame types never go to unvalidated sources
+    assert core.admit(Probe("s", "x", 1), PUB_BOB, 500, 3.0).reply is None
+
+
+def test_admission_rate_limits_per_source_ip() -> None:
+    core = BrokerCore("b1", keepalive_s=20, per_ip=RateLimiter(rate=10, burst=5))
+    cookie = core.cookies.issue(PUB_BOB, 1.0)
+    verdicts = [core.admit(Keepalive("bob", cookie=cookie), PUB_BOB, 50, 1.0) for _ in range(8)]
+    assert [v.ok for v in verdicts] == [True] * 5 + [False] * 3
+    assert verdicts[-1].reason == "rate_limited_ip"
+    assert core.admit(Keepalive("bob", cookie=cookie), PUB_BOB, 50, 1.5).ok  # refilled
 
 
 def test_broker_introduces_both_sides_at_once() -> None:
@@ -242,7 +319,7 @@ def test_broker_connect_errors() -> None:
     assert code(alice, record("bob", PUB_BOB, now=10.0)) == ErrorCode.PEER_OFFLINE
     assert code(alice, record("bob", PUB_BOB, now=99.0, listening=False)) == ErrorCode.NOT_LISTENING
     self_req = ConnectRequest("r2", "alice", "alice", "x:1")
-    decision = core.on_connect(self_req, PUB, alice, alice, 1.0, ttl=60, session_id="s")
+    decision = core.on_connect(self_req, PUB, alice, alice, 100.0, ttl=60, session_id="s")
     assert decision.refusal is not None and decision.refusal[0].code == ErrorCode.SELF_CONNECT  # type: ignore[attr-defined]
 
 

@@ -10,8 +10,10 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .cookies import CookieJar
 from .endpoints import Endpoint
 from .frames import (
+    Challenge,
     ConnectOffer,
     ConnectRequest,
     Error,
@@ -21,10 +23,26 @@ from .frames import (
     Punch,
     Register,
     Registered,
+    encode,
 )
+from .identity import fingerprint, verify_register
+from .ratelimit import RateLimiter
 from .registry import PeerRecord
+from .tokens import TokenList
 
 Outgoing = tuple[Message, Endpoint]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether a frame may touch any state; if not, maybe one small reply, and why."""
+
+    ok: bool
+    reply: Message | None = None
+    reason: str = ""
+
+
+ADMITTED = Admission(ok=True)
 
 
 @dataclass(frozen=True)
@@ -85,12 +103,55 @@ def new_session_id() -> str:
 class BrokerCore:
     """Answers registrations and keepalives, and turns connect requests into punch instructions."""
 
-    def __init__(self, broker_id: str, keepalive_s: int, punch_delay_ms: int = 0) -> None:
+    def __init__(
+        self,
+        broker_id: str,
+        keepalive_s: int,
+        *,
+        cookies: CookieJar | None = None,
+        tokens: TokenList | None = None,
+        per_ip: RateLimiter | None = None,
+        per_identity: RateLimiter | None = None,
+        punch_delay_ms: int = 0,
+    ) -> None:
         self.broker_id = broker_id
         self.keepalive_s = keepalive_s
+        self.cookies = cookies or CookieJar()
+        self.tokens = tokens
+        self.per_ip = per_ip if per_ip is not None else RateLimiter(rate=200, burst=400)
+        self.per_identity = per_identity if per_identity is not None else RateLimiter(rate=20, burst=40)
         self.punch_delay_ms = punch_delay_ms
 
-    def on_register(self, msg: Register, addr: Endpoint, now: float) -> tuple[PeerRecord, Message]:
+    def admit(self, message: Message, addr: Endpoint, size: int, now: float) -> Admission:
+        """Rate-limit every source; demand a valid cookie before any state is touched.
+
+        An unvalidated source gets at most one reply, a Challenge no larger than its request,
+        so the broker cannot be used to amplify traffic towards a spoofed address.
+        """
+        if not self.per_ip.allow(addr.host, now):
+            return Admission(ok=False, reason="rate_limited_ip")
+        if not isinstance(message, Register | Keepalive | ConnectRequest):
+            return Admission(ok=False, reason="unexpected_type")
+        if self.cookies.valid(message.cookie, addr, now):
+            return ADMITTED
+        challenge = Challenge(self.cookies.issue(addr, now))
+        if len(encode(challenge)) > size:
+            return Admission(ok=False, reason="unvalidated_small")
+        return Admission(ok=False, reply=challenge, reason="unvalidated")
+
+    def on_register(self, msg: Register, addr: Endpoint, now: float) -> tuple[PeerRecord | None, Message]:
+        """Check the key proof, the token list and the identity's rate; build the record.
+
+        Whether the name is free for this key is the registry's to say (``name_taken``).
+        """
+        if msg.public_key is None or not verify_register(msg):
+            return None, Error(ErrorCode.BAD_SIGNATURE, "register frame is not signed by its key")
+        print_ = fingerprint(msg.public_key)
+        if self.tokens is not None and not self.tokens.admits(msg.name, print_, msg.token):
+            text = f"{msg.name} ({print_}) may not register here: no matching token"
+            return None, Error(ErrorCode.NOT_AUTHORIZED, text)
+        if not self.per_identity.allow(f"name:{msg.name}", now):
+            return None, Error(ErrorCode.RATE_LIMITED, "too many registrations; slow down")
         record = PeerRecord(
             name=msg.name,
             public=addr,
@@ -100,14 +161,18 @@ class BrokerCore:
             broker_id=self.broker_id,
             public_key=msg.public_key,
         )
-        reply = Registered(msg.name, addr, self.keepalive_s, self.broker_id, listening=msg.listening)
-        return record, reply
+        return record, self.registered(msg.name, addr, now, listening=msg.listening)
 
-    def on_keepalive(self, msg: Keepalive, addr: Endpoint, known: bool) -> Message:
+    def name_taken(self, msg: Register, owner_key: bytes | None) -> Error:
+        owner = fingerprint(owner_key) if owner_key else "another key"
+        text = f"name {msg.name!r} is bound to {owner}; this key is {fingerprint(msg.public_key or b'')}"
+        return Error(ErrorCode.NAME_TAKEN, text)
+
+    def on_keepalive(self, msg: Keepalive, addr: Endpoint, known: bool, now: float) -> Message:
         """``known``: the registry holds msg.name at exactly addr (and has refreshed it)."""
         if not known:
             return Error(ErrorCode.NOT_REGISTERED, f"{msg.name} is not registered here")
-        return self.registered(msg.name, addr)
+        return self.registered(msg.name, addr, now)
 
     def on_connect(
         self,
@@ -120,6 +185,10 @@ class BrokerCore:
         session_id: str,
     ) -> ConnectDecision:
         rid = msg.request_id
+        if not self.per_identity.allow(f"connect:{msg.peer_from}", now):
+            return ConnectDecision(
+                refusal=(Error(ErrorCode.RATE_LIMITED, "too many connect requests", rid), addr)
+            )
 
         def refuse(code: str, text: str) -> ConnectDecision:
             return ConnectDecision(refusal=(Error(code, text, rid), addr))
@@ -164,7 +233,9 @@ class BrokerCore:
             peer_locals=peer.locals,
             role=role,
             delay_ms=self.punch_delay_ms,
+            peer_key=peer.public_key,
         )
 
-    def registered(self, name: str, addr: Endpoint) -> Registered:
-        return Registered(name, addr, self.keepalive_s, self.broker_id)
+    def registered(self, name: str, addr: Endpoint, now: float, listening: bool | None = None) -> Registered:
+        cookie = self.cookies.issue(addr, now)
+        return Registered(name, addr, self.keepalive_s, self.broker_id, listening=listening, cookie=cookie)

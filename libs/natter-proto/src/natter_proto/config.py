@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def broker_list(value: str | list[str]) -> list[str]:
@@ -28,6 +28,20 @@ class Config:
     redis_url: str = ""
     metrics_addr: str = ""
     broker_id: str = ""
+    # broker: who may register, address validation and rate limits
+    tokens_file: str = ""
+    cookie_window: float = 120.0
+    rate_per_ip: float = 200.0
+    burst_per_ip: float = 400.0
+    rate_per_identity: float = 20.0
+    burst_per_identity: float = 40.0
+
+    # client: identity and authorization
+    state_dir: str = ""  # default ~/.config/natter
+    token: str = ""
+    pinned_peers: dict[str, str] = field(default_factory=dict)  # name -> fingerprint
+    allow_peers: list[str] | None = None  # NAME or NAME=FINGERPRINT; None: any (warned)
+    allow_targets: list[str] | None = None  # HOST:PORT, PORT, HOST:* or *; None: loopback
 
     # registration with the broker
     keepalive_interval: float = 20.0

@@ -64,7 +64,10 @@ class Register(Message):
     name: str
     locals: tuple[Endpoint, ...] = ()
     listening: bool = False
-    public_key: bytes | None = None  # identity (a later issue binds names to keys)
+    public_key: bytes | None = None  # Ed25519; the first key to register a name owns it
+    cookie: bytes | None = None  # the broker's address-validation cookie
+    token: str | None = None  # for brokers that restrict who may register
+    signature: bytes | None = None  # by public_key over all other fields (identity.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Registered(Message):
     keepalive_s: int
     broker_id: str
     listening: bool | None = None  # echoes a Register (absent in keepalive answers)
+    cookie: bytes | None = None  # a fresh address-validation cookie for the next frames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,7 @@ class Keepalive(Message):
 
     TYPE: ClassVar[str] = "keepalive"
     name: str
+    cookie: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,7 @@ class ConnectRequest(Message):
     peer_from: str
     peer_to: str
     target: str
+    cookie: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +127,7 @@ class Punch(Message):
     peer_locals: tuple[Endpoint, ...]
     role: str  # "client" (opens QUIC) or "server" (accepts it)
     delay_ms: int = 0
+    peer_key: bytes | None = None  # the key the broker vouches for; QUIC must present it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +162,14 @@ class ProbeAck(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Challenge(Message):
+    """Broker -> unvalidated source: echo this cookie to prove you receive at that address."""
+
+    TYPE: ClassVar[str] = "challenge"
+    cookie: bytes
+
+
+@dataclasses.dataclass(frozen=True)
 class Goaway(Message):
     """Broker -> agent: this broker is shutting down; register with another one now."""
 
@@ -174,6 +189,10 @@ class ErrorCode:
     NOT_LISTENING = "not_listening"
     SELF_CONNECT = "self_connect"
     PEER_UNREACHABLE = "peer_unreachable"  # known, but its broker replica is gone
+    NAME_TAKEN = "name_taken"  # the name is bound to another key
+    BAD_SIGNATURE = "bad_signature"
+    NOT_AUTHORIZED = "not_authorized"  # the broker's token list does not admit this agent
+    RATE_LIMITED = "rate_limited"
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -189,6 +208,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Probe,
         ProbeAck,
         Goaway,
+        Challenge,
     )
 }
 
@@ -312,6 +332,9 @@ def _check(expected: Any, value: Any, name: str) -> Any:
     if expected is bytes:
         if not isinstance(value, bytes):
             raise TypeError(f"{name} must be bytes")
+        size = _BYTES_SIZES.get(name)
+        if size is not None and len(value) != size:
+            raise ValueError(f"{name} must be {size} bytes")
         return value
     if expected is str:
         if not isinstance(value, str):
@@ -321,6 +344,7 @@ def _check(expected: Any, value: Any, name: str) -> Any:
 
 
 _NAME_FIELDS = {"name", "peer_from", "peer_to", "peer", "sender"}
+_BYTES_SIZES = {"public_key": 32, "peer_key": 32, "signature": 64, "cookie": 20}
 _ID_FIELDS = {"request_id", "session_id", "broker_id"}
 
 
@@ -329,6 +353,8 @@ def _check_text(name: str, value: str) -> str:
         raise ValueError(f"{name} {value!r} is not a valid peer name")
     if name in _ID_FIELDS and not 0 < len(value) <= MAX_ID_LEN:
         raise ValueError(f"{name} must be 1-{MAX_ID_LEN} characters")
+    if name == "token" and not 0 < len(value) <= 128:
+        raise ValueError("token must be 1-128 characters")
     if name == "role" and value not in ("client", "server"):
         raise ValueError(f"role {value!r} is not client or server")
     if "\x00" in value:

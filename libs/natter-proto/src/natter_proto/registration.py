@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .backoff import Backoff
 from .endpoints import Endpoint
-from .frames import Error, ErrorCode, Goaway, Keepalive, Message, Register, Registered
+from .frames import Challenge, Error, ErrorCode, Goaway, Keepalive, Message, Register, Registered
 
 
 class RegState(enum.Enum):
@@ -92,6 +92,7 @@ class Registration:
         self._unanswered = 0
         self.public: Endpoint | None = None
         self.broker_id: str | None = None
+        self.cookie: bytes | None = None  # the broker's latest address-validation cookie
         self._next_send: float | None = None
         self._last_heard: float | None = None
         self._outbox: list[Message] = []
@@ -118,6 +119,15 @@ class Registration:
         if isinstance(message, Registered) and message.name == self.name:
             self._on_registered(message, now)
             return True
+        if isinstance(message, Challenge):
+            # the broker wants proof that we receive at our address: answer at once
+            self.cookie = message.cookie
+            self._unanswered = 0
+            if self.state is RegState.REGISTERED:
+                self._lose("broker asked for a fresh cookie", now)
+            elif self.state is RegState.REGISTERING:
+                self._send_register(now)
+            return True
         if isinstance(message, Goaway):
             if self.state is not RegState.IDLE:
                 self._rotate(f"broker going away: {message.reason}")
@@ -143,7 +153,7 @@ class Registration:
                     self._rotate(f"no answer to {self._unanswered} registrations")
                 self._send_register(now)
             elif self.state is RegState.REGISTERED:
-                self._outbox.append(Keepalive(name=self.name))
+                self._outbox.append(Keepalive(name=self.name, cookie=self.cookie))
                 self._next_send = now + self.keepalive_interval
 
     def stop(self) -> None:
@@ -166,7 +176,10 @@ class Registration:
 
     # -- internals ------------------------------------------------------------
     def _register_frame(self) -> Register:
-        return Register(name=self.name, locals=self.local_endpoints, listening=self.listening)
+        """Unsigned: the agent signs it (with the cookie inside) as it leaves."""
+        return Register(
+            name=self.name, locals=self.local_endpoints, listening=self.listening, cookie=self.cookie
+        )
 
     def _send_register(self, now: float) -> None:
         self._outbox.append(self._register_frame())
@@ -176,6 +189,7 @@ class Registration:
     def _rotate(self, reason: str) -> None:
         self._unanswered = 0
         if self.brokers > 1:
+            self.cookie = None  # cookies are per broker
             self.broker_index = (self.broker_index + 1) % self.brokers
             self._outbox.clear()  # nothing queued for the old broker goes to the new one
             self._events.append(BrokerChanged(self.broker_index, reason))
@@ -191,6 +205,8 @@ class Registration:
         self._last_heard = now
         self._unanswered = 0
         self.broker_id = message.broker_id
+        if message.cookie is not None:
+            self.cookie = message.cookie
         if self.state is not RegState.REGISTERED:
             self.state = RegState.REGISTERED
             self._events.append(RegistrationUp(message.public, message.broker_id, self.backoff.attempts))

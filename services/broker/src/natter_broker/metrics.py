@@ -27,6 +27,12 @@ class BrokerMetrics:
         self.dropped = Counter(
             "natter_broker_frames_dropped", "Frames dropped, by reason", ["reason"], registry=r
         )
+        self.accepted = Counter(
+            "natter_broker_frames_accepted", "Frames that passed validation and rate limits", registry=r
+        )
+        self.refused = Counter(
+            "natter_broker_registrations_refused", "Registrations refused, by code", ["code"], registry=r
+        )
         self.goaways = Counter("natter_broker_goaways", "Goaway frames sent at shutdown", registry=r)
         self.redis_published = Counter(
             "natter_broker_redis_published", "Messages published to other replicas", registry=r

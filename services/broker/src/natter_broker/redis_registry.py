@@ -3,6 +3,9 @@
 Keys (all soft state, rebuilt by the next keepalives):
 - ``natter:peer:{name}``  hash: public endpoint, local candidates, listening, last_seen,
   the replica that last heard it; its TTL is refreshed by every keepalive.
+- ``natter:owner:{name}``  the key that registered a name first; it binds the name for
+  ``OWNER_TTL`` after its last registration, across broker and Redis-replica restarts
+  (with persistence enabled).
 - ``natter:replica:{id}``  liveness of one replica, refreshed every few seconds.
 - ``natter:req:{peer}:{request_id}``  the session id of one connect request (SET NX), so a
   retried request gets the same session whichever replica it lands on.
@@ -51,6 +54,32 @@ end
 return known
 """
 
+# Register a batch. Per record: KEYS peer, owner; ARGV key, public, locals, listening,
+# last_seen, replica (after the two globals: peer ttl, owner ttl). Returns per record ""
+# when stored, or the owner's key when the name belongs to another key.
+REGISTER_LUA = """
+local ttl, owner_ttl = ARGV[1], ARGV[2]
+local out = {}
+for i = 1, #KEYS / 2 do
+  local peer, owner_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local a = 2 + (i - 1) * 6
+  local key = ARGV[a + 1]
+  local owner = redis.call('GET', owner_key)
+  if owner and owner ~= key then
+    out[i] = owner
+  else
+    redis.call('SET', owner_key, key, 'EX', owner_ttl)
+    redis.call('DEL', peer)
+    redis.call('HSET', peer, 'key', key, 'public', ARGV[a + 2], 'locals', ARGV[a + 3],
+               'listening', ARGV[a + 4], 'last_seen', ARGV[a + 5], 'replica', ARGV[a + 6])
+    redis.call('EXPIRE', peer, ttl)
+    out[i] = ''
+  end
+end
+return out
+"""
+
+OWNER_TTL = 90 * 24 * 3600
 MAX_BUS_MESSAGE = 4096
 REQUEST_TTL = 30
 REPLICA_TTL = 10
@@ -69,17 +98,15 @@ def _public_text(public: Endpoint) -> str:
     return f"{public.host}|{public.port}"
 
 
-def _record_fields(record: PeerRecord) -> dict[str, bytes | str]:
-    fields: dict[str, bytes | str] = {
-        "public": _public_text(record.public),
-        "locals": msgpack.packb([[e.host, e.port] for e in record.locals]),
-        "listening": "1" if record.listening else "0",
-        "last_seen": repr(record.last_seen),
-        "replica": record.broker_id,
-    }
-    if record.public_key is not None:
-        fields["key"] = record.public_key
-    return fields
+def _record_args(record: PeerRecord) -> list[bytes | str]:
+    return [
+        record.public_key or b"",
+        _public_text(record.public),
+        bytes(msgpack.packb([[e.host, e.port] for e in record.locals])),
+        "1" if record.listening else "0",
+        repr(record.last_seen),
+        record.broker_id,
+    ]
 
 
 def _parse_record(name: str, raw: dict[bytes, bytes]) -> PeerRecord | None:
@@ -96,7 +123,7 @@ def _parse_record(name: str, raw: dict[bytes, bytes]) -> PeerRecord | None:
             listening=raw[b"listening"] == b"1",
             last_seen=float(raw[b"last_seen"]),
             broker_id=raw[b"replica"].decode(),
-            public_key=raw.get(b"key"),
+            public_key=raw.get(b"key") or None,
         )
     except (KeyError, ValueError, TypeError, AddressError, msgpack.ExtraData):
         return None
@@ -116,7 +143,7 @@ class RedisRegistry:
             health_check_interval=10,
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
-        self._touch_sha: str | None = None
+        self._scripts: dict[str, str] = {}  # source -> sha, loaded on first use
         self._broker_id = ""
         self._handler: BusHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -204,14 +231,15 @@ class RedisRegistry:
             await self._handler(message)
 
     # -- registry ---------------------------------------------------------------------
-    async def register(self, records: Sequence[PeerRecord]) -> None:
-        pipe = self.client.pipeline(transaction=True)
+    async def register(self, records: Sequence[PeerRecord]) -> list[bytes | None]:
+        """Bind names to keys and store records, the whole batch in one EVALSHA."""
+        keys: list[str] = []
+        args: list[bytes | str | int] = [self.forget_after, OWNER_TTL]
         for record in records:
-            key = peer_key(record.name)
-            pipe.delete(key)
-            pipe.hset(key, mapping=_record_fields(record))  # type: ignore[arg-type]
-            pipe.expire(key, self.forget_after)
-        await self._timed("register", pipe.execute())
+            keys += [peer_key(record.name), f"natter:owner:{{{record.name}}}"]
+            args += _record_args(record)
+        results = await self._script("register", REGISTER_LUA, keys, args)
+        return [bytes(r) if r else None for r in results]
 
     async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
         """One EVALSHA for the whole batch of keepalives: one round trip.
@@ -220,21 +248,22 @@ class RedisRegistry:
         fleet uses a standalone or Sentinel-managed Redis.)
         """
         keys = [peer_key(name) for name, _ in items]
-        args: list[str | int] = [repr(now), broker_id, self.forget_after]
+        args: list[bytes | str | int] = [repr(now), broker_id, self.forget_after]
         args += [_public_text(public) for _, public in items]
+        return [bool(r) for r in await self._script("keepalive", TOUCH_LUA, keys, args)]
+
+    async def _script(self, op: str, source: str, keys: list[str], args: list[bytes | str | int]) -> Any:
         for attempt in (1, 2):
-            if self._touch_sha is None:
-                self._touch_sha = str(await self._timed("script_load", self.client.script_load(TOUCH_LUA)))
+            sha = self._scripts.get(source)
+            if sha is None:
+                sha = str(await self._timed("script_load", self.client.script_load(source)))
+                self._scripts[source] = sha
             try:
-                results = await self._timed(
-                    "keepalive", self.client.evalsha(self._touch_sha, len(keys), *keys, *args)
-                )
+                return await self._timed(op, self.client.evalsha(sha, len(keys), *keys, *args))
             except NoScriptError:
-                self._touch_sha = None  # Redis restarted and forgot the script: load it again
+                self._scripts.clear()  # Redis restarted and forgot its scripts: load them again
                 if attempt == 2:
                     raise
-                continue
-            return [bool(r) for r in results]
         raise AssertionError("unreachable")
 
     async def lookup_connects(self, requests: Sequence[ConnectLookup], now: float) -> list[ConnectFound]:

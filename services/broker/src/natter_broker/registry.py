@@ -26,7 +26,11 @@ class Registry(Protocol):
     async def close(self) -> None: ...
     def is_ready(self) -> bool: ...
 
-    async def register(self, records: Sequence[PeerRecord]) -> None: ...
+    async def register(self, records: Sequence[PeerRecord]) -> list[bytes | None]:
+        """Store each record whose name is free or bound to its key (binding it if free);
+        for a name bound to another key, return that key instead of storing."""
+        ...
+
     async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
         """Refresh each (name, public) that is registered at exactly that endpoint."""
         ...
@@ -45,6 +49,7 @@ class MemoryRegistry:
     def __init__(self, ttl: float) -> None:
         self.table = PeerTable(ttl)
         self.sessions = RecentSessions()
+        self.owners: dict[str, bytes] = {}  # name -> the key that registered it first
 
     async def start(self, broker_id: str, on_bus_message: BusHandler) -> None:
         return None
@@ -55,9 +60,17 @@ class MemoryRegistry:
     def is_ready(self) -> bool:
         return True
 
-    async def register(self, records: Sequence[PeerRecord]) -> None:
+    async def register(self, records: Sequence[PeerRecord]) -> list[bytes | None]:
+        results: list[bytes | None] = []
         for record in records:
+            key = record.public_key or b""
+            owner = self.owners.setdefault(record.name, key)
+            if owner != key:
+                results.append(owner)
+                continue
             self.table.put(record)
+            results.append(None)
+        return results
 
     async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
         results = []

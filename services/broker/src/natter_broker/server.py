@@ -22,6 +22,7 @@ import structlog
 from natter_proto import frames
 from natter_proto.broker import BrokerCore, Introduction, new_session_id
 from natter_proto.config import Config
+from natter_proto.cookies import CookieJar
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 from natter_proto.frames import (
     ConnectRequest,
@@ -33,7 +34,10 @@ from natter_proto.frames import (
     Message,
     Register,
 )
+from natter_proto.identity import fingerprint
+from natter_proto.ratelimit import RateLimiter
 from natter_proto.registry import PeerRecord
+from natter_proto.tokens import TokenList, TokenListError
 
 from .batcher import Batcher
 from .http import HealthServer
@@ -44,6 +48,17 @@ from .udp import BrokerSocket
 log = structlog.get_logger("natter.broker")
 
 PENDING_TTL = 15.0
+
+
+def load_tokens(path: str) -> TokenList:
+    """Read the token file; a broken one is a startup error worth one clear line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return TokenList.parse(handle.read(1 << 21))
+    except OSError as exc:
+        raise AddressError(f"cannot read token file {path}: {exc.strerror}") from None
+    except (TokenListError, UnicodeDecodeError) as exc:
+        raise AddressError(f"bad token file {path}: {exc}") from None
 
 
 def listen_address(addr: str) -> tuple[str, int]:
@@ -63,7 +78,14 @@ class Broker:
             raise AddressError("a broker listens on one address")
         self.host, self.port = listen_address(config.broker_addr)
         self.broker_id = config.broker_id or f"{socket.gethostname()}-{secrets.token_hex(3)}"
-        self.core = BrokerCore(self.broker_id, keepalive_s=int(config.keepalive_interval))
+        self.core = BrokerCore(
+            self.broker_id,
+            keepalive_s=int(config.keepalive_interval),
+            cookies=CookieJar(window=config.cookie_window),
+            tokens=load_tokens(config.tokens_file) if config.tokens_file else None,
+            per_ip=RateLimiter(config.rate_per_ip, config.burst_per_ip),
+            per_identity=RateLimiter(config.rate_per_identity, config.burst_per_identity),
+        )
         self.metrics = BrokerMetrics()
         self.registry: Registry = registry or self._make_registry()
         self.address: Endpoint | None = None
@@ -182,6 +204,13 @@ class Broker:
         except AddressError:
             self.metrics.dropped.labels("bad_source").inc()
             return
+        admission = self.core.admit(message, source, len(data), time.time())
+        if not admission.ok:
+            self.metrics.dropped.labels(admission.reason).inc()
+            if admission.reply is not None:
+                self._send(admission.reply, source)
+            return
+        self.metrics.accepted.inc()
         if self._closing or self._registers is None or self._keepalives is None or self._connects is None:
             return
         if isinstance(message, Keepalive):
@@ -194,12 +223,13 @@ class Broker:
             self.metrics.dropped.labels("unexpected_type").inc()
 
     def _reject(self, exc: FrameError, addr: Endpoint, size: int) -> None:
-        """Count and log a bad frame; tell the sender why only where the answer is small."""
+        """Count and log a bad frame; tell the sender why, where the answer is no larger
+        than the frame (a version mismatch deserves words, a spoofer no amplification)."""
         self.metrics.dropped.labels(exc.code).inc()
         self._log.debug("dropped frame", source=str(addr), code=exc.code, reason=exc.reason)
         if exc.code in (ErrorCode.VERSION_MISMATCH, ErrorCode.UNKNOWN_TYPE):
             reply = frames.encode(Error(exc.code, exc.reason[:200], exc.request_id))
-            if len(reply) <= max(size, 64):
+            if len(reply) <= size:
                 self._sendto(reply, addr)
 
     async def _guard(self, work: Any, what: str) -> None:
@@ -212,13 +242,20 @@ class Broker:
 
     async def _on_registers(self, batch: list[tuple[Register, Endpoint]]) -> None:
         now = time.time()
-        records, replies = [], []
+        accepted: list[tuple[Register, PeerRecord, Message]] = []
         for message, addr in batch:
             record, reply = self.core.on_register(message, addr, now)
-            records.append(record)
-            replies.append((reply, addr))
-        await self.registry.register(records)
-        for record in records:
+            if record is None:
+                self._refuse_registration(message, addr, reply)
+            else:
+                accepted.append((message, record, reply))
+        if not accepted:
+            return
+        owners = await self.registry.register([record for _, record, _ in accepted])
+        for (message, record, reply), owner in zip(accepted, owners, strict=True):
+            if owner is not None:
+                self._refuse_registration(message, record.public, self.core.name_taken(message, owner))
+                continue
             self.metrics.registrations.inc()
             self._heard[record.name] = (record.public, now)
             self._log.info(
@@ -226,9 +263,16 @@ class Broker:
                 name=record.name,
                 public=str(record.public),
                 listening=record.listening,
+                key=fingerprint(record.public_key or b""),
             )
-        for reply, addr in replies:
-            self._send(reply, addr)
+            self._send(reply, record.public)
+
+    def _refuse_registration(self, message: Register, addr: Endpoint, reply: Message) -> None:
+        code = reply.code if isinstance(reply, Error) else "refused"
+        self.metrics.refused.labels(code).inc()
+        text = reply.message if isinstance(reply, Error) else ""
+        self._log.warning("refused registration", name=message.name, source=str(addr), code=code, reason=text)
+        self._send(reply, addr)
 
     async def _on_keepalives(self, batch: list[tuple[Keepalive, Endpoint]]) -> None:
         now = time.time()
@@ -237,7 +281,7 @@ class Broker:
             self.metrics.keepalives.labels("ok" if ok else "unknown").inc()
             if ok:
                 self._heard[message.name] = (addr, now)
-            self._send(self.core.on_keepalive(message, addr, ok), addr)
+            self._send(self.core.on_keepalive(message, addr, ok, now), addr)
 
     async def _on_connects(self, batch: list[tuple[ConnectRequest, Endpoint]]) -> None:
         now = time.time()

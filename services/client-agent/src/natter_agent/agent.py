@@ -12,13 +12,26 @@ import secrets
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import structlog
 from natter_proto import frames
+from natter_proto.acl import PeerAllowList, parse_peer_rule
 from natter_proto.config import Config, broker_list
 from natter_proto.connect import ConnectAnswered, ConnectAttempt, ConnectFailed
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
-from natter_proto.frames import ConnectOffer, Error, FrameError, Message, Probe, ProbeAck, Punch
+from natter_proto.frames import (
+    ConnectOffer,
+    ConnectRequest,
+    Error,
+    FrameError,
+    Keepalive,
+    Message,
+    Probe,
+    ProbeAck,
+    Punch,
+    Register,
+)
 from natter_proto.punch import PathFound, PunchSession, PunchTimedOut
 from natter_proto.registration import (
     BrokerChanged,
@@ -32,8 +45,10 @@ from natter_proto.registration import (
 
 from .engine import QuicEngine, make_engine
 from .interfaces import local_ipv4_addresses
+from .keystore import KNOWN_PEERS, KnownPeers, load_identity, state_dir
 from .link import PeerLink, StreamChannel
-from .tls import self_signed
+from .tls import credentials_for
+from .trust import PeerTrust
 from .udp import AgentSocket
 
 log = structlog.get_logger("natter.agent")
@@ -86,9 +101,20 @@ class Agent:
         self.config = config
         self.name = config.client_user
         self.brokers = resolve_brokers(config.broker_addr)
+        directory = state_dir(config.state_dir)
+        self.identity, created = load_identity(directory)
+        self.identity_created = created
+        self.trust = PeerTrust(
+            pinned=dict(config.pinned_peers),
+            known=KnownPeers(directory / KNOWN_PEERS),
+            allow=PeerAllowList(
+                [parse_peer_rule(r) for r in config.allow_peers] if config.allow_peers is not None else None
+            ),
+            me=self.name,
+        )
         self.engine = engine or make_engine(
             config.quic_engine,
-            credentials=self_signed(self.name),
+            credentials=credentials_for(self.identity, self.name),
             max_datagram_size=config.max_datagram_size,
             idle_timeout=config.idle_timeout,
             stream_window=config.stream_window,
@@ -132,7 +158,13 @@ class Agent:
             brokers=len(self.brokers),
         )
         brokers = ", ".join(str(b) for b in self.brokers)
-        self._log.info("agent started", udp=str(bound), brokers=brokers)
+        self._log.info(
+            "agent started",
+            udp=str(bound),
+            brokers=brokers,
+            key=self.identity.fingerprint,
+            new_key=self.identity_created,
+        )
         self.registration.start(self._now())
         self._service()
 
@@ -281,7 +313,7 @@ class Agent:
                     self.stats["dropped_not_initial"] += 1
                     return
                 session.succeed(addr)
-                link = self._new_link(conn, session.peer, addr, "server")
+                link = self._new_link(conn, session.punch, addr, "server")
                 link.datagram_received(data, addr)
                 self._track(self._loop_create(self._await_handshake(link, session.punch)))
                 return
@@ -377,6 +409,7 @@ class Agent:
             public=str(punch.peer_public),
             candidates=len(punch.peer_locals) + 1,
             session=punch.session_id,
+            request_id=punch.request_id,
         )
         self._sessions[punch.session_id] = PunchSession(
             self.name,
@@ -399,7 +432,7 @@ class Agent:
                 probe_rtt_ms=round(event.rtt * 1000, 2),
             )
             if session.role == "client":
-                link = self._new_link(self.engine.client_connection(), session.peer, event.path, "client")
+                link = self._new_link(self.engine.client_connection(), session.punch, event.path, "client")
                 link.start_client()
                 self._track(self._loop_create(self._await_handshake(link, session.punch)))
         elif isinstance(event, PunchTimedOut):
@@ -415,15 +448,17 @@ class Agent:
                     ),
                 )
 
-    def _new_link(self, conn: object, peer: str, addr: Endpoint, role: str) -> PeerLink:
+    def _new_link(self, conn: object, punch: Punch, addr: Endpoint, role: str) -> PeerLink:
         link = PeerLink(
             sock=self.sock,
             conn=conn,  # type: ignore[arg-type]
-            peer=peer,
+            peer=punch.peer,
             addr=addr,
             role=role,
             on_incoming=self._on_incoming_stream,
             on_closed=self._on_link_closed,
+            verify=self._verify_peer,
+            expected_key=punch.peer_key,
             ping_interval=self.config.ping_interval,
             send_buffer_limit=self.config.send_buffer_limit,
         )
@@ -457,6 +492,13 @@ class Agent:
         if waiter is not None and not waiter.done():
             waiter.set_result(link)
 
+    def _verify_peer(self, link: PeerLink) -> str | None:
+        refusal = self.trust.check(link.peer, link.expected_key, link.peer_key, link.role)
+        if refusal is not None:
+            self.stats["tunnels_refused"] += 1
+            self._log.error("refused tunnel at the TLS layer", peer=link.peer, reason=refusal)
+        return refusal
+
     def _on_link_closed(self, link: PeerLink) -> None:
         if self._links_by_addr.get(link.addr) is link:
             del self._links_by_addr[link.addr]
@@ -475,7 +517,23 @@ class Agent:
 
     # -- small helpers --------------------------------------------------------------------
     def _send(self, message: Message, addr: Endpoint) -> None:
+        if addr == self.broker:
+            message = self._stamp(message)
         self.sock.sendto(frames.encode(message), addr)
+
+    def _stamp(self, message: Message) -> Message:
+        """Frames to the broker carry its latest cookie; a register also carries our key,
+        the token and a signature over all of it."""
+        assert self.registration is not None
+        cookie = self.registration.cookie
+        if isinstance(message, Register):
+            message = replace(
+                message, public_key=self.identity.public_key, cookie=cookie, token=self.config.token or None
+            )
+            return replace(message, signature=self.identity.sign_register(message))
+        if isinstance(message, Keepalive | ConnectRequest):
+            return replace(message, cookie=cookie)
+        return message
 
     def _now(self) -> float:
         assert self._loop is not None

@@ -24,7 +24,7 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.stream import QuicStream
 
 from .engine import ALPN
-from .tls import Credentials
+from .tls import Credentials, raw_public_key
 
 
 class FlowControlledConnection(QuicConnection):
@@ -59,6 +59,17 @@ class FlowControlledConnection(QuicConnection):
 
     def smoothed_rtt(self) -> float:
         return float(self._loss._rtt_smoothed)
+
+    def peer_public_key(self) -> bytes | None:
+        """The key the peer proved in the handshake (TLS CertificateVerify), if any."""
+        return raw_public_key(self.tls._peer_certificate)
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            # aioquic has no public switch for this: ask the client for its certificate, so
+            # that both sides prove their natter key (checked at HandshakeCompleted)
+            self.tls._request_client_certificate = True
 
     # -- credit that follows consumption, not arrival -----------------------------
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: Any) -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from types import TracebackType
 
+import structlog
+from natter_proto.acl import TargetAllowList, parse_target_rule
 from natter_proto.config import Config
 
 from .agent import Agent
-from .forward import Forward, forward_stdio, serve_incoming
+from .forward import Forward, Listener, forward_stdio
 from .link import PeerLink
+
+log = structlog.get_logger("natter.client")
 
 
 class Client:
@@ -25,7 +29,13 @@ class Client:
 
     async def listen(self, *, wait: bool = True) -> None:
         """Accept tunnels from peers; by default wait until the broker has registered us."""
-        self.agent.set_listening(serve_incoming)
+        rules = self.config.allow_targets
+        allow = TargetAllowList([parse_target_rule(r) for r in rules] if rules is not None else None)
+        if self.config.allow_peers is None:
+            log.warning(
+                "accepting tunnels from any authenticated peer; restrict with --allow NAME[=FINGERPRINT]"
+            )
+        self.agent.set_listening(Listener(allow).serve)
         await self.start()
         if wait:
             await self.agent.wait_registered(self.config.register_timeout)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import structlog
 from natter_proto import streamhdr
+from natter_proto.acl import TargetAllowList
 from natter_proto.backoff import Backoff
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 
@@ -28,38 +30,64 @@ def normalise_target(remote: str) -> str:
     return format_host_port(host, port)
 
 
-async def serve_incoming(channel: StreamChannel, peer: str) -> None:
-    """Listener side: read the header, connect to the target, answer, then pipe."""
-    try:
-        header, rest = await read_header(channel)
-        target = streamhdr.parse_open(header).target
-        host, port = split_host_port(target, default_host="localhost")
-    except (streamhdr.StreamHeaderError, ValueError, StreamClosed) as exc:
-        log.warning("refused stream with a bad header", peer=peer, reason=str(exc))
-        channel.reset()
-        channel.link.release(channel)
-        return
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
-    except (OSError, TimeoutError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-        reason = f"cannot connect to {target}: {why}"
-        log.warning("refused stream", peer=peer, target=target, reason=reason)
-        with contextlib.suppress(StreamClosed):
-            await channel.write(streamhdr.encode_reply(False, reason))
-            channel.write_eof()
-        await _drain_and_release(channel)
-        return
-    log.debug("stream opened", peer=peer, target=target, stream=channel.stream_id)
-    local = TcpEnd(reader, writer)
-    try:
-        await channel.write(streamhdr.encode_reply(True))
-    except StreamClosed:
-        await local.close()
-        channel.link.release(channel)
-        return
-    sent, received = await splice(local, channel, rest)
-    log.debug("stream closed", peer=peer, target=target, bytes_in=received, bytes_out=sent)
+class Listener:
+    """The accepting side: each incoming stream names a target; connect there if allowed."""
+
+    def __init__(self, allow: TargetAllowList) -> None:
+        self.allow = allow
+
+    async def serve(self, channel: StreamChannel, peer: str) -> None:
+        try:
+            header, rest = await read_header(channel)
+            target = streamhdr.parse_open(header).target
+            host, port = split_host_port(target, default_host="localhost")
+        except (streamhdr.StreamHeaderError, ValueError, StreamClosed) as exc:
+            log.debug("refused stream with a bad header", peer=peer, reason=str(exc))
+            channel.reset()
+            channel.link.release(channel)
+            return
+        address, refusal = await self._resolve_allowed(host, port)
+        if address is None:
+            log.warning("refused stream", peer=peer, target=target, reason=refusal)
+            await _refuse(channel, refusal)
+            return
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 10)
+        except (OSError, TimeoutError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+            reason = f"cannot connect to {target}: {why}"
+            log.warning("refused stream", peer=peer, target=target, reason=reason)
+            await _refuse(channel, reason)
+            return
+        log.debug("stream opened", peer=peer, target=target, stream=channel.stream_id)
+        local = TcpEnd(reader, writer)
+        try:
+            await channel.write(streamhdr.encode_reply(True))
+        except StreamClosed:
+            await local.close()
+            channel.link.release(channel)
+            return
+        sent, received = await splice(local, channel, rest)
+        log.debug("stream closed", peer=peer, target=target, bytes_in=received, bytes_out=sent)
+
+    async def _resolve_allowed(self, host: str, port: int) -> tuple[str | None, str]:
+        """The address to connect to (resolved once, so a name cannot change between the
+        check and the connect), or None and why not."""
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            return None, f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}"
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not self.allow.allows(host, port, addresses):
+            return None, "target not allowed"
+        return addresses[0], ""
+
+
+async def _refuse(channel: StreamChannel, reason: str) -> None:
+    with contextlib.suppress(StreamClosed):
+        await channel.write(streamhdr.encode_reply(False, reason))
+        channel.write_eof()
+    await _drain_and_release(channel)
 
 
 async def _drain_and_release(channel: StreamChannel) -> None:

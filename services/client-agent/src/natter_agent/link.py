@@ -120,6 +120,8 @@ class PeerLink:
         role: str,
         on_incoming: Callable[[StreamChannel], None],
         on_closed: Callable[[PeerLink], None],
+        verify: Callable[[PeerLink], str | None],
+        expected_key: bytes | None,
         ping_interval: float,
         send_buffer_limit: int,
     ) -> None:
@@ -135,6 +137,9 @@ class PeerLink:
         self.close_reason = ""
         self._on_incoming = on_incoming
         self._on_closed = on_closed
+        self._verify = verify
+        self.expected_key = expected_key  # what the broker vouched for
+        self.peer_key: bytes | None = None  # what the peer proved in the handshake
         self._ping_interval = ping_interval
         self._send_limit = send_buffer_limit
         self._channels: dict[int, StreamChannel] = {}
@@ -172,6 +177,8 @@ class PeerLink:
 
     def _process_events(self) -> None:
         while (event := self.conn.next_event()) is not None:
+            if self.closed.is_set():
+                continue  # refused or closed: nothing after that may reach a stream
             if isinstance(event, events.StreamDataReceived):
                 channel = self._channels.get(event.stream_id)
                 if channel is None:
@@ -187,6 +194,11 @@ class PeerLink:
                 self._fail_channel(event.stream_id, "peer stopped reading")
                 self.conn.reset_stream(event.stream_id, ERR_RESET)
             elif isinstance(event, events.HandshakeCompleted):
+                self.peer_key = self.conn.peer_public_key()
+                refusal = self._verify(self)
+                if refusal is not None:
+                    self.close(refusal)
+                    continue
                 if not self.ready.done():
                     self.ready.set_result(None)
                 if self._ping_task is None:
