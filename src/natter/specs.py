@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from natter_proto.endpoints import format_host_port
+from natter_proto.endpoints import format_host_port, is_decimal
 from natter_proto.frames import valid_name
 
 
@@ -45,7 +45,7 @@ def _split(text: str) -> list[str]:
 
 
 def _port(text: str, what: str, spec: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not is_decimal(text) or len(text) > 5 or not 1 <= int(text) <= 65535:
         raise SpecError(f"bad forward spec {spec!r}: {what} {text!r} is not a port (1-65535)")
     return int(text)
 
@@ -59,7 +59,7 @@ def parse_spec(spec: str) -> ForwardSpec:
     if len(parts) == 3:
         lhost, lport, peer, rhost, rport = "", parts[0], parts[1], "", parts[2]
     elif len(parts) == 4:
-        if parts[1].isdigit() and not parts[0].isdigit():
+        if is_decimal(parts[1]) and not is_decimal(parts[0]):
             lhost, lport, peer, rhost, rport = parts[0], parts[1], parts[2], "", parts[3]
         else:
             lhost, lport, peer, rhost, rport = "", parts[0], parts[1], parts[2], parts[3]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .endpoints import AddressError, split_host_port
+from .endpoints import AddressError, is_decimal, split_host_port
 from .frames import valid_name
 from .identity import same_fingerprint, valid_fingerprint
 
@@ -57,7 +57,7 @@ class TargetRule:
 def parse_target_rule(text: str) -> TargetRule:
     if text == "*":
         return TargetRule(None, None)
-    if text.isdigit():
+    if is_decimal(text):
         return TargetRule("", _port(text, text))
     if text.endswith(":*"):
         host = text[:-2].strip("[]")
@@ -74,6 +74,8 @@ def parse_target_rule(text: str) -> TargetRule:
 
 
 def _port(text: str, rule: str) -> int:
+    if not is_decimal(text) or len(text) > 5:
+        raise AclError(f"--allow-target {rule!r}: port out of range")
     port = int(text)
     if not 1 <= port <= 65535:
         raise AclError(f"--allow-target {rule!r}: port out of range")

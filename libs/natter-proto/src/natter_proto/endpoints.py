@@ -30,6 +30,11 @@ class Endpoint(NamedTuple):
         return ipaddress.ip_address(self.host).is_loopback
 
 
+def is_decimal(text: str) -> bool:
+    """ASCII digits only (str.isdigit also accepts "²" and other digits int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def check_port(port: int, *, allow_zero: bool = False) -> int:
     if isinstance(port, bool) or not isinstance(port, int):
         raise AddressError(f"port must be a number, got {port!r}")
@@ -68,7 +73,7 @@ def split_host_port(text: str, *, default_host: str = "") -> tuple[str, int]:
             raise AddressError(f"{text!r} has no port (expected HOST:PORT or :PORT)")
         if ":" in host:
             raise AddressError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
-    if not port_text.isdigit():
+    if not is_decimal(port_text) or len(port_text) > 5:
         raise AddressError(f"{text!r} has no valid port")
     return host or default_host, check_port(int(port_text), allow_zero=True)
 

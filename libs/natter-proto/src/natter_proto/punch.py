@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from .endpoints import Endpoint
 from .frames import Message, Probe, ProbeAck, Punch
 
+MAX_ACKS_PER_SOURCE = 100  # more than a whole punch of probes from one candidate
+MAX_SOURCES = 32
+
 
 class PunchState(enum.Enum):
     PROBING = "probing"
@@ -68,6 +71,7 @@ class PunchSession:
         self._next_probe = self._start
         self._nonce = 0
         self._sent_at: dict[int, float] = {}
+        self._acks_sent: dict[Endpoint, int] = {}
         self._outbox: list[tuple[Message, Endpoint]] = []
         self._events: deque[PunchEvent] = deque()
 
@@ -89,6 +93,10 @@ class PunchSession:
 
     def receive(self, message: Message, addr: Endpoint, now: float) -> None:
         if isinstance(message, Probe) and message.sender == self.peer:
+            answered = self._acks_sent.get(addr, 0)
+            if answered >= MAX_ACKS_PER_SOURCE or len(self._acks_sent) >= MAX_SOURCES:
+                return  # a flood with a guessed session id gets a bounded number of answers
+            self._acks_sent[addr] = answered + 1
             self.heard_from.add(addr)
             ack = ProbeAck(self.session_id, sender=self.me, nonce=message.nonce, observed=addr)
             self._outbox.append((ack, addr))

@@ -273,10 +273,12 @@ class Agent:
                 self.stats["dropped_unknown_session"] += 1
                 return
             session.receive(message, addr, now)
+            self.stats["accepted_probe"] += 1
             return
         if addr != self.broker:
             self.stats["dropped_not_from_broker"] += 1
             return
+        self.stats["accepted_broker"] += 1
         self._on_broker_message(message, now)
 
     def _on_broker_message(self, message: Message, now: float) -> None:
@@ -304,6 +306,7 @@ class Agent:
     def _on_quic(self, data: bytes, addr: Endpoint) -> None:
         link = self._links_by_addr.get(addr)
         if link is not None:
+            self.stats["accepted_quic"] += 1
             link.datagram_received(data, addr)
             return
         for session in self._sessions.values():
@@ -313,6 +316,7 @@ class Agent:
                     self.stats["dropped_not_initial"] += 1
                     return
                 session.succeed(addr)
+                self.stats["accepted_quic"] += 1
                 link = self._new_link(conn, session.punch, addr, "server")
                 link.datagram_received(data, addr)
                 self._track(self._loop_create(self._await_handshake(link, session.punch)))

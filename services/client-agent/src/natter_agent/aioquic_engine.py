@@ -64,6 +64,9 @@ class FlowControlledConnection(QuicConnection):
         """The key the peer proved in the handshake (TLS CertificateVerify), if any."""
         return raw_public_key(self.tls._peer_certificate)
 
+    def handshake_confirmed(self) -> bool:
+        return bool(self._handshake_confirmed)
+
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
         if not self._is_client:

@@ -140,6 +140,7 @@ class PeerLink:
         self._verify = verify
         self.expected_key = expected_key  # what the broker vouched for
         self.peer_key: bytes | None = None  # what the peer proved in the handshake
+        self._verified = False
         self._ping_interval = ping_interval
         self._send_limit = send_buffer_limit
         self._channels: dict[int, StreamChannel] = {}
@@ -199,15 +200,22 @@ class PeerLink:
                 if refusal is not None:
                     self.close(refusal)
                     continue
-                if not self.ready.done():
-                    self.ready.set_result(None)
+                self._verified = True
                 if self._ping_task is None:
                     self._ping_task = self.loop.create_task(self._ping_loop())
             elif isinstance(event, events.PingAcknowledged):
                 pass
             elif isinstance(event, events.ConnectionTerminated):
                 reason = event.reason_phrase or f"error 0x{event.error_code:x}"
-                self._terminated(f"connection closed by QUIC ({reason})")
+                self._terminated(f"connection closed by {self.peer}: {reason}")
+        self._maybe_ready()
+
+    def _maybe_ready(self) -> None:
+        """Up once we verified the peer and, as the QUIC client, the server has confirmed the
+        handshake (HANDSHAKE_DONE): a server that refuses us closes instead of confirming."""
+        confirmed = self.role == "server" or self.conn.handshake_confirmed()
+        if self._verified and confirmed and not self.ready.done() and self.is_alive:
+            self.ready.set_result(None)
 
     def _is_local_stream(self, stream_id: int) -> bool:
         client_initiated = stream_id % 2 == 0
