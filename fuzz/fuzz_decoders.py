@@ -1,0 +1,74 @@
+"""Coverage-guided fuzzing of every decoder that reads bytes from the network or a file.
+
+    make fuzz                       # 60 s per run
+    .venv/bin/python fuzz/fuzz_decoders.py -max_total_time=600 fuzz/corpus
+
+Each decoder may reject its input only with its own error type; anything else (a crash, an
+exception of another type) is a finding that libFuzzer reports and saves.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from natter.specs import SpecError, parse_spec
+    from natter_agent.keystore import parse_known_peers
+    from natter_proto import frames, streamhdr
+    from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
+    from natter_proto.tokens import TokenList, TokenListError
+
+
+def one_input(data: bytes) -> None:
+    if not data:
+        return
+    selector, body = data[0] % 4, data[1:]
+    if selector == 0:
+        try:
+            frames.decode(bytes([frames.PREFIX]) + body)
+        except frames.FrameError:
+            pass
+    elif selector == 1:
+        try:
+            header, _ = streamhdr.split_header(body)
+            if header is not None:
+                streamhdr.parse_open(header)
+        except streamhdr.StreamHeaderError:
+            pass
+    else:
+        text = body.decode("utf-8", errors="replace")
+        parse_known_peers(text)
+        for parser, error in (
+            (TokenList.parse, TokenListError),
+            (parse_spec, SpecError),
+            (parse_peer_rule, AclError),
+            (parse_target_rule, AclError),
+        ):
+            try:
+                parser(text)  # type: ignore[operator]
+            except error:
+                pass
+
+
+def seeds() -> list[bytes]:
+    e = frames.Endpoint("127.0.0.1", 9)
+    messages = [
+        frames.Register(name="bob", public_key=b"k" * 32, cookie=b"c" * 20, signature=b"s" * 64),
+        frames.Punch("r", "s", "alice", e, (e,), "server", peer_key=b"k" * 32),
+        frames.ProbeAck("s", "alice", 1, e),
+    ]
+    return [b"\x00" + frames.encode(m)[1:] for m in messages] + [b"\x01" + streamhdr.encode_open("h:1")]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[-1] != "--seeds" and not sys.argv[-1].startswith("-"):
+        import pathlib
+
+        corpus = pathlib.Path(sys.argv[-1])
+        corpus.mkdir(parents=True, exist_ok=True)
+        for i, seed in enumerate(seeds()):
+            (corpus / f"seed{i}").write_bytes(seed)
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()
