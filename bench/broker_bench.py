@@ -22,16 +22,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
+from dataclasses import replace
+
 from natter_proto import frames
+from natter_proto.identity import Identity
 from procs import free_port, natter
 from redis_server import RedisProcess
 
 
 class Swarm:
-    """Many simulated agents, each one UDP socket, driven from one epoll loop."""
+    """Many simulated agents, each one UDP socket and one identity, driven by one epoll loop."""
 
     def __init__(self, count: int) -> None:
         self.socks = []
+        self.identities = [Identity.generate() for _ in range(count)]
+        self.cookies: list[bytes | None] = [None] * count
         for _ in range(count):
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -42,6 +47,13 @@ class Swarm:
         self.by_fd = {s.fileno(): i for i, s in enumerate(self.socks)}
         for s in self.socks:
             self.poller.register(s.fileno(), select.EPOLLIN)
+
+    def register_frame(self, index: int, listening: bool) -> bytes:
+        identity = self.identities[index]
+        unsigned = frames.Register(
+            name=f"a{index}", listening=listening, public_key=identity.public_key, cookie=self.cookies[index]
+        )
+        return frames.encode(replace(unsigned, signature=identity.sign_register(unsigned)))
 
     def drain(self, timeout: float) -> list[tuple[int, bytes]]:
         got = []
@@ -69,6 +81,9 @@ class Swarm:
                     message = frames.decode(data)
                 except frames.FrameError:
                     continue
+                cookie = getattr(message, "cookie", None)
+                if cookie is not None:
+                    self.cookies[index] = cookie
                 if want == message.TYPE and index in pending:
                     pending.discard(index)
                     answered += 1
@@ -99,6 +114,13 @@ def redis_calls_by_command(redis: RedisProcess) -> dict[str, int]:
 NOT_SENT = {"info", "hello", "ping", "client|setinfo", "hget", "hset", "expire"}
 
 
+def flush(redis: RedisProcess) -> None:
+    """Each phase has fresh identities for the same names: start from an empty registry."""
+    subprocess.run(
+        ["redis-cli", "-h", redis.host, "-p", str(redis.port), "FLUSHALL"], capture_output=True, check=True
+    )
+
+
 def sent_by_broker(before: dict[str, int], after: dict[str, int]) -> int:
     return sum(after[k] - before.get(k, 0) for k in after if k not in NOT_SENT)
 
@@ -113,6 +135,7 @@ def cpu_seconds(pid: int) -> float:
 def start_broker(redis_url: str, broker_id: str) -> tuple[object, tuple[str, int]]:
     port = free_port(socket.SOCK_DGRAM)
     args = ["broker", "--listen", f"127.0.0.1:{port}", "--broker-id", broker_id, "--log-level", "warning"]
+    args += ["--ip-rate", "1000000"]  # every simulated agent shares 127.0.0.1
     if redis_url:
         args += ["--redis", redis_url]
     proc = natter(*args)
@@ -121,16 +144,21 @@ def start_broker(redis_url: str, broker_id: str) -> tuple[object, tuple[str, int
 
 
 def register_all(swarm: Swarm, brokers: list[tuple[str, int]], listening: bool) -> None:
-    batch = []
-    for i in range(len(swarm.socks)):
-        data = frames.encode(frames.Register(name=f"a{i}", listening=listening))
-        batch.append((i, data, brokers[i % len(brokers)]))
-    for start in range(0, len(batch), 200):
-        swarm.round(batch[start : start + 200], "registered", timeout=5)
+    """Register every agent: first contact earns a cookie (challenge), then a signed register."""
+    for want in ("challenge", "registered"):
+        batch = [
+            (i, swarm.register_frame(i, listening), brokers[i % len(brokers)])
+            for i in range(len(swarm.socks))
+        ]
+        for start in range(0, len(batch), 200):
+            swarm.round(batch[start : start + 200], want, timeout=5)
 
 
 def keepalive_rate(swarm: Swarm, broker: tuple[str, int], seconds: float, window: int) -> tuple[float, int]:
-    frames_by_agent = [frames.encode(frames.Keepalive(name=f"a{i}")) for i in range(len(swarm.socks))]
+    frames_by_agent = [
+        frames.encode(frames.Keepalive(name=f"a{i}", cookie=swarm.cookies[i]))
+        for i in range(len(swarm.socks))
+    ]
     done = 0
     cursor = 0
     start = time.perf_counter()
@@ -157,7 +185,9 @@ def connect_rate(
         for _ in range(window):
             i = requesters[serial % len(requesters)]
             target = (i + 1) % count if len(brokers) == 1 else (i + 3) % count
-            message = frames.ConnectRequest(f"q{serial}", f"a{i}", f"a{target}", "localhost:22")
+            message = frames.ConnectRequest(
+                f"q{serial}", f"a{i}", f"a{target}", "localhost:22", swarm.cookies[i]
+            )
             batch.append((i, frames.encode(message), brokers[i % len(brokers)]))
             serial += 1
         done += swarm.round(batch, "punch")
@@ -183,6 +213,7 @@ def main() -> int:
     try:
         for mode in ("memory", "redis"):
             url = redis.url if mode == "redis" else ""
+            flush(redis)
             proc, broker = start_broker(url, f"bench-{mode}")
             procs.append(proc)
             swarm = Swarm(args.agents)
@@ -199,6 +230,7 @@ def main() -> int:
             swarm.close()
             proc.stop()  # type: ignore[attr-defined]
         for replicas in (1, 2):
+            flush(redis)
             started = [start_broker(redis.url, f"bench-c{replicas}-{i}") for i in range(replicas)]
             procs += [p for p, _ in started]
             brokers = [b for _, b in started]

@@ -9,16 +9,18 @@ exception of another type) is a finding that libFuzzer reports and saves.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import atheris
 
 with atheris.instrument_imports():
-    from natter.specs import SpecError, parse_spec
     from natter_agent.keystore import parse_known_peers
     from natter_proto import frames, streamhdr
     from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
     from natter_proto.tokens import TokenList, TokenListError
+
+    from natter.specs import SpecError, parse_spec
 
 
 def one_input(data: bytes) -> None:
@@ -26,10 +28,8 @@ def one_input(data: bytes) -> None:
         return
     selector, body = data[0] % 4, data[1:]
     if selector == 0:
-        try:
+        with contextlib.suppress(frames.FrameError):
             frames.decode(bytes([frames.PREFIX]) + body)
-        except frames.FrameError:
-            pass
     elif selector == 1:
         try:
             header, _ = streamhdr.split_header(body)
@@ -46,10 +46,8 @@ def one_input(data: bytes) -> None:
             (parse_peer_rule, AclError),
             (parse_target_rule, AclError),
         ):
-            try:
+            with contextlib.suppress(error):
                 parser(text)  # type: ignore[operator]
-            except error:
-                pass
 
 
 def seeds() -> list[bytes]:

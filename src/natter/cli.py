@@ -153,6 +153,14 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         help="only agents listed in FILE ('NAME_OR_FINGERPRINT TOKEN' per line) may register",
     )
     parser.add_argument(
+        f"{dash}ip-rate",
+        dest="ip_rate",
+        type=float,
+        default=200.0,
+        metavar="FRAMES",
+        help="frames per second accepted from one source IP, bursts of twice that (default 200)",
+    )
+    parser.add_argument(
         f"{dash}broker-id",
         dest="broker_id",
         metavar="ID",
@@ -269,6 +277,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if args.command == "broker":
         if getattr(args, "name", None) or getattr(args, "specs", None) or getattr(args, "listen", False):
             raise UsageError("-server runs a broker and takes no -name, -listen or forward specs")
+        if args.ip_rate <= 0:
+            raise UsageError("--ip-rate must be positive")
         if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
             raise UsageError(f"bad Redis URL {args.redis!r}: expected redis://HOST:PORT/DB")
         if args.metrics:
@@ -336,6 +346,8 @@ async def run_broker(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics,
         broker_id=args.broker_id,
         tokens_file=args.tokens,
+        rate_per_ip=args.ip_rate,
+        burst_per_ip=2 * args.ip_rate,
     )
     if hasattr(args, "ttl"):
         config.keepalive_interval = args.keepalive
