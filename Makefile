@@ -1,10 +1,14 @@
-.PHONY: help setup demo test lint unit integration natlab fuzz bench clean
+.PHONY: help setup demo test lint unit integration natlab fuzz bench clean cmd lib test-c examples example-python example-c example-cpp
 
 help:
 	@echo "make setup        install everything into .venv (and Debian tools, as root)"
 	@echo "make demo         broker + bob + alice on localhost, bytes through a real forward"
 	@echo "make test         the whole suite: lint, types, unit, integration, NAT lab"
 	@echo "make unit | integration | natlab | lint"
+	@echo "make cmd          build/install the natter command (.venv/bin/natter)"
+	@echo "make lib          build/lib/libnatter.so and build/include/natter.h (C API)"
+	@echo "make examples     run the Python, C and C++ examples (bytes through a real forward)"
+	@echo "make test-c       the C API's error paths and threads, under AddressSanitizer"
 	@echo "make fuzz         coverage-guided fuzzing of every decoder (atheris, 60 s)"
 	@echo "make bench        benchmarks that print figures (see bench/README.md)"
 
@@ -35,6 +39,35 @@ fuzz:
 
 bench:
 	.venv/bin/python bench/broker_bench.py
+
+CFLAGS_EX = -Wall -Werror -O1 -Ibuild/include
+LDFLAGS_EX = -Lbuild/lib -lnatter -lpthread -Wl,-rpath,$(CURDIR)/build/lib
+SANITIZE = -fsanitize=address,undefined -fno-omit-frame-pointer -g
+
+cmd:
+	./scripts/setup.sh
+
+lib:
+	.venv/bin/python lib/build_libnatter.py
+
+example-python:
+	.venv/bin/python examples/python/simple.py
+
+example-c: lib
+	gcc $(CFLAGS_EX) examples/c/simple.c $(LDFLAGS_EX) -o build/simple_c
+	./build/simple_c
+
+example-cpp: lib
+	g++ -std=c++17 $(CFLAGS_EX) examples/cpp/simple.cpp $(LDFLAGS_EX) -o build/simple_cpp
+	./build/simple_cpp
+
+examples: example-python example-c example-cpp
+
+test-c:
+	NATTER_SANITIZE=1 .venv/bin/python lib/build_libnatter.py
+	gcc -Wall -Werror $(SANITIZE) -Ibuild/include tests/c/test_errors.c \
+		-Lbuild/asan/lib -lnatter -lpthread -Wl,-rpath,$(CURDIR)/build/asan/lib -o build/test_errors
+	ASAN_OPTIONS=detect_leaks=0 ./build/test_errors
 
 clean:
 	rm -rf .venv build .pytest_cache .mypy_cache .ruff_cache
