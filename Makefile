@@ -1,10 +1,11 @@
-.PHONY: help setup demo test lint unit integration natlab fuzz bench clean cmd lib test-c examples example-python example-c example-cpp
+.PHONY: help setup demo test lint unit integration natlab fuzz bench clean cmd lib test-c images examples example-python example-c example-cpp
 
 help:
 	@echo "make setup        install everything into .venv (and Debian tools, as root)"
 	@echo "make demo         broker + bob + alice on localhost, bytes through a real forward"
 	@echo "make test         the whole suite: lint, types, unit, integration, NAT lab"
 	@echo "make unit | integration | natlab | lint"
+	@echo "make images       container images (broker, agent, local Redis) without a registry"
 	@echo "make cmd          build/install the natter command (.venv/bin/natter)"
 	@echo "make lib          build/lib/libnatter.so and build/include/natter.h (C API)"
 	@echo "make examples     run the Python, C and C++ examples (bytes through a real forward)"
@@ -43,6 +44,9 @@ bench:
 CFLAGS_EX = -Wall -Werror -O1 -Ibuild/include
 LDFLAGS_EX = -Lbuild/lib -lnatter -lpthread -Wl,-rpath,$(CURDIR)/build/lib
 SANITIZE = -fsanitize=address,undefined -fno-omit-frame-pointer -g
+
+images:
+	./scripts/images.sh
 
 cmd:
 	./scripts/setup.sh

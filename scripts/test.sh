@@ -8,5 +8,16 @@ echo "== lint and types"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+echo "== lint Dockerfiles and manifests"
+.venv/bin/hadolint docker/*.Dockerfile
+echo "== container images"
+if ./scripts/images.sh; then
+  export NATTER_REDIS_IMAGE=natter-redis:local  # the fleet's Redis fixture uses testcontainers with it
+elif [[ -n ${CI:-} ]]; then
+  echo "test: container images are required in CI" >&2
+  exit 1
+else
+  echo "test: no container images; the container tests will skip" >&2
+fi
 echo "== tests"
 exec .venv/bin/pytest -p no:cacheprovider -ra "$@"

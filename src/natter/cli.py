@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -211,7 +212,6 @@ def subcommand_parser() -> Parser:
     broker.add_argument(
         "--listen",
         dest="server",
-        required=True,
         metavar="ADDR",
         help="UDP address to listen on, e.g. :10000",
     )
@@ -260,9 +260,64 @@ def subcommand_parser() -> Parser:
     return p
 
 
+# Environment variables fill in what the command line leaves out (flags win over them,
+# they win over the built-in defaults): containers and systemd units configure natter so.
+ENVIRONMENT = {
+    "server": "NATTER_LISTEN",
+    "redis": "NATTER_REDIS",
+    "metrics": "NATTER_METRICS",
+    "broker_id": "NATTER_BROKER_ID",
+    "tokens": "NATTER_TOKENS",
+    "ip_rate": "NATTER_IP_RATE",
+    "name": "NATTER_NAME",
+    "broker": "NATTER_BROKER",
+    "state_dir": "NATTER_STATE_DIR",
+    "token": "NATTER_TOKEN",
+    "keepalive": "NATTER_KEEPALIVE",
+    "udp_port": "NATTER_UDP_PORT",
+    "log_format": "NATTER_LOG_FORMAT",
+    "log_level": "NATTER_LOG_LEVEL",
+}
+
+
+def _with_environment(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse argv; then, for options left unset, take NATTER_* variables, then defaults."""
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    builtin: dict[str, object] = {}
+    for each in parsers:
+        for action in each._actions:
+            if action.dest in ENVIRONMENT:
+                builtin.setdefault(action.dest, action.default)
+                action.default = None
+    args = parser.parse_args(argv)
+    actions = {a.dest: a for each in parsers for a in each._actions}
+    for dest, variable in ENVIRONMENT.items():
+        if not hasattr(args, dest) or getattr(args, dest) is not None:
+            continue
+        raw = os.environ.get(variable, "")
+        if not raw:
+            setattr(args, dest, builtin.get(dest))
+            continue
+        action = actions[dest]
+        try:
+            if isinstance(action, argparse._AppendAction):
+                value: object = [item.strip() for item in raw.split(",") if item.strip()]
+            else:
+                value = action.type(raw) if callable(action.type) else raw
+        except (TypeError, ValueError):
+            raise UsageError(f"{variable}={raw!r} is not a valid value") from None
+        if action.choices is not None and value not in action.choices:
+            raise UsageError(f"{variable}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        setattr(args, dest, value)
+    return args
+
+
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     if argv and argv[0] in SUBCOMMANDS:
-        args = subcommand_parser().parse_args(argv)
+        args = _with_environment(subcommand_parser(), argv)
         if args.command == "listen":
             args.listen = True
         if args.command == "id":
@@ -272,9 +327,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             raise UsageError(
                 "nothing to do: give -server ADDR, or -name NAME -broker ADDR (see 'natter --help')"
             )
-        args = legacy_parser().parse_args(argv)
+        args = _with_environment(legacy_parser(), argv)
         args.command = "broker" if args.server else "client"
     if args.command == "broker":
+        if not args.server:
+            raise UsageError("a broker needs --listen ADDR (or NATTER_LISTEN)")
         if getattr(args, "name", None) or getattr(args, "specs", None) or getattr(args, "listen", False):
             raise UsageError("-server runs a broker and takes no -name, -listen or forward specs")
         if args.ip_rate <= 0:

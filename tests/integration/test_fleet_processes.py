@@ -126,6 +126,7 @@ def test_replica_killed_agents_move_and_tunnel_keeps_flowing(
         assert tool("echo-check", "127.0.0.1", str(new_port), str(1 << 20)) == "ok"
     finally:
         fleet.close()
+        redis.close()
 
 
 def test_graceful_shutdown_sends_goaway_and_no_forward_fails(
@@ -163,10 +164,10 @@ def test_graceful_shutdown_sends_goaway_and_no_forward_fails(
         fleet.close()
 
 
-def test_redis_restart_readiness_and_recovery(
-    redis: RedisProcess | RedisContainer, services: tuple[int, int]
-) -> None:
+def test_redis_restart_readiness_and_recovery(services: tuple[int, int]) -> None:
+    """A redis-server process, not a container: it must come back on the same port."""
     echo_port, _ = services
+    redis = RedisProcess().start()
     fleet = Fleet(redis, 2)
     try:
         fleet.wait_ready(0, 200)
@@ -196,3 +197,4 @@ def test_redis_restart_readiness_and_recovery(
         assert tool("echo-check", "127.0.0.1", str(new_port), str(1 << 20)) == "ok"
     finally:
         fleet.close()
+        redis.close()
