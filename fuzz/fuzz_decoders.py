@@ -15,12 +15,11 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
+    from natter.specs import SpecError, parse_spec
     from natter_agent.keystore import parse_known_peers
     from natter_proto import frames, streamhdr
     from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
     from natter_proto.tokens import TokenList, TokenListError
-
-    from natter.specs import SpecError, parse_spec
 
 
 def one_input(data: bytes) -> None:

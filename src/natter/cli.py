@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import structlog
+
 from natter_agent import Client, NatterError
 from natter_agent.keystore import KEY_FILE, StateError, load_identity, state_dir
 from natter_broker import Broker
@@ -336,8 +337,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             raise UsageError("-server runs a broker and takes no -name, -listen or forward specs")
         if args.ip_rate <= 0:
             raise UsageError("--ip-rate must be positive")
-        if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
-            raise UsageError(f"bad Redis URL {args.redis!r}: expected redis://HOST:PORT/DB")
+        schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+        if args.redis and not args.redis.startswith(schemes):
+            raise UsageError(
+                f"bad Redis URL {args.redis!r}: expected redis://HOST:PORT/DB or redis+sentinel://..."
+            )
         if args.metrics:
             try:
                 split_host_port(args.metrics)

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+
 from netcheck import digest_of_pattern
 from procs import Proc, free_port, natter, server, tool
 

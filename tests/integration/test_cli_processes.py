@@ -7,6 +7,7 @@ import socket
 import subprocess
 
 import pytest
+
 from netcheck import digest_of_pattern, pattern
 from procs import NATTER, free_port, isolated_env, natter, server, tool
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from procs import free_port, server, tool
 from redis_server import docker_answers
 

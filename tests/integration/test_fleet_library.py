@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis as redis_client
-from natter_proto import frames
-from netcheck import echo_check, echo_handler
-from redis_server import RedisContainer, RedisProcess, start_redis
 
 from natter import Broker, Client, Config, PeerUnavailable
+from natter_proto import frames
+from netcheck import echo_check, echo_handler
+from procs import free_port
+from redis_server import RedisContainer, RedisProcess, start_redis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -196,3 +198,40 @@ async def test_metrics_and_health_endpoints(replicas: list[Broker], echo_port: i
     assert values["natter_broker_active_peers"] >= 2
     assert values["natter_broker_ready"] == 1
     assert any(k.startswith("natter_broker_redis_latency_seconds_count") for k in values)
+
+
+async def test_sentinel_url_finds_the_master(echo_port: int) -> None:
+    """redis+sentinel://: the broker asks a real Sentinel for the master and uses it."""
+    master = RedisProcess().start()
+    sentinel_port = free_port()
+    conf = os.path.join(master.dir, "sentinel.conf")
+    with open(conf, "w") as handle:
+        handle.write(
+            f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor natter 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds natter 5000\n"
+        )
+    sentinel = subprocess.Popen(
+        [master.binary, conf, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"redis+sentinel://127.0.0.1:{sentinel_port}/natter/0"
+        async with Broker(config(broker_addr="127.0.0.1:0", redis_url=url)) as broker:
+            for _ in range(100):
+                if broker.is_ready():
+                    break
+                await asyncio.sleep(0.1)
+            assert broker.is_ready()
+            async with (
+                Client(config(client_user="bob", broker_addr=addr(broker))) as bob,
+                Client(config(client_user="alice", broker_addr=addr(broker))) as alice,
+            ):
+                await bob.listen()
+                fwd = await alice.forward("127.0.0.1:0", "bob", f":{echo_port}")
+                assert fwd.local is not None
+                assert await echo_check("127.0.0.1", fwd.local.port, os.urandom(100_000))
+        keys = redis_client.Redis.from_url(master.url).keys("natter:owner:*")
+        assert {k.decode() for k in keys} >= {"natter:owner:{bob}", "natter:owner:{alice}"}
+    finally:
+        sentinel.terminate()
+        sentinel.wait(10)
+        master.close()

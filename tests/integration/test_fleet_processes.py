@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+
 from netcheck import digest_of_pattern
 from procs import Proc, free_port, natter, server, tool
 from redis_server import RedisContainer, RedisProcess, start_redis

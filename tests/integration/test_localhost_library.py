@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import pytest
 import structlog
-from natter_proto import frames
-from netcheck import echo_check, echo_handler, send_and_get_reply, sink_handler
 
 from natter import Broker, Client, Config, PeerUnavailable
+from natter_proto import frames
+from netcheck import echo_check, echo_handler, send_and_get_reply, sink_handler
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+
 from natlab import INET_IP, NatLab, remove_stale_namespaces, unavailable_reason
 from netcheck import digest_of_pattern
 from procs import Proc, natter, server, tool

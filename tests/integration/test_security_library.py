@@ -13,13 +13,13 @@ from dataclasses import replace
 
 import pytest
 import structlog
+
+from natter import Broker, Client, Config, PeerUnavailable
 from natter_proto import frames
 from natter_proto.endpoints import Endpoint
 from natter_proto.frames import Challenge, Register, Registered
 from natter_proto.identity import Identity
 from netcheck import echo_check, echo_handler
-
-from natter import Broker, Client, Config, PeerUnavailable
 
 pytestmark = pytest.mark.timeout(180)
 

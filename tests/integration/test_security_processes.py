@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from procs import NATTER, free_port, natter, server, tool
 from redis_server import RedisContainer, RedisProcess, start_redis
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 
 from natter.specs import ForwardSpec, SpecError, parse_spec
+from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 
 
 @pytest.mark.parametrize(

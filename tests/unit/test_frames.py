@@ -8,6 +8,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from natter_proto import frames
 from natter_proto.endpoints import Endpoint
 from natter_proto.frames import FrameError

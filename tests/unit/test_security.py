@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from natter.specs import SpecError, parse_spec
 from natter_agent.keystore import parse_known_peers
 from natter_proto import streamhdr
 from natter_proto.acl import (
@@ -31,8 +33,6 @@ from natter_proto.identity import (
 from natter_proto.ratelimit import RateLimiter
 from natter_proto.registration import Registration, RegistrationLost, RegistrationUp, RegState
 from natter_proto.tokens import TokenList, TokenListError
-
-from natter.specs import SpecError, parse_spec
 
 ADDR = Endpoint("198.51.100.7", 40000)
 

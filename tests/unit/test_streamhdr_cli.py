@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from natter_proto import streamhdr
 
 from natter.cli import main, parse
+from natter_proto import streamhdr
 
 
 def test_stream_header_round_trip_and_split() -> None:

@@ -27,10 +27,12 @@ from typing import Any
 import msgpack
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import NoScriptError, RedisError
+
 from natter_proto.backoff import Backoff
 from natter_proto.endpoints import AddressError, Endpoint, endpoint
 from natter_proto.registry import PeerRecord
-from redis.exceptions import NoScriptError, RedisError
 
 from .metrics import BrokerMetrics
 from .registry import BusHandler, ConnectFound, ConnectLookup
@@ -129,11 +131,13 @@ def _parse_record(name: str, raw: dict[bytes, bytes]) -> PeerRecord | None:
         return None
 
 
-class RedisRegistry:
-    def __init__(self, url: str, *, forget_after: float, metrics: BrokerMetrics | None = None) -> None:
-        self.url = url
-        self.forget_after = int(max(1, forget_after))
-        self.metrics = metrics or BrokerMetrics()
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for redis://, rediss://, unix:// or redis+sentinel://[:PASSWORD@]HOST:PORT,
+    HOST:PORT/MASTER[/DB] (the master is looked up through Sentinel and followed on failover)."""
+    if not url.startswith(SENTINEL_SCHEME):
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=16,  # bursts wait for a connection instead of failing
@@ -142,7 +146,33 @@ class RedisRegistry:
             socket_connect_timeout=2.0,
             health_check_interval=10,
         )
-        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        return aioredis.Redis(connection_pool=pool)
+    rest = url[len(SENTINEL_SCHEME) :]
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = credentials.split(":", 1)[-1] or None
+    hosts, _, path = rest.partition("/")
+    master, _, db = path.partition("/")
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        sentinels.append((host or "localhost", int(port or 26379)))
+    if not master or not sentinels:
+        raise ValueError(f"bad Sentinel URL {url!r}: expected redis+sentinel://HOST:PORT,.../MASTER/DB")
+    sentinel = Sentinel(sentinels, socket_timeout=2.0, socket_connect_timeout=2.0)  # type: ignore[no-untyped-call]
+    client: aioredis.Redis = sentinel.master_for(
+        master, db=int(db or 0), password=password, socket_timeout=2.0
+    )
+    return client
+
+
+class RedisRegistry:
+    def __init__(self, url: str, *, forget_after: float, metrics: BrokerMetrics | None = None) -> None:
+        self.url = url
+        self.forget_after = int(max(1, forget_after))
+        self.metrics = metrics or BrokerMetrics()
+        self.client: aioredis.Redis = connect(url)
         self._scripts: dict[str, str] = {}  # source -> sha, loaded on first use
         self._broker_id = ""
         self._handler: BusHandler | None = None

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import structlog
+
 from natter_proto import frames
 from natter_proto.broker import BrokerCore, Introduction, new_session_id
 from natter_proto.config import Config

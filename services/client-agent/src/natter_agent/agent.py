@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import structlog
+
 from natter_proto import frames
 from natter_proto.acl import PeerAllowList, parse_peer_rule
 from natter_proto.config import Config, broker_list

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 
 import structlog
+
 from natter_proto.acl import TargetAllowList, parse_target_rule
 from natter_proto.config import Config
 

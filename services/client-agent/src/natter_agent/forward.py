@@ -9,6 +9,7 @@ import contextlib
 import socket
 
 import structlog
+
 from natter_proto import streamhdr
 from natter_proto.acl import TargetAllowList
 from natter_proto.backoff import Backoff

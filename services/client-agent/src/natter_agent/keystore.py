@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     load_pem_private_key,
 )
+
 from natter_proto.frames import valid_name
 from natter_proto.identity import Identity, fingerprint, valid_fingerprint
 

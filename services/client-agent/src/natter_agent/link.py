@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import structlog
 from aioquic.quic import events
+
 from natter_proto.endpoints import Endpoint
 
 from .engine import TunnelConnection

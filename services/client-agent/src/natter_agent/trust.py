@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import structlog
+
 from natter_proto.acl import PeerAllowList
 from natter_proto.identity import fingerprint, same_fingerprint
 
