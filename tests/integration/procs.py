@@ -131,7 +131,9 @@ def natter(
     *args: str, prefix: Sequence[str] = (), stdin: int | None = subprocess.DEVNULL, home: str | None = None
 ) -> Proc:
     """Run the natter command with JSON logs; ``home`` keeps one identity across runs."""
-    log_flag = "--log-format" if args and args[0] in ("broker", "listen", "forward") else "-log-format"
+    log_flag = (
+        "--log-format" if args and args[0] in ("broker", "listen", "forward", "agent") else "-log-format"
+    )
     return Proc([NATTER, *args, log_flag, "json"], prefix=prefix, stdin=stdin, home=home)
 
 

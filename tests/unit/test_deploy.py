@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from natter import cli
+from natter import cli, options
 from natter_broker.http import HealthServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +139,7 @@ def environment_of(container: dict[str, Any]) -> dict[str, str]:
 
 def check_invocation(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """The arguments and NATTER_* variables parse with the real CLI parser."""
-    unknown = {k for k in env if k.startswith("NATTER_")} - set(cli.ENVIRONMENT.values())
+    unknown = {k for k in env if k.startswith("NATTER_")} - set(options.ENVIRONMENT.values())
     assert not unknown, f"variables the CLI does not read: {unknown}"
     with monkeypatch.context() as patch:
         for key, value in env.items():
@@ -148,7 +148,7 @@ def check_invocation(args: list[str], env: dict[str, str], monkeypatch: pytest.M
             if key == "NATTER_BROKER_ID" and value == "from-elsewhere":
                 value = "pod-name"
             patch.setenv(key, value)
-        return cli.parse(args)
+        return options.parse(args)
 
 
 def port_of(address: str) -> int:

@@ -204,6 +204,10 @@ class Agent:
         self.sock.close()
 
     # -- tunnels --------------------------------------------------------------------
+    def links(self) -> list[PeerLink]:
+        """Live tunnels, one per peer."""
+        return [link for link in self._links.values() if link.is_alive]
+
     def link_to(self, peer: str) -> PeerLink | None:
         link = self._links.get(peer)
         return link if link is not None and link.is_alive else None
@@ -467,6 +471,7 @@ class Agent:
             ping_interval=self.config.ping_interval,
             send_buffer_limit=self.config.send_buffer_limit,
         )
+        link.path_kind = "lan" if addr in punch.peer_locals and addr != punch.peer_public else "direct"
         old = self._links_by_addr.get(addr)
         if old is not None:
             old.close("replaced by a new tunnel")

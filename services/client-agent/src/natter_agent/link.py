@@ -151,6 +151,11 @@ class PeerLink:
         self._flush_handle: asyncio.Handle | None = None
         self._ping_task: asyncio.Task[None] | None = None
         self.last_ping_rtt: float | None = None
+        self.path_kind = "direct"  # or "lan" (a local candidate answered); "relayed" later
+        self.started = self.loop.time()
+        self.bytes_sent = 0  # payload bytes, both ways, over the tunnel's life
+        self.bytes_received = 0
+        self.streams_opened = 0
 
     @property
     def is_alive(self) -> bool:
@@ -188,7 +193,9 @@ class PeerLink:
                         continue  # data for a stream we already finished with
                     channel = StreamChannel(self, event.stream_id)
                     self._channels[event.stream_id] = channel
+                    self.streams_opened += 1
                     self._on_incoming(channel)
+                self.bytes_received += len(event.data)
                 channel._feed(event.data, event.end_stream)
             elif isinstance(event, events.StreamReset):
                 self._fail_channel(event.stream_id, "peer reset the stream")
@@ -263,7 +270,27 @@ class PeerLink:
         stream_id = self.conn.get_next_available_stream_id()
         channel = StreamChannel(self, stream_id)
         self._channels[stream_id] = channel
+        self.streams_opened += 1
         return channel
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._channels)
+
+    def status(self) -> dict[str, object]:
+        """What `natter status` shows for this tunnel."""
+        return {
+            "peer": self.peer,
+            "path": self.path_kind,
+            "endpoint": str(self.addr),
+            "role": self.role,
+            "rtt_ms": round(self.rtt * 1000, 2),
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "open_connections": self.open_streams,
+            "connections": self.streams_opened,
+            "uptime_s": round(self.loop.time() - self.started, 1),
+        }
 
     def send_capacity(self, stream_id: int) -> int:
         return self._send_limit - self.conn.send_buffer_size(stream_id)
@@ -275,6 +302,7 @@ class PeerLink:
         if not self.is_alive:
             raise StreamClosed(self.close_reason or "tunnel closed")
         self.conn.send_stream_data(stream_id, data, end_stream=end_stream)
+        self.bytes_sent += len(data)
         self.schedule_flush()
 
     def consume(self, stream_id: int, size: int) -> None:

@@ -1,0 +1,286 @@
+"""The natter command's option parsers: the seed's single-dash form and subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from . import __version__, logs
+
+SUBCOMMANDS = ("broker", "listen", "forward", "agent", "id", "config", "status")
+
+SPEC_HELP = (
+    "forward spec [LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT, e.g. 8022:bob:22; "
+    "an empty LOCALPORT (:bob:22) pipes stdin/stdout"
+)
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _common(parser: argparse.ArgumentParser, dash: str) -> None:
+    parser.add_argument(
+        f"{dash}log-format",
+        choices=("auto", "console", "json"),
+        default="auto",
+        help="log format on stderr (default: console on a terminal, else json)",
+    )
+    parser.add_argument(f"{dash}log-level", choices=tuple(logs.LEVELS), default="info")
+
+
+def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> None:
+    names = [f"{dash}name"] + (["-id"] if legacy else [])
+    parser.add_argument(*names, dest="name", metavar="NAME", help="this client's name")
+    parser.add_argument(
+        f"{dash}broker",
+        dest="broker",
+        action="append",
+        metavar="ADDR",
+        help="broker HOST:PORT; repeat it (or use a name with several addresses) to fail over",
+    )
+    parser.add_argument(
+        f"{dash}udp-port",
+        dest="udp_port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="local UDP port for the agent's one socket (default: any)",
+    )
+    parser.add_argument(
+        f"{dash}keepalive",
+        dest="keepalive",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="seconds between keepalives to the broker (default 20)",
+    )
+    _identity_options(parser, dash)
+    parser.add_argument(
+        f"{dash}token", dest="token", metavar="TOKEN", default="", help="token for a broker that requires one"
+    )
+    parser.add_argument(
+        f"{dash}peer",
+        dest="peers",
+        action="append",
+        default=[],
+        metavar="NAME=FINGERPRINT",
+        help="pin a peer's key: refuse a tunnel to or from NAME unless it proves this key",
+    )
+    parser.add_argument(
+        f"{dash}allow",
+        dest="allow",
+        action="append",
+        metavar="PEER[=FINGERPRINT]",
+        help="listener: only these peers may connect (default: any authenticated peer)",
+    )
+    parser.add_argument(
+        f"{dash}allow-target",
+        dest="allow_targets",
+        action="append",
+        metavar="HOST:PORT|PORT|HOST:*|*",
+        help="listener: where peers may connect to (default: loopback only, any port)",
+    )
+
+
+def _config_option(parser: argparse.ArgumentParser, dash: str, default: str) -> None:
+    parser.add_argument(
+        f"{dash}config",
+        dest="config",
+        metavar="FILE",
+        default=None,
+        help=f"TOML configuration file (default {default}, if it exists); flags override it",
+    )
+
+
+def _agent_metrics(parser: argparse.ArgumentParser, dash: str) -> None:
+    parser.add_argument(
+        f"{dash}metrics",
+        dest="metrics",
+        metavar="ADDR",
+        default="",
+        help="serve /healthz and /metrics (tunnels, bytes, drops) over HTTP on ADDR",
+    )
+
+
+def _identity_options(parser: argparse.ArgumentParser, dash: str) -> None:
+    parser.add_argument(
+        f"{dash}state-dir",
+        dest="state_dir",
+        metavar="DIR",
+        default="",
+        help="where the identity key and known_peers live (default ~/.config/natter)",
+    )
+
+
+def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
+    parser.add_argument(
+        f"{dash}redis",
+        dest="redis",
+        metavar="URL",
+        default="",
+        help="join a fleet of replicas sharing registrations in Redis (redis://HOST:PORT/DB)",
+    )
+    parser.add_argument(
+        f"{dash}metrics",
+        dest="metrics",
+        metavar="ADDR",
+        default="",
+        help="serve /healthz, /readyz and /metrics over HTTP on ADDR (e.g. :9100)",
+    )
+    parser.add_argument(
+        f"{dash}tokens",
+        dest="tokens",
+        metavar="FILE",
+        default="",
+        help="only agents listed in FILE ('NAME_OR_FINGERPRINT TOKEN' per line) may register",
+    )
+    parser.add_argument(
+        f"{dash}ip-rate",
+        dest="ip_rate",
+        type=float,
+        default=200.0,
+        metavar="FRAMES",
+        help="frames per second accepted from one source IP, bursts of twice that (default 200)",
+    )
+    parser.add_argument(
+        f"{dash}broker-id",
+        dest="broker_id",
+        metavar="ID",
+        default="",
+        help="this replica's id in the fleet (default: hostname and a random suffix)",
+    )
+
+
+def legacy_parser() -> Parser:
+    p = Parser(
+        prog="natter",
+        description="natter: forward TCP ports between machines behind NATs "
+        "(seed-compatible form). "
+        "Subcommands 'natter broker|listen|forward --help' offer the same with GNU-style options.",
+        epilog="examples:\n  natter -server 1.2.3.4:10000\n"
+        "  natter -name bob -broker 1.2.3.4:10000 -listen\n"
+        "  natter -name alice -broker 1.2.3.4:10000 8022:bob:22\n"
+        "  ssh -o ProxyCommand='natter -name alice -broker 1.2.3.4:10000 :bob:22' bob",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-server",
+        "--server",
+        dest="server",
+        metavar="ADDR",
+        help="run a broker listening on ADDR (e.g. :10000)",
+    )
+    _agent_options(p, "-", legacy=True)
+    _broker_options(p, "-")
+    _config_option(p, "-", "~/.config/natter/natter.toml, or /etc/natter/broker.toml with -server")
+    p.add_argument(
+        "-listen", "--listen", dest="listen", action="store_true", help="accept forwards from peers"
+    )
+    p.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
+    _common(p, "-")
+    p.add_argument("-version", "--version", action="version", version=f"natter {__version__}")
+    return p
+
+
+def subcommand_parser() -> Parser:
+    p = Parser(prog="natter", description="natter: forward TCP ports between machines behind NATs.")
+    p.add_argument("--version", action="version", version=f"natter {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    broker = sub.add_parser(
+        "broker",
+        help="run a broker (rendezvous server)",
+        description="Run a broker: agents register with it and it introduces them.",
+    )
+    broker.add_argument(
+        "--listen",
+        dest="server",
+        metavar="ADDR",
+        help="UDP address to listen on, e.g. :10000",
+    )
+    broker.add_argument(
+        "--keepalive",
+        dest="keepalive",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="keepalive interval suggested to agents (default 20)",
+    )
+    broker.add_argument(
+        "--ttl",
+        dest="ttl",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="an agent silent this long is offline (default 60)",
+    )
+    _broker_options(broker, "--")
+    _config_option(broker, "--", "/etc/natter/broker.toml")
+    _common(broker, "--")
+    listen = sub.add_parser(
+        "listen",
+        help="accept forwards from peers",
+        description="Register with a broker and accept tunnels from peers.",
+    )
+    _agent_options(listen, "--", legacy=False)
+    _agent_metrics(listen, "--")
+    _config_option(listen, "--", "~/.config/natter/natter.toml")
+    listen.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
+    _common(listen, "--")
+    forward = sub.add_parser(
+        "forward",
+        help="forward local ports to peers",
+        description="Forward local TCP ports (or stdio) to ports on peers.",
+    )
+    _agent_options(forward, "--", legacy=False)
+    _agent_metrics(forward, "--")
+    _config_option(forward, "--", "~/.config/natter/natter.toml")
+    forward.add_argument("--listen", dest="listen", action="store_true", help="also accept forwards")
+    forward.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
+    _common(forward, "--")
+    agent = sub.add_parser(
+        "agent",
+        help="run an agent as its config file says (listen and/or forwards)",
+        description="Run an agent: listen if configured, and every forward of the config file.",
+    )
+    _agent_options(agent, "--", legacy=False)
+    _agent_metrics(agent, "--")
+    _config_option(agent, "--", "~/.config/natter/natter.toml")
+    agent.add_argument("--listen", dest="listen", action="store_true", help="accept forwards")
+    agent.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
+    _common(agent, "--")
+    config = sub.add_parser(
+        "config",
+        help="check a configuration file",
+        description="Check a TOML configuration file: prints 'ok' or the first problem (FILE:LINE: KEY).",
+    )
+    config_sub = config.add_subparsers(dest="config_command", required=True, parser_class=Parser)
+    check = config_sub.add_parser("check", help="check FILE")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument(
+        "--kind", choices=("agent", "broker"), default=None, help="default: guessed from the keys"
+    )
+    _common(config, "--")
+    status = sub.add_parser(
+        "status",
+        help="show a running agent's tunnels",
+        description="Ask the agent running with this state directory for its tunnels.",
+    )
+    _identity_options(status, "--")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _common(status, "--")
+    ident = sub.add_parser(
+        "id",
+        help="show this agent's key fingerprint",
+        description="Print the fingerprint of this agent's key (created on first use).",
+    )
+    _identity_options(ident, "--")
+    _common(ident, "--")
+    return p
