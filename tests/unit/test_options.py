@@ -1,0 +1,78 @@
+"""Where options come from: flags, then NATTER_* variables, then the config file, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from natter.options import parse
+from natter.parsers import UsageError
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("NATTER_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config-here"))
+
+
+def agent_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_environment_fills_what_flags_leave_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATTER_NAME", "alice")
+    monkeypatch.setenv("NATTER_BROKER", "b1:10000, b2:10000")
+    monkeypatch.setenv("NATTER_KEEPALIVE", "7.5")
+    args = parse(["forward", "8022:bob:22"])
+    assert args.name == "alice" and args.broker == ["b1:10000", "b2:10000"] and args.keepalive == 7.5
+    flagged = parse(["forward", "--name", "carol", "--broker", "b3:1", "8022:bob:22"])
+    assert flagged.name == "carol" and flagged.broker == ["b3:1"] and flagged.keepalive == 7.5
+
+
+def test_broker_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATTER_LISTEN", ":10000")
+    monkeypatch.setenv("NATTER_REDIS", "redis://r:6379/0")
+    args = parse(["broker"])
+    assert args.server == ":10000" and args.redis == "redis://r:6379/0" and args.ip_rate == 200.0
+    monkeypatch.setenv("NATTER_IP_RATE", "lots")
+    with pytest.raises(UsageError, match="NATTER_IP_RATE"):
+        parse(["broker"])
+
+
+def test_config_file_then_environment_then_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = agent_file(
+        tmp_path,
+        'name = "alice"\nbrokers = ["b:1"]\nkeepalive = 30\nlisten = true\n'
+        '[[forward]]\nspec = "8022:bob:22"\n[[forward]]\nlocal = ":9000"\npeer = "bob"\nremote = ":80"\n'
+        '[peers]\nbob = "nt1-aaaaaaaaaaaaaaaaaaaaaaaaaa"\n',
+    )
+    args = parse(["agent", "--config", str(path)])
+    assert args.name == "alice" and args.listen and args.keepalive == 30.0
+    assert [f.remote for f in args.forwards] == [":22", ":80"]
+    assert args.pinned == {"bob": "nt1-aaaaaaaaaaaaaaaaaaaaaaaaaa"}
+    monkeypatch.setenv("NATTER_KEEPALIVE", "5")
+    assert parse(["agent", "--config", str(path)]).keepalive == 5.0  # environment beats the file
+    args = parse(["agent", "--config", str(path), "--keepalive", "9", "7000:carol:7"])
+    assert args.keepalive == 9.0 and [f.peer for f in args.forwards] == ["carol"]  # flags beat both
+    monkeypatch.setenv("NATTER_CONFIG", str(path))
+    assert parse(["agent"]).name == "alice"
+
+
+def test_default_agent_config_is_read_when_present(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "natter").mkdir(parents=True)
+    (home / "natter" / "natter.toml").write_text('name = "dora"\nbrokers = "b:1"\nlisten = true\n')
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    args = parse(["agent"])
+    assert args.name == "dora" and args.listen
+
+
+def test_seed_style_with_a_config_file(tmp_path: Path) -> None:
+    path = agent_file(tmp_path, 'brokers = ["b:1"]\n')
+    args = parse(["-name", "bob", "-config", str(path), "-listen"])
+    assert args.broker == ["b:1"] and args.listen
