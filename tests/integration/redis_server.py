@@ -133,7 +133,11 @@ class RedisContainer:
         self._impl.get_wrapped_container().start()
 
     def close(self) -> None:
-        self._impl.stop()
+        try:
+            self._impl.stop()
+        except Exception as exc:  # already gone (docker.errors.NotFound): nothing left to clean
+            if "No such container" not in str(exc):
+                raise
 
 
 def start_redis() -> RedisProcess | RedisContainer:
