@@ -20,7 +20,7 @@ from aioquic.quic.connection import (
     QuicConnection,
 )
 from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.stream import QuicStream
 
 from .engine import ALPN
@@ -36,6 +36,9 @@ class FlowControlledConnection(QuicConnection):
         self._consumed: dict[int, int] = {}
         self._total_consumed = 0
         self._released = 0  # credit returned by streams that ended unread
+        # streams owed a MAX_STREAM_DATA: aioquic asks every stream on every packet, so only
+        # these get past the first line of _write_stream_limits (cheap with many streams)
+        self._credit_due: set[int] = set()
 
     # -- natter's additions -----------------------------------------------------
     def send_buffer_size(self, stream_id: int) -> int:
@@ -47,11 +50,17 @@ class FlowControlledConnection(QuicConnection):
         return sender._buffer_stop - sender._buffer_start
 
     def consume(self, stream_id: int, size: int) -> None:
-        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + size
+        consumed = self._consumed.get(stream_id, 0) + size
+        self._consumed[stream_id] = consumed
         self._total_consumed += size
+        stream = self._streams.get(stream_id)
+        granted = stream.max_stream_data_local if stream is not None else 0
+        if granted and consumed + self.stream_window - granted >= self.stream_window // 4:
+            self._credit_due.add(stream_id)
 
     def release_stream(self, stream_id: int) -> None:
         """A stream is done: return connection credit for what arrived but was never read."""
+        self._credit_due.discard(stream_id)
         consumed = self._consumed.pop(stream_id, 0)
         stream = self._streams.get(stream_id)
         if stream is not None:
@@ -87,16 +96,23 @@ class FlowControlledConnection(QuicConnection):
         finally:
             limit.used = saved_used
 
+    def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        super()._on_max_stream_data_delivery(delivery, stream)
+        if delivery != QuicDeliveryState.ACKED and stream.stream_id is not None:
+            self._credit_due.add(stream.stream_id)  # lost: send it again
+
     def _write_stream_limits(self, builder: QuicPacketBuilder, space: Any, stream: QuicStream) -> None:
-        if not stream.max_stream_data_local or stream.stream_id is None:
+        if stream.stream_id not in self._credit_due:
+            return
+        if not stream.max_stream_data_local or stream.receiver.is_finished:
+            self._credit_due.discard(stream.stream_id)  # FIN received: no more credit needed
             return
         target = self._consumed.get(stream.stream_id, 0) + self.stream_window
         if target - stream.max_stream_data_local >= self.stream_window // 4:
             stream.max_stream_data_local = target
         if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            self._credit_due.discard(stream.stream_id)
             return
-        if stream.receiver.is_finished:
-            return  # FIN received: the peer needs no more credit
         buf = builder.start_frame(
             QuicFrameType.MAX_STREAM_DATA,
             capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
@@ -106,6 +122,7 @@ class FlowControlledConnection(QuicConnection):
         buf.push_uint_var(stream.stream_id)
         buf.push_uint_var(stream.max_stream_data_local)
         stream.max_stream_data_local_sent = stream.max_stream_data_local
+        self._credit_due.discard(stream.stream_id)
 
 
 assert CONNECTION_LIMIT_FRAME_CAPACITY > 0  # imported to pin the aioquic internals we rely on

@@ -1,0 +1,383 @@
+"""The tunnel side by side with its anchors on loopback, all in one run.
+
+    .venv/bin/python bench/tunnel_bench.py [--size-mb 200] [--skip-ssh]
+
+1. throughput, one TCP connection: plain TCP, ssh -L (OpenSSH from Debian), raw aioquic
+   (bench/rawquic.py), natter; MB/s and CPU seconds per GB (both ends' processes)
+2. 100 parallel connections of 2 MB through one tunnel: total, fastest and slowest
+3. latency: cold time to first byte (agents just started, split into broker round trip,
+   punch, QUIC handshake and stream open), warm time to first byte, and the round trip of
+   a small request through the tunnel against the raw loopback round trip
+4. memory: agent RSS idle, with a tunnel, with 100 open connections; broker RSS per 1,000
+   registered agents
+
+Prints a table; asserts nothing. See bench/README.md for figures and what they mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from broker_bench import Swarm, register_all  # noqa: E402
+
+from procs import NETCHECK, Proc, free_port, natter, server, tool  # noqa: E402
+
+PY = sys.executable
+ROWS: list[tuple[str, str, str]] = []
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def row(what: str, value: str, note: str = "") -> None:
+    ROWS.append((what, value, note))
+    print(f"  {what:<52} {value:>14}  {note}", flush=True)
+
+
+def timed_send(port: int, size: int, pids: list[int]) -> tuple[float, float]:
+    """Send size bytes to a sink through port; returns (MB/s, CPU s per GB of those pids)."""
+    before = sum(cpu_seconds(p) for p in pids)
+    start = time.perf_counter()
+    reply = tool("send", "127.0.0.1", str(port), str(size), timeout=600)
+    elapsed = time.perf_counter() - start
+    assert reply.split()[0] == str(size), reply
+    cpu = sum(cpu_seconds(p) for p in pids) - before
+    return size / elapsed / 1e6, cpu / (size / 1e9)
+
+
+class Natter:
+    """A broker, bob (listening) and alice (forwarding) as processes."""
+
+    def __init__(self, target_port: int) -> None:
+        self.broker_port = free_port()
+        self.local = free_port()
+        self.broker = natter("-server", f"127.0.0.1:{self.broker_port}", "-log-level", "warning")
+        time.sleep(0.5)  # warning-level logs: no "listening" line to wait for
+        self.bob = natter("-name", "bob", "-broker", f"127.0.0.1:{self.broker_port}", "-listen")
+        self.bob.wait_event("registered as bob")
+        self.started = time.monotonic()
+        self.alice = natter(
+            "-name", "alice", "-broker", f"127.0.0.1:{self.broker_port}", f"{self.local}:bob:{target_port}"
+        )
+        self.alice.wait_event("direct path up with bob")
+
+    def stop(self) -> None:
+        for proc in (self.alice, self.bob, self.broker):
+            proc.stop()
+
+
+def ssh_tunnel(target_port: int, workdir: Path) -> tuple[list[subprocess.Popen[bytes]], int] | None:
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(sshd) or shutil.which("ssh") is None:
+        return None
+    host_key, user_key = workdir / "host_key", workdir / "user_key"
+    for key in (host_key, user_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    authorized = workdir / "authorized_keys"
+    authorized.write_text(user_key.with_suffix(".pub").read_text())
+    authorized.chmod(0o600)
+    port, local = free_port(), free_port()
+    config = workdir / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {authorized}\n"
+        "PasswordAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+        f"PidFile {workdir / 'sshd.pid'}\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    daemon = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    client = subprocess.Popen(
+        ["ssh", "-N", "-i", str(user_key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+         "-L", f"127.0.0.1:{local}:127.0.0.1:{target_port}", "root@127.0.0.1"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(50):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", local)) == 0:
+                break
+        time.sleep(0.1)
+    return [daemon, client], local
+
+
+def sshd_children(daemon_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def throughput(size: int, skip_ssh: bool) -> None:
+    print("\n1. throughput, one TCP connection", flush=True)
+    sink, sink_port = server("sink", "0")
+    try:
+        mbps, cpu = timed_send(sink_port, size, [sink.pid])
+        row("plain TCP (loopback)", f"{mbps:.0f} MB/s", f"{cpu:.1f} CPU s/GB (sink)")
+        ssh_rate = None
+        if not skip_ssh:
+            with tempfile.TemporaryDirectory() as tmp:
+                started = ssh_tunnel(sink_port, Path(tmp))
+                if started is None:
+                    row("ssh -L", "n/a", "openssh-server not installed")
+                else:
+                    procs, local = started
+                    tool("send", "127.0.0.1", str(local), "1000")
+                    pids = [p.pid for p in procs] + sshd_children(procs[0].pid)
+                    ssh_rate, cpu = timed_send(local, size, pids)
+                    row("ssh -L (OpenSSH)", f"{ssh_rate:.1f} MB/s", f"{cpu:.1f} CPU s/GB (ssh + sshd)")
+                    for proc in procs:
+                        proc.terminate()
+        port = free_port(socket.SOCK_DGRAM)
+        raw_server = Proc([PY, str(ROOT / "bench" / "rawquic.py"), "server", str(port)])
+        raw_server.read_line()
+        start_cpu = cpu_seconds(raw_server.pid)
+        raw_client = subprocess.run(
+            [PY, str(ROOT / "bench" / "rawquic.py"), "client", str(port), str(size)],
+            capture_output=True,
+            text=True,
+        )
+        raw_rate = float(raw_client.stdout.split(": ")[1].split()[0])
+        server_cpu = cpu_seconds(raw_server.pid) - start_cpu
+        raw_server.stop()
+        row(
+            "raw aioquic, one stream",
+            f"{raw_rate:.1f} MB/s",
+            f"server side {server_cpu / (size / 1e9):.1f} CPU s/GB",
+        )
+        tunnel = Natter(sink_port)
+        try:
+            tool("send", "127.0.0.1", str(tunnel.local), "1000000")
+            rate, cpu = timed_send(tunnel.local, size, [tunnel.alice.pid, tunnel.bob.pid])
+            row("natter tunnel (aioquic)", f"{rate:.1f} MB/s", f"{cpu:.1f} CPU s/GB (both agents)")
+            row("natter / raw aioquic", f"{rate / raw_rate:.0%}", "target >= 80%")
+            if ssh_rate:
+                row("natter / ssh -L", f"{rate / ssh_rate:.0%}", "target >= 50% with the fastest engine")
+        finally:
+            tunnel.stop()
+    finally:
+        sink.stop()
+
+
+async def parallel_transfers(port: int, count: int, size: int) -> list[float]:
+    from netcheck import pattern, send_and_get_reply
+
+    data = pattern(size)
+
+    async def one() -> float:
+        start = time.perf_counter()
+        reply = await send_and_get_reply("127.0.0.1", port, data)
+        assert reply.split()[0] == str(size).encode()
+        return size / (time.perf_counter() - start) / 1e6
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def many_connections() -> None:
+    print("\n2. 100 parallel connections of 2 MB through one tunnel", flush=True)
+    sink, sink_port = server("sink", "0")
+    tunnel = Natter(sink_port)
+    try:
+        start = time.perf_counter()
+        rates = asyncio.run(parallel_transfers(tunnel.local, 100, 2 << 20))
+        total = 100 * (2 << 20) / (time.perf_counter() - start) / 1e6
+        fair = total / 100
+        row("total", f"{total:.1f} MB/s")
+        row("fastest / slowest connection", f"{max(rates):.2f} / {min(rates):.2f} MB/s")
+        row("slowest / fair share", f"{min(rates) / fair:.0%}", "target >= 50%")
+    finally:
+        tunnel.stop()
+        sink.stop()
+
+
+def log_time(proc: Proc, text: str) -> float:
+    entry = proc.wait_event(text)
+    stamp = str(entry["timestamp"]).replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(stamp).timestamp()
+
+
+async def request_rtt(port: int, rounds: int = 200) -> float:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        writer.write(b"x" * 64)
+        await writer.drain()
+        got = 0
+        while got < 64:
+            got += len(await reader.read(64 - got))
+        samples.append(time.perf_counter() - start)
+    writer.close()
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+async def first_byte(port: int) -> float:
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"x")
+    await reader.readexactly(1)
+    writer.close()
+    return time.perf_counter() - start
+
+
+def latency() -> None:
+    print("\n3. latency", flush=True)
+    echo, echo_port = server("echo", "0")
+    broker_port, local = free_port(), free_port()
+    broker = natter("-server", f"127.0.0.1:{broker_port}")
+    time.sleep(0.5)
+    bob = natter("-name", "bob", "-broker", f"127.0.0.1:{broker_port}", "-listen")
+    bob.wait_event("registered as bob")
+    start = time.time()
+    alice = natter("-name", "alice", "-broker", f"127.0.0.1:{broker_port}", f"{local}:bob:{echo_port}")
+    try:
+        up = log_time(alice, "direct path up")
+        cold = asyncio.run(first_byte(local))
+        started = log_time(alice, "agent started")
+        registered = log_time(alice, "registered as alice")
+        asked = log_time(alice, "asking broker for peer")
+        punching = log_time(alice, "punching to bob")
+        answered = log_time(alice, "punch answered")
+        row(
+            "cold: process start to agent up",
+            f"{(started - start) * 1000:.0f} ms",
+            "Python start and imports",
+        )
+        row(
+            "cold: registration (broker round trips)",
+            f"{(registered - started) * 1000:.1f} ms",
+            "challenge + register",
+        )
+        row(
+            "cold: connect request to punch instruction",
+            f"{(punching - asked) * 1000:.1f} ms",
+            "broker round trip",
+        )
+        row("cold: punch", f"{(answered - punching) * 1000:.1f} ms", "first probe answered")
+        row("cold: QUIC handshake and key checks", f"{(up - answered) * 1000:.1f} ms")
+        row(
+            "cold: first byte on a new connection after that",
+            f"{cold * 1000:.1f} ms",
+            "stream open + service",
+        )
+        warm = sorted(asyncio.run(first_byte(local)) for _ in range(20))[10]
+        raw = sorted(asyncio.run(first_byte(echo_port)) for _ in range(20))[10]
+        row(
+            "warm: time to first byte, new connection",
+            f"{warm * 1000:.2f} ms",
+            f"raw TCP {raw * 1000:.2f} ms",
+        )
+        through = asyncio.run(request_rtt(local))
+        direct = asyncio.run(request_rtt(echo_port))
+        row(
+            "request/response round trip through the tunnel",
+            f"{through * 1000:.2f} ms",
+            f"raw {direct * 1000:.3f} ms",
+        )
+    finally:
+        for proc in (alice, bob, broker, echo):
+            proc.stop()
+
+
+async def hold_connections(port: int, count: int) -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        await writer.drain()
+        await reader.readexactly(1)
+        writers.append(writer)
+    return writers
+
+
+def memory() -> None:
+    print("\n4. memory", flush=True)
+    echo, echo_port = server("echo", "0")
+    broker_port, local = free_port(), free_port()
+    broker = natter("-server", f"127.0.0.1:{broker_port}", "-ip-rate", "1000000")
+    time.sleep(0.5)
+    bob = natter("-name", "bob", "-broker", f"127.0.0.1:{broker_port}", "-listen")
+    bob.wait_event("registered as bob")
+    try:
+        time.sleep(1)
+        row("agent RSS, idle (registered, listening)", f"{rss_mb(bob.pid):.1f} MB")
+        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{broker_port}", f"{local}:bob:{echo_port}")
+        alice.wait_event("direct path up with bob")
+        tool("echo-check", "127.0.0.1", str(local), "100000")
+        time.sleep(0.5)
+        row("agent RSS, one tunnel", f"{rss_mb(alice.pid):.1f} MB", "target <= 60 MB")
+
+        async def with_100() -> tuple[float, float]:
+            writers = await hold_connections(local, 100)
+            await asyncio.sleep(0.5)
+            result = rss_mb(alice.pid), rss_mb(bob.pid)
+            for writer in writers:
+                writer.close()
+            return result
+
+        a, b = asyncio.run(with_100())
+        row("agent RSS, 100 open connections", f"{a:.1f} MB", f"listener {b:.1f} MB")
+        alice.stop()
+        base = rss_mb(broker.pid)
+        swarm = Swarm(1000)
+        register_all(swarm, [("127.0.0.1", broker_port)], listening=False)
+        time.sleep(0.5)
+        grown = rss_mb(broker.pid) - base
+        swarm.close()
+        row(
+            "broker RSS per 1,000 registered agents",
+            f"{grown * 1024:.0f} KB",
+            f"{grown * 1024 / 1000:.2f} KB each",
+        )
+    finally:
+        for proc in (bob, broker, echo):
+            proc.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--skip-ssh", action="store_true")
+    parser.add_argument("--only", choices=("throughput", "parallel", "latency", "memory"))
+    args = parser.parse_args()
+    print(f"tunnel bench on loopback, {os.cpu_count()} cores, engine aioquic", flush=True)
+    steps = {
+        "throughput": lambda: throughput(args.size_mb << 20, args.skip_ssh),
+        "parallel": many_connections,
+        "latency": latency,
+        "memory": memory,
+    }
+    for name, step in steps.items():
+        if args.only in (None, name):
+            step()
+    return 0
+
+
+if __name__ == "__main__":
+    assert NETCHECK
+    sys.exit(main())
