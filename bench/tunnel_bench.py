@@ -63,7 +63,7 @@ def timed_send(port: int, size: int, pids: list[int]) -> tuple[float, float]:
     """Send size bytes to a sink through port; returns (MB/s, CPU s per GB of those pids)."""
     before = sum(cpu_seconds(p) for p in pids)
     start = time.perf_counter()
-    reply = tool("send", "127.0.0.1", str(port), str(size), timeout=600)
+    reply = tool("blast", "127.0.0.1", str(port), str(size), timeout=600)
     elapsed = time.perf_counter() - start
     assert reply.split()[0] == str(size), reply
     cpu = sum(cpu_seconds(p) for p in pids) - before
@@ -132,10 +132,10 @@ def sshd_children(daemon_pid: int) -> list[int]:
 
 def throughput(size: int, skip_ssh: bool) -> None:
     print("\n1. throughput, one TCP connection", flush=True)
-    sink, sink_port = server("sink", "0")
+    sink, sink_port = server("count", "0")
     try:
         mbps, cpu = timed_send(sink_port, size, [sink.pid])
-        row("plain TCP (loopback)", f"{mbps:.0f} MB/s", f"{cpu:.1f} CPU s/GB (sink)")
+        row("plain TCP (loopback, Python asyncio ends)", f"{mbps:.0f} MB/s", f"{cpu:.1f} CPU s/GB (sink)")
         ssh_rate = None
         if not skip_ssh:
             with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,8 @@
     python netcheck.py send HOST PORT SIZE       send SIZE seeded bytes, half-close, print reply
     python netcheck.py fetch HOST PORT [RATE]    read until EOF (slowly first, if RATE given),
                                                  print "<size> <sha256>"
+    python netcheck.py count PORT                count what arrives (no hashing: for throughput)
+    python netcheck.py blast HOST PORT SIZE      send SIZE zero bytes, half-close, print the reply
     python netcheck.py echo-check HOST PORT SIZE send SIZE bytes to an echo server; print "ok"
                                                  if every byte came back
 
@@ -77,6 +79,30 @@ def sink_handler(rate: float | None = None):  # type: ignore[no-untyped-def]
     return handle
 
 
+async def count_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    total = 0
+    while data := await reader.read(1 << 18):
+        total += len(data)
+    writer.write(f"{total}\n".encode())
+    await writer.drain()
+    writer.close()
+
+
+async def blast(host: str, port: int, size: int) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    block = bytes(1 << 18)
+    sent = 0
+    while sent < size:
+        piece = block[: min(len(block), size - sent)]
+        writer.write(piece)
+        await writer.drain()
+        sent += len(piece)
+    writer.write_eof()
+    reply = await reader.read()
+    writer.close()
+    return reply
+
+
 def source_handler(size: int, seed: int = 7):  # type: ignore[no-untyped-def]
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = pattern(size, seed)
@@ -145,6 +171,10 @@ def main(argv: list[str]) -> int:
     elif cmd == "sink":
         rate = float(rest[1]) if len(rest) > 1 else None
         asyncio.run(_serve(sink_handler(rate), int(rest[0])))
+    elif cmd == "count":
+        asyncio.run(_serve(count_handler, int(rest[0])))
+    elif cmd == "blast":
+        print(asyncio.run(blast(rest[0], int(rest[1]), int(rest[2]))).decode().strip())
     elif cmd == "source":
         asyncio.run(_serve(source_handler(int(rest[1])), int(rest[0])))
     elif cmd == "send":
