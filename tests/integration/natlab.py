@@ -8,6 +8,7 @@
              |                      |
       eth0 192.168.1.2        eth0 192.168.2.2
         [alice]                  [bob]
+   (and carol, 192.168.1.3, on alice's LAN: two clients behind one NAT)
 
 Every veth is created with both ends directly inside namespaces of this lab, so the host's
 own namespace never sees a new interface. Names carry the creating process id; namespaces
@@ -90,7 +91,7 @@ class NatLab:
         self.destroy()
 
     def build(self) -> None:
-        for role in ("inet", "natA", "natB", "alice", "bob"):
+        for role in ("inet", "natA", "natB", "alice", "bob", "carol"):
             run("ip", "netns", "add", self.ns(role))
             self.created.append(self.ns(role))
             self.sh(role, "ip", "link", "set", "lo", "up")
@@ -122,7 +123,9 @@ class NatLab:
         self._veth(nat, "wan", "inet", port)
         self.sh("inet", "ip", "link", "set", port, "master", "br0")
         self.sh("inet", "ip", "link", "set", port, "up")
-        self._veth(nat, "lan", client, "eth0")
+        # the LAN side is a bridge, so that a second client can share the NAT (no hairpin)
+        self.sh(nat, "ip", "link", "add", "lan", "type", "bridge")
+        self._lan_client(nat, client, lan_net, 2)
         self.sh(nat, "ip", "addr", "add", f"{wan_ip}/24", "dev", "wan")
         self.sh(nat, "ip", "addr", "add", f"{lan_net}.1/24", "dev", "lan")
         self.sh(nat, "ip", "link", "set", "wan", "up")
@@ -148,7 +151,15 @@ class NatLab:
                 "ACCEPT",
             )
             self.sh(nat, "iptables", "-A", chain, "-i", "wan", "-j", "DROP")
-        self.sh(client, "ip", "addr", "add", f"{lan_net}.2/24", "dev", "eth0")
+        if nat == "natA":
+            self._lan_client(nat, "carol", lan_net, 3)  # carol sits behind alice's NAT
+
+    def _lan_client(self, nat: str, client: str, lan_net: str, host: int) -> None:
+        port = f"l{client[:6]}"
+        self._veth(nat, port, client, "eth0")
+        self.sh(nat, "ip", "link", "set", port, "master", "lan")
+        self.sh(nat, "ip", "link", "set", port, "up")
+        self.sh(client, "ip", "addr", "add", f"{lan_net}.{host}/24", "dev", "eth0")
         self.sh(client, "ip", "link", "set", "eth0", "up")
         self.sh(client, "ip", "route", "add", "default", "via", f"{lan_net}.1")
 

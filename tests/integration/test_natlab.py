@@ -133,3 +133,28 @@ def test_fleet_in_the_internet_namespace_introduces_across_replicas(lab: NatLab)
         for proc in reversed(procs):
             proc.stop()
         redis.close()
+
+
+def test_two_clients_behind_one_nat_connect_over_the_lan(lab: NatLab) -> None:
+    """The NAT does not hairpin: only the LAN candidate can work, and the punch finds it."""
+    procs: list[Proc] = []
+    try:
+        broker = natter("-server", f"{INET_IP}:10002", prefix=lab.prefix("inet"))
+        procs.append(broker)
+        broker.wait_event("broker listening")
+        echo, echo_port = server("echo", "0", prefix=lab.prefix("alice"))
+        procs.append(echo)
+        alice = natter("-name", "alice", "-broker", f"{INET_IP}:10002", "-listen", prefix=lab.prefix("alice"))
+        procs.append(alice)
+        alice.wait_event("registered as alice")
+        carol = natter(
+            "-name", "carol", "-broker", f"{INET_IP}:10002", f"8025:alice:{echo_port}",
+            prefix=lab.prefix("carol"),
+        )  # fmt: skip
+        procs.append(carol)
+        up = carol.wait_event("direct path up with alice", timeout=30)
+        assert up["path"] == "lan" and up["peer_endpoint"].startswith("192.168.1.2:")
+        assert tool("echo-check", "127.0.0.1", "8025", str(2 << 20), prefix=lab.prefix("carol")) == "ok"
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

@@ -495,6 +495,7 @@ class Agent:
         self._log.info(
             f"direct path up with {link.peer}",
             peer_endpoint=str(link.addr),
+            path=link.path_kind,
             rtt_ms=round(link.rtt * 1000, 2),
             role=link.role,
         )
