@@ -224,38 +224,35 @@ def subcommand_parser() -> Parser:
     _broker_options(broker, "--")
     _config_option(broker, "--", "/etc/natter/broker.toml")
     _common(broker, "--")
-    listen = sub.add_parser(
-        "listen",
-        help="accept forwards from peers",
-        description="Register with a broker and accept tunnels from peers.",
+    agent_commands = (
+        (
+            "listen",
+            "accept forwards from peers",
+            "Register with a broker and accept tunnels from peers.",
+            None,
+        ),
+        (
+            "forward",
+            "forward local ports to peers",
+            "Forward local TCP ports (or stdio) to ports on peers.",
+            "also accept forwards",
+        ),
+        (
+            "agent",
+            "run an agent as its config file says (listen and/or forwards)",
+            "Run an agent: listen if configured, and every forward of the config file.",
+            "accept forwards",
+        ),
     )
-    _agent_options(listen, "--", legacy=False)
-    _agent_metrics(listen, "--")
-    _config_option(listen, "--", "~/.config/natter/natter.toml")
-    listen.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
-    _common(listen, "--")
-    forward = sub.add_parser(
-        "forward",
-        help="forward local ports to peers",
-        description="Forward local TCP ports (or stdio) to ports on peers.",
-    )
-    _agent_options(forward, "--", legacy=False)
-    _agent_metrics(forward, "--")
-    _config_option(forward, "--", "~/.config/natter/natter.toml")
-    forward.add_argument("--listen", dest="listen", action="store_true", help="also accept forwards")
-    forward.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
-    _common(forward, "--")
-    agent = sub.add_parser(
-        "agent",
-        help="run an agent as its config file says (listen and/or forwards)",
-        description="Run an agent: listen if configured, and every forward of the config file.",
-    )
-    _agent_options(agent, "--", legacy=False)
-    _agent_metrics(agent, "--")
-    _config_option(agent, "--", "~/.config/natter/natter.toml")
-    agent.add_argument("--listen", dest="listen", action="store_true", help="accept forwards")
-    agent.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
-    _common(agent, "--")
+    for name, summary, description, listen_help in agent_commands:
+        command = sub.add_parser(name, help=summary, description=description)
+        _agent_options(command, "--", legacy=False)
+        _agent_metrics(command, "--")
+        _config_option(command, "--", "~/.config/natter/natter.toml")
+        if listen_help is not None:
+            command.add_argument("--listen", dest="listen", action="store_true", help=listen_help)
+        command.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
+        _common(command, "--")
     config = sub.add_parser(
         "config",
         help="check a configuration file",
