@@ -57,6 +57,7 @@ async def run_broker(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics,
         broker_id=args.broker_id,
         tokens_file=args.tokens,
+        probe_addr=args.probe,
         rate_per_ip=args.ip_rate,
         burst_per_ip=2 * args.ip_rate,
     )

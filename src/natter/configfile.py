@@ -190,6 +190,7 @@ BROKER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "redis": ("redis", _string),
     "metrics": ("metrics", _address),
     "broker_id": ("broker_id", _string),
+    "probe": ("probe", _address),
     "tokens": ("tokens", _string),
     "ip_rate": ("ip_rate", _positive),
     "keepalive": ("keepalive", _positive),

@@ -31,6 +31,7 @@ ENVIRONMENT = {
     "broker_id": "NATTER_BROKER_ID",
     "tokens": "NATTER_TOKENS",
     "ip_rate": "NATTER_IP_RATE",
+    "probe": "NATTER_PROBE",
     "name": "NATTER_NAME",
     "broker": "NATTER_BROKER",
     "state_dir": "NATTER_STATE_DIR",
@@ -146,11 +147,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             raise UsageError(
                 f"bad Redis URL {args.redis!r}: expected redis://HOST:PORT/DB or redis+sentinel://..."
             )
-        if args.metrics:
-            try:
-                split_host_port(args.metrics)
-            except ValueError as exc:
-                raise UsageError(f"bad metrics address: {exc}") from None
+        for what, value in (("metrics", args.metrics), ("probe", args.probe)):
+            if value:
+                try:
+                    split_host_port(value)
+                except ValueError as exc:
+                    raise UsageError(f"bad {what} address: {exc}") from None
         try:
             split_host_port(args.server)
         except ValueError as exc:
@@ -160,8 +162,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         raise UsageError("a client needs -name NAME (or give -server ADDR to run a broker)")
     if not valid_name(args.name):
         raise UsageError(f"invalid name {args.name!r}: use letters, digits, '.', '_' or '-' (max 64)")
-    if getattr(args, "redis", "") or getattr(args, "tokens", ""):
-        raise UsageError("-redis and -tokens are broker options (use them with -server)")
+    if getattr(args, "redis", "") or getattr(args, "tokens", "") or getattr(args, "probe", ""):
+        raise UsageError("-redis, -tokens and -probe are broker options (use them with -server)")
     if args.metrics:
         try:
             split_host_port(args.metrics)

@@ -143,6 +143,13 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         help="only agents listed in FILE ('NAME_OR_FINGERPRINT TOKEN' per line) may register",
     )
     parser.add_argument(
+        f"{dash}probe",
+        dest="probe",
+        metavar="ADDR",
+        default="",
+        help="second UDP port (e.g. :10001) where agents learn whether their NAT is symmetric",
+    )
+    parser.add_argument(
         f"{dash}ip-rate",
         dest="ip_rate",
         type=float,

@@ -68,6 +68,7 @@ class NatLab:
 
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
     created: list[str] = field(default_factory=list)
+    symmetric_b: bool = False  # natB maps per destination (MASQUERADE --random-fully)
 
     def ns(self, role: str) -> str:
         return f"{PREFIX}{os.getpid()}-{self.tag}-{role}"
@@ -134,7 +135,10 @@ class NatLab:
         self.sh(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         # a home router: MASQUERADE out, and no unsolicited traffic in (FORWARD and INPUT,
         # see shared/NATLAB.md on why INPUT matters for hole punching)
-        self.sh(nat, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+        masquerade = ["-j", "MASQUERADE"]
+        if nat == "natB" and self.symmetric_b:
+            masquerade.append("--random-fully")  # endpoint-dependent mapping: a symmetric NAT
+        self.sh(nat, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", *masquerade)
         for chain in ("FORWARD", "INPUT"):
             self.sh(
                 nat,

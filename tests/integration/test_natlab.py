@@ -158,3 +158,42 @@ def test_two_clients_behind_one_nat_connect_over_the_lan(lab: NatLab) -> None:
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+@pytest.fixture(scope="module")
+def symmetric_lab() -> Iterator[NatLab]:
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"NAT lab required in CI: {reason}")
+        pytest.skip(reason)
+    with NatLab(symmetric_b=True) as built:
+        yield built
+
+
+def test_agents_learn_their_nat_type_and_tell_their_peer(symmetric_lab: NatLab) -> None:
+    """natA maps endpoint-independently, natB per destination: each agent finds out from
+    the broker's probe port, and the broker passes it to the peer with the punch."""
+    lab = symmetric_lab
+    procs: list[Proc] = []
+    try:
+        inet, bob_ns, alice_ns = lab.prefix("inet"), lab.prefix("bob"), lab.prefix("alice")
+        broker = natter("-server", f"{INET_IP}:10000", "-probe", f"{INET_IP}:10001", prefix=inet)
+        procs.append(broker)
+        broker.wait_event("broker listening")
+        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10000", "-listen", prefix=bob_ns)
+        procs.append(bob)
+        hard = bob.wait_log(lambda e: e.get("nat") in ("hard", "easy", "unknown"), timeout=20)
+        assert hard["nat"] == "hard", hard
+        assert hard["seen_by_broker"] != hard["seen_by_probe"]
+        # bob re-registers with what he learned; then alice asks for him
+        broker.wait_log(lambda e: e.get("event") == "registered" and e.get("nat") == "hard", timeout=20)
+        alice = natter("-name", "alice", "-broker", f"{INET_IP}:10000", "8026:bob:22", prefix=alice_ns)
+        procs.append(alice)
+        easy = alice.wait_log(lambda e: e.get("nat") in ("hard", "easy", "unknown"), timeout=20)
+        assert easy["nat"] == "easy", easy
+        punching = alice.wait_event("punching to bob", timeout=20)
+        assert punching["peer_nat"] == "hard"
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

@@ -28,7 +28,11 @@ SAMPLES: list[frames.Message] = [
     frames.Error("not_registered", "register first"),
     frames.Probe("s1", "alice", 7),
     frames.ProbeAck("s1", "bob", 7, E1),
-    frames.Punch("r1", "s1", "bob", Endpoint("2001:db8::1", 5), (), "server", 25),
+    frames.Punch("r1", "s1", "bob", Endpoint("2001:db8::1", 5), (), "server", 25, b"k" * 32, "hard"),
+    frames.MappingQuery(pad=b"\0" * 48),
+    frames.MappingReply(E1),
+    frames.Registered("bob", E1, 20, "b1", listening=True, cookie=b"c" * 20, probe_port=10001),
+    frames.Register(name="bob", nat="easy"),
 ]
 
 
@@ -116,6 +120,7 @@ MALFORMED = {
     "too_many_endpoints": raw({"v": 1, "t": "register", "name": "b", "locals": [["1.2.3.4", 5]] * 17}),
     "bytes_too_long": raw({"v": 1, "t": "register", "name": "b", "public_key": b"k" * 300}),
     "bool_wrong_type": raw({"v": 1, "t": "register", "name": "b", "listening": 1}),
+    "bad_nat": raw({"v": 1, "t": "register", "name": "b", "nat": "medium"}),
     "bad_role": raw(
         {
             "v": 1,

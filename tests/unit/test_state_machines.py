@@ -393,3 +393,43 @@ def test_stale_register_answer_does_not_acknowledge_a_listening_change() -> None
     assert reg.state is RegState.REGISTERING and reg.next_event() is None
     reg.receive(Registered("bob", PUB, 20, "b1", listening=True), 0.03)
     assert isinstance(reg.next_event(), RegistrationUp)
+
+
+def test_nat_probe_classifies_and_gives_up() -> None:
+    from natter_proto.frames import MappingQuery, MappingReply
+    from natter_proto.natmap import ATTEMPTS, NatProbe, classify
+
+    target = Endpoint("203.0.113.9", 10001)
+    probe = NatProbe(PUB, target, 0.0)
+    probe.handle_timer(0.0)
+    (query,) = probe.frames_to_send()
+    assert isinstance(query, MappingQuery)
+    # the query is never smaller than the answer: the probe port cannot amplify
+    assert len(frames_encode(query)) >= len(frames_encode(MappingReply(Endpoint("255.255.255.255", 65535))))
+    probe.receive(MappingReply(Endpoint("203.0.113.1", 4999)))
+    assert probe.result is not None and probe.result.kind == "hard" and probe.get_timer() is None
+    assert classify(PUB, PUB) == "easy"
+    silent = NatProbe(PUB, target, 0.0)
+    sent = 0
+    while silent.get_timer() is not None:
+        silent.handle_timer(silent.get_timer())  # type: ignore[arg-type]
+        sent += len(silent.frames_to_send())
+    assert sent == ATTEMPTS and silent.result is not None and silent.result.kind == "unknown"
+
+
+def test_registration_reports_its_nat_type() -> None:
+    reg = Registration("bob", ())
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.receive(Registered("bob", PUB, 20, "b1", listening=False, probe_port=10001), 0.1)
+    reg.next_event()
+    assert reg.probe_port == 10001
+    reg.update(nat="hard", now=0.5)
+    (again,) = reg.frames_to_send()
+    assert isinstance(again, Register) and again.nat == "hard" and reg.state is RegState.REGISTERING
+
+
+def frames_encode(message: object) -> bytes:
+    from natter_proto import frames as f
+
+    return f.encode(message)  # type: ignore[arg-type]

@@ -121,6 +121,7 @@ class BrokerCore:
         self.per_ip = per_ip if per_ip is not None else RateLimiter(rate=200, burst=400)
         self.per_identity = per_identity if per_identity is not None else RateLimiter(rate=20, burst=40)
         self.punch_delay_ms = punch_delay_ms
+        self.probe_port: int | None = None  # set when the broker serves mapping queries
 
     def admit(self, message: Message, addr: Endpoint, size: int, now: float) -> Admission:
         """Rate-limit every source; demand a valid cookie before any state is touched.
@@ -160,6 +161,7 @@ class BrokerCore:
             last_seen=now,
             broker_id=self.broker_id,
             public_key=msg.public_key,
+            nat=msg.nat,
         )
         return record, self.registered(msg.name, addr, now, listening=msg.listening)
 
@@ -234,8 +236,17 @@ class BrokerCore:
             role=role,
             delay_ms=self.punch_delay_ms,
             peer_key=peer.public_key,
+            peer_nat=peer.nat,
         )
 
     def registered(self, name: str, addr: Endpoint, now: float, listening: bool | None = None) -> Registered:
         cookie = self.cookies.issue(addr, now)
-        return Registered(name, addr, self.keepalive_s, self.broker_id, listening=listening, cookie=cookie)
+        return Registered(
+            name,
+            addr,
+            self.keepalive_s,
+            self.broker_id,
+            listening=listening,
+            cookie=cookie,
+            probe_port=self.probe_port,
+        )

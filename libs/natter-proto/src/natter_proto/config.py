@@ -28,6 +28,7 @@ class Config:
     redis_url: str = ""
     metrics_addr: str = ""
     broker_id: str = ""
+    probe_addr: str = ""  # a second UDP port: agents learn whether their NAT is symmetric
     # broker: who may register, address validation and rate limits
     tokens_file: str = ""
     cookie_window: float = 120.0

@@ -67,6 +67,7 @@ class Register(Message):
     public_key: bytes | None = None  # Ed25519; the first key to register a name owns it
     cookie: bytes | None = None  # the broker's address-validation cookie
     token: str | None = None  # for brokers that restrict who may register
+    nat: str | None = None  # "easy" / "hard" / "unknown": how the agent's NAT maps (natmap.py)
     signature: bytes | None = None  # by public_key over all other fields (identity.py)
 
 
@@ -81,6 +82,7 @@ class Registered(Message):
     broker_id: str
     listening: bool | None = None  # echoes a Register (absent in keepalive answers)
     cookie: bytes | None = None  # a fresh address-validation cookie for the next frames
+    probe_port: int | None = None  # where to ask for a second view of our mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +130,7 @@ class Punch(Message):
     role: str  # "client" (opens QUIC) or "server" (accepts it)
     delay_ms: int = 0
     peer_key: bytes | None = None  # the key the broker vouches for; QUIC must present it
+    peer_nat: str | None = None  # how the peer's NAT maps, as it reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +161,23 @@ class ProbeAck(Message):
     session_id: str
     sender: str
     nonce: int
+    observed: Endpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingQuery(Message):
+    """Agent -> the broker's probe port: where do you see me? Padded, so that the answer is
+    never larger than the question."""
+
+    TYPE: ClassVar[str] = "mapping_query"
+    pad: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingReply(Message):
+    """Broker probe port -> agent: this is the endpoint I saw you at."""
+
+    TYPE: ClassVar[str] = "mapping_reply"
     observed: Endpoint
 
 
@@ -209,6 +229,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ProbeAck,
         Goaway,
         Challenge,
+        MappingQuery,
+        MappingReply,
     )
 }
 
@@ -343,6 +365,7 @@ def _check(expected: Any, value: Any, name: str) -> Any:
     raise TypeError(f"{name}: unsupported field type")  # pragma: no cover - schema bug
 
 
+NAT_KINDS = ("easy", "hard", "unknown")
 _NAME_FIELDS = {"name", "peer_from", "peer_to", "peer", "sender"}
 _BYTES_SIZES = {"public_key": 32, "peer_key": 32, "signature": 64, "cookie": 20}
 _ID_FIELDS = {"request_id", "session_id", "broker_id"}
@@ -355,6 +378,8 @@ def _check_text(name: str, value: str) -> str:
         raise ValueError(f"{name} must be 1-{MAX_ID_LEN} characters")
     if name == "token" and not 0 < len(value) <= 128:
         raise ValueError("token must be 1-128 characters")
+    if name in ("nat", "peer_nat") and value not in NAT_KINDS:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(NAT_KINDS)}")
     if name == "role" and value not in ("client", "server"):
         raise ValueError(f"role {value!r} is not client or server")
     if "\x00" in value:

@@ -68,6 +68,7 @@ def register_signing_bytes(message: Register) -> bytes:
         message.public_key,
         message.cookie,
         message.token,
+        message.nat,
     ]
     return _SIGNING_DOMAIN + bytes(msgpack.packb(body, use_bin_type=True))
 

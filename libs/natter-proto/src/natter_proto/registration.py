@@ -93,6 +93,8 @@ class Registration:
         self.public: Endpoint | None = None
         self.broker_id: str | None = None
         self.cookie: bytes | None = None  # the broker's latest address-validation cookie
+        self.probe_port: int | None = None  # the broker's second port, for NAT-type discovery
+        self.nat: str | None = None
         self._next_send: float | None = None
         self._last_heard: float | None = None
         self._outbox: list[Message] = []
@@ -104,15 +106,18 @@ class Registration:
         self.backoff.reset()
         self._send_register(now)
 
-    def update(self, *, listening: bool, now: float) -> None:
+    def update(self, *, now: float, listening: bool | None = None, nat: str | None = None) -> None:
         """Re-announce ourselves at once when what the broker knows of us changed; we count
         as registered again only once the broker has acknowledged the change."""
-        if listening != self.listening:
-            self.listening = listening
-            if self.state is not RegState.IDLE:
-                self.state = RegState.REGISTERING
-                self.backoff.reset()
-                self._send_register(now)
+        changed = False
+        if listening is not None and listening != self.listening:
+            self.listening, changed = listening, True
+        if nat is not None and nat != self.nat:
+            self.nat, changed = nat, True
+        if changed and self.state is not RegState.IDLE:
+            self.state = RegState.REGISTERING
+            self.backoff.reset()
+            self._send_register(now)
 
     def receive(self, message: Message, now: float) -> bool:
         """Handle a frame from the current broker; returns False if it is not ours."""
@@ -178,7 +183,11 @@ class Registration:
     def _register_frame(self) -> Register:
         """Unsigned: the agent signs it (with the cookie inside) as it leaves."""
         return Register(
-            name=self.name, locals=self.local_endpoints, listening=self.listening, cookie=self.cookie
+            name=self.name,
+            locals=self.local_endpoints,
+            listening=self.listening,
+            cookie=self.cookie,
+            nat=self.nat,
         )
 
     def _send_register(self, now: float) -> None:
@@ -207,6 +216,8 @@ class Registration:
         self.broker_id = message.broker_id
         if message.cookie is not None:
             self.cookie = message.cookie
+        if message.listening is not None:  # a register answer says where to probe
+            self.probe_port = message.probe_port
         if self.state is not RegState.REGISTERED:
             self.state = RegState.REGISTERED
             self._events.append(RegistrationUp(message.public, message.broker_id, self.backoff.attempts))

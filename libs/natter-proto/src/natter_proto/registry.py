@@ -18,6 +18,7 @@ class PeerRecord:
     last_seen: float
     broker_id: str = ""
     public_key: bytes | None = None
+    nat: str | None = None
 
     def seen(self, now: float) -> PeerRecord:
         return replace(self, last_seen=now)

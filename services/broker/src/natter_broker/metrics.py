@@ -33,6 +33,9 @@ class BrokerMetrics:
         self.refused = Counter(
             "natter_broker_registrations_refused", "Registrations refused, by code", ["code"], registry=r
         )
+        self.probes = Counter(
+            "natter_broker_mapping_probes", "Mapping queries answered on the probe port", registry=r
+        )
         self.goaways = Counter("natter_broker_goaways", "Goaway frames sent at shutdown", registry=r)
         self.redis_published = Counter(
             "natter_broker_redis_published", "Messages published to other replicas", registry=r

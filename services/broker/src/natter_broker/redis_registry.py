@@ -57,14 +57,14 @@ return known
 """
 
 # Register a batch. Per record: KEYS peer, owner; ARGV key, public, locals, listening,
-# last_seen, replica (after the two globals: peer ttl, owner ttl). Returns per record ""
+# last_seen, replica, nat (after the two globals: peer ttl, owner ttl). Returns per record ""
 # when stored, or the owner's key when the name belongs to another key.
 REGISTER_LUA = """
 local ttl, owner_ttl = ARGV[1], ARGV[2]
 local out = {}
 for i = 1, #KEYS / 2 do
   local peer, owner_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 2 + (i - 1) * 6
+  local a = 2 + (i - 1) * 7
   local key = ARGV[a + 1]
   local owner = redis.call('GET', owner_key)
   if owner and owner ~= key then
@@ -73,7 +73,8 @@ for i = 1, #KEYS / 2 do
     redis.call('SET', owner_key, key, 'EX', owner_ttl)
     redis.call('DEL', peer)
     redis.call('HSET', peer, 'key', key, 'public', ARGV[a + 2], 'locals', ARGV[a + 3],
-               'listening', ARGV[a + 4], 'last_seen', ARGV[a + 5], 'replica', ARGV[a + 6])
+               'listening', ARGV[a + 4], 'last_seen', ARGV[a + 5], 'replica', ARGV[a + 6],
+               'nat', ARGV[a + 7])
     redis.call('EXPIRE', peer, ttl)
     out[i] = ''
   end
@@ -108,6 +109,7 @@ def _record_args(record: PeerRecord) -> list[bytes | str]:
         "1" if record.listening else "0",
         repr(record.last_seen),
         record.broker_id,
+        record.nat or "",
     ]
 
 
@@ -126,6 +128,7 @@ def _parse_record(name: str, raw: dict[bytes, bytes]) -> PeerRecord | None:
             last_seen=float(raw[b"last_seen"]),
             broker_id=raw[b"replica"].decode(),
             public_key=raw.get(b"key") or None,
+            nat=raw.get(b"nat", b"").decode() or None,
         )
     except (KeyError, ValueError, TypeError, AddressError, msgpack.ExtraData):
         return None

@@ -32,6 +32,8 @@ from natter_proto.frames import (
     FrameError,
     Goaway,
     Keepalive,
+    MappingQuery,
+    MappingReply,
     Message,
     Register,
 )
@@ -92,6 +94,8 @@ class Broker:
         self.address: Endpoint | None = None
         self.metrics_address: tuple[str, int] | None = None
         self._socket = BrokerSocket(self.datagram_received)
+        self._probe = BrokerSocket(self.probe_received)
+        self.probe_address: Endpoint | None = None
         self._health: HealthServer | None = None
         self._registers: Batcher[tuple[Register, Endpoint]] | None = None
         self._keepalives: Batcher[tuple[Keepalive, Endpoint]] | None = None
@@ -121,6 +125,15 @@ class Broker:
         except OSError as exc:
             raise AddressError(f"cannot listen on {self.config.broker_addr}: {exc.strerror}") from None
         self.address = Endpoint(host, port)
+        if self.config.probe_addr:
+            probe_host, probe_port = split_host_port(self.config.probe_addr, default_host=self.host)
+            try:
+                bound = self._probe.bind(probe_host, probe_port)
+            except OSError as exc:
+                self._socket.close()
+                raise AddressError(f"cannot listen on {self.config.probe_addr}: {exc.strerror}") from None
+            self.probe_address = Endpoint(bound[0], bound[1])
+            self.core.probe_port = bound[1]
         await self.registry.start(self.broker_id, self._on_bus_message)
         self._registers = Batcher(lambda batch: self._guard(self._on_registers(batch), "register"))
         self._keepalives = Batcher(lambda batch: self._guard(self._on_keepalives(batch), "keepalive"))
@@ -172,6 +185,7 @@ class Broker:
             await self._health.close()
         await self.registry.close()
         self._socket.close()
+        self._probe.close()
         self._stopped.set()
 
     def _send_goaways(self) -> None:
@@ -223,6 +237,25 @@ class Broker:
         else:
             self.metrics.dropped.labels("unexpected_type").inc()
 
+    def probe_received(self, data: bytes, host: str, port: int) -> None:
+        """The probe port answers one question, statelessly: where do you see me? Never
+        with more bytes than were asked with."""
+        try:
+            source = endpoint(host, port)
+            message = frames.decode(data)
+        except (FrameError, AddressError):
+            self.metrics.dropped.labels("probe_bad_frame").inc()
+            return
+        if not isinstance(message, MappingQuery):
+            self.metrics.dropped.labels("probe_unexpected").inc()
+            return
+        reply = frames.encode(MappingReply(source))
+        if len(reply) > len(data):
+            self.metrics.dropped.labels("probe_small").inc()
+            return
+        self.metrics.probes.inc()
+        self._probe.sendto(reply, (source.host, source.port))
+
     def _reject(self, exc: FrameError, addr: Endpoint, size: int) -> None:
         """Count and log a bad frame; tell the sender why, where the answer is no larger
         than the frame (a version mismatch deserves words, a spoofer no amplification)."""
@@ -265,6 +298,7 @@ class Broker:
                 public=str(record.public),
                 listening=record.listening,
                 key=fingerprint(record.public_key or b""),
+                nat=record.nat,
             )
             self._send(reply, record.public)
 

@@ -27,12 +27,14 @@ from natter_proto.frames import (
     Error,
     FrameError,
     Keepalive,
+    MappingReply,
     Message,
     Probe,
     ProbeAck,
     Punch,
     Register,
 )
+from natter_proto.natmap import NatProbe
 from natter_proto.punch import PathFound, PunchSession, PunchTimedOut
 from natter_proto.registration import (
     BrokerChanged,
@@ -137,6 +139,9 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._nat_probe: NatProbe | None = None
+        self._nat_reported = False
+        self.nat = "unknown"
 
     @property
     def broker(self) -> Endpoint:
@@ -272,6 +277,9 @@ class Agent:
             self._log.debug("dropped bad frame", source=str(addr), reason=exc.reason)
             return
         now = self._now()
+        if isinstance(message, MappingReply):
+            self._on_mapping_reply(message, addr)
+            return
         if isinstance(message, Probe | ProbeAck):
             session = self._sessions.get(message.session_id)
             if session is None:
@@ -285,6 +293,52 @@ class Agent:
             return
         self.stats["accepted_broker"] += 1
         self._on_broker_message(message, now)
+
+    def _on_mapping_reply(self, message: MappingReply, addr: Endpoint) -> None:
+        probe = self._nat_probe
+        if probe is None or addr != probe.target:
+            self.stats["dropped_not_from_broker"] += 1
+            return
+        self.stats["accepted_broker"] += 1
+        probe.receive(message)
+
+    def _start_nat_probe(self) -> None:
+        """Ask the broker's probe port where it sees us: same endpoint means an easy NAT."""
+        reg = self.registration
+        if reg is None or reg.public is None or reg.probe_port is None:
+            return
+        target = Endpoint(self.broker.host, reg.probe_port)
+        if (
+            self._nat_probe is not None
+            and self._nat_probe.public == reg.public
+            and self._nat_probe.target == target
+        ):
+            return  # already asked (or asking) for this mapping
+        self._nat_probe = NatProbe(reg.public, target, self._now())
+
+    def _service_nat_probe(self) -> None:
+        probe = self._nat_probe
+        if probe is None:
+            return
+        for message in probe.frames_to_send():
+            self.sock.sendto(frames.encode(message), probe.target)
+        if probe.result is not None and not self._nat_reported:
+            self._nat_reported = True
+            result = probe.result
+            words = {
+                "easy": "NAT maps endpoint-independently (easy to punch)",
+                "hard": "NAT maps per destination (symmetric: hard to punch)",
+                "unknown": "NAT type unknown (the broker's probe port did not answer)",
+            }
+            self.nat = result.kind
+            self._log.info(
+                words[result.kind],
+                nat=result.kind,
+                seen_by_broker=str(probe.public),
+                seen_by_probe=str(result.seen_by_probe) if result.seen_by_probe else None,
+            )
+            if self.registration is not None:
+                self.registration.update(nat=result.kind, now=self._now())
 
     def _on_broker_message(self, message: Message, now: float) -> None:
         assert self.registration is not None
@@ -338,6 +392,7 @@ class Agent:
             self._send(message, self.broker)
         while (event := reg.next_event()) is not None:
             self._on_registration_event(event)
+        self._service_nat_probe()
         for rid, attempt in list(self._attempts.items()):
             for message in attempt.frames_to_send():
                 self._send(message, self.broker)
@@ -366,6 +421,8 @@ class Agent:
         timers = [self.registration.get_timer()]
         timers += [a.get_timer() for a in self._attempts.values()]
         timers += [s.get_timer() for s in self._sessions.values()]
+        if self._nat_probe is not None:
+            timers.append(self._nat_probe.get_timer())
         when = min((t for t in timers if t is not None), default=None)
         if self._timer is not None:
             if when is not None and self._timer.when() == when:
@@ -384,6 +441,8 @@ class Agent:
             attempt.handle_timer(now)
         for session in list(self._sessions.values()):
             session.handle_timer(now)
+        if self._nat_probe is not None:
+            self._nat_probe.handle_timer(now)
         self._service()
 
     def _on_registration_event(self, event: object) -> None:
@@ -395,8 +454,11 @@ class Agent:
                 listening=self.listening,
             )
             self.registered.set()
+            self._start_nat_probe()
         elif isinstance(event, PublicEndpointChanged):
             self._log.warning("public endpoint changed", old=str(event.old), new=str(event.new))
+            self._nat_reported = False
+            self._start_nat_probe()
         elif isinstance(event, RegistrationLost):
             self.registered.clear()
             self._log.warning("lost the broker, registering again", reason=event.reason)
@@ -414,6 +476,7 @@ class Agent:
             return  # a repeated instruction for a session already under way
         self._log.info(
             f"punching to {punch.peer}",
+            peer_nat=punch.peer_nat or "unknown",
             role=punch.role,
             public=str(punch.peer_public),
             candidates=len(punch.peer_locals) + 1,
