@@ -58,6 +58,8 @@ async def run_broker(args: argparse.Namespace) -> int:
         broker_id=args.broker_id,
         tokens_file=args.tokens,
         probe_addr=args.probe,
+        relay_bytes=int(args.relay_mb * (1 << 20)),
+        relay_seconds=args.relay_seconds,
         rate_per_ip=args.ip_rate,
         burst_per_ip=2 * args.ip_rate,
     )

@@ -85,6 +85,12 @@ def _positive(value: Any) -> float:
     return float(value)
 
 
+def _non_negative(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError("must be a number, 0 or more")
+    return float(value)
+
+
 def _port(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError("must be a port number 0-65535")
@@ -191,6 +197,8 @@ BROKER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "metrics": ("metrics", _address),
     "broker_id": ("broker_id", _string),
     "probe": ("probe", _address),
+    "relay_mb": ("relay_mb", _non_negative),
+    "relay_seconds": ("relay_seconds", _positive),
     "tokens": ("tokens", _string),
     "ip_rate": ("ip_rate", _positive),
     "keepalive": ("keepalive", _positive),

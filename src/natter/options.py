@@ -32,6 +32,8 @@ ENVIRONMENT = {
     "tokens": "NATTER_TOKENS",
     "ip_rate": "NATTER_IP_RATE",
     "probe": "NATTER_PROBE",
+    "relay_mb": "NATTER_RELAY_MB",
+    "relay_seconds": "NATTER_RELAY_SECONDS",
     "name": "NATTER_NAME",
     "broker": "NATTER_BROKER",
     "state_dir": "NATTER_STATE_DIR",
@@ -142,6 +144,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             raise UsageError("-server runs a broker and takes no -name, -listen or forward specs")
         if args.ip_rate <= 0:
             raise UsageError("--ip-rate must be positive")
+        if args.relay_mb < 0 or args.relay_seconds <= 0:
+            raise UsageError("--relay-mb must be 0 or more and --relay-seconds positive")
         schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://")
         if args.redis and not args.redis.startswith(schemes):
             raise UsageError(

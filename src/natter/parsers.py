@@ -150,6 +150,22 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         help="second UDP port (e.g. :10001) where agents learn whether their NAT is symmetric",
     )
     parser.add_argument(
+        f"{dash}relay-mb",
+        dest="relay_mb",
+        type=float,
+        default=1024.0,
+        metavar="MB",
+        help="relay at most this many MB per session when no direct path works (0: no relay; default 1024)",
+    )
+    parser.add_argument(
+        f"{dash}relay-seconds",
+        dest="relay_seconds",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="relay a session for at most this long (default 3600)",
+    )
+    parser.add_argument(
         f"{dash}ip-rate",
         dest="ip_rate",
         type=float,

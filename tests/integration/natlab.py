@@ -69,6 +69,7 @@ class NatLab:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
     created: list[str] = field(default_factory=list)
     symmetric_b: bool = False  # natB maps per destination (MASQUERADE --random-fully)
+    symmetric_a: bool = False
 
     def ns(self, role: str) -> str:
         return f"{PREFIX}{os.getpid()}-{self.tag}-{role}"
@@ -136,7 +137,7 @@ class NatLab:
         # a home router: MASQUERADE out, and no unsolicited traffic in (FORWARD and INPUT,
         # see shared/NATLAB.md on why INPUT matters for hole punching)
         masquerade = ["-j", "MASQUERADE"]
-        if nat == "natB" and self.symmetric_b:
+        if (nat == "natB" and self.symmetric_b) or (nat == "natA" and self.symmetric_a):
             masquerade.append("--random-fully")  # endpoint-dependent mapping: a symmetric NAT
         self.sh(nat, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", *masquerade)
         for chain in ("FORWARD", "INPUT"):

@@ -197,3 +197,78 @@ def test_agents_learn_their_nat_type_and_tell_their_peer(symmetric_lab: NatLab) 
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_two_symmetric_nats_fall_back_to_the_relay() -> None:
+    """Both NATs map per destination: no direct path can answer, so the tunnel goes through
+    the broker's relay (which sees only ciphertext), and the bytes still arrive intact."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"NAT lab required in CI: {reason}")
+        pytest.skip(reason)
+    procs: list[Proc] = []
+    with NatLab(symmetric_a=True, symmetric_b=True) as lab:
+        try:
+            broker = natter("-server", f"{INET_IP}:10000", prefix=lab.prefix("inet"))
+            procs.append(broker)
+            broker.wait_event("broker listening")
+            sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
+            procs.append(sink)
+            bob = natter("-name", "bob", "-broker", f"{INET_IP}:10000", "-listen", prefix=lab.prefix("bob"))
+            procs.append(bob)
+            bob.wait_event("registered as bob")
+            alice = natter(
+                "-name", "alice", "-broker", f"{INET_IP}:10000", f"8027:bob:{sink_port}",
+                prefix=lab.prefix("alice"),
+            )  # fmt: skip
+            procs.append(alice)
+            alice.wait_event("punch failed", timeout=30)
+            up = alice.wait_event("relayed path up with bob", timeout=30)
+            assert up["path"] == "relayed"
+            size = 3 << 20
+            reply = tool("send", "127.0.0.1", "8027", str(size), prefix=lab.prefix("alice"))
+            assert reply.split() == [str(size), digest_of_pattern(size)]
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+
+
+def test_relay_across_broker_replicas() -> None:
+    """alice talks to replica 1, bob to replica 2, both NATs symmetric: relayed packets cross
+    Redis pub/sub from one replica to the other."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"NAT lab required in CI: {reason}")
+        pytest.skip(reason)
+    procs: list[Proc] = []
+    with NatLab(symmetric_a=True, symmetric_b=True) as lab:
+        redis = RedisProcess(prefix=lab.prefix("inet"), port=6379)
+        try:
+            redis.start()
+            for i, port in enumerate((10000, 10001), start=1):
+                replica = natter(
+                    "broker", "--listen", f"{INET_IP}:{port}", "--redis", redis.url, "--broker-id", f"r{i}",
+                    prefix=lab.prefix("inet"),
+                )  # fmt: skip
+                procs.append(replica)
+                replica.wait_event("broker listening")
+            sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
+            procs.append(sink)
+            bob = natter("-name", "bob", "-broker", f"{INET_IP}:10001", "-listen", prefix=lab.prefix("bob"))
+            procs.append(bob)
+            bob.wait_event("registered as bob")
+            alice = natter(
+                "-name", "alice", "-broker", f"{INET_IP}:10000", f"8028:bob:{sink_port}",
+                prefix=lab.prefix("alice"),
+            )  # fmt: skip
+            procs.append(alice)
+            alice.wait_event("relayed path up with bob", timeout=40)
+            size = 2 << 20
+            reply = tool("send", "127.0.0.1", "8028", str(size), prefix=lab.prefix("alice"))
+            assert reply.split() == [str(size), digest_of_pattern(size)]
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+            redis.close()

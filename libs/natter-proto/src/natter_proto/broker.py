@@ -122,6 +122,7 @@ class BrokerCore:
         self.per_identity = per_identity if per_identity is not None else RateLimiter(rate=20, burst=40)
         self.punch_delay_ms = punch_delay_ms
         self.probe_port: int | None = None  # set when the broker serves mapping queries
+        self.relay = False  # set when the broker relays sessions it introduced
 
     def admit(self, message: Message, addr: Endpoint, size: int, now: float) -> Admission:
         """Rate-limit every source; demand a valid cookie before any state is touched.
@@ -237,6 +238,7 @@ class BrokerCore:
             delay_ms=self.punch_delay_ms,
             peer_key=peer.public_key,
             peer_nat=peer.nat,
+            relay=self.relay,
         )
 
     def registered(self, name: str, addr: Endpoint, now: float, listening: bool | None = None) -> Registered:

@@ -29,6 +29,8 @@ class Config:
     metrics_addr: str = ""
     broker_id: str = ""
     probe_addr: str = ""  # a second UDP port: agents learn whether their NAT is symmetric
+    relay_bytes: int = 1 << 30  # per relayed session; 0 turns the relay off
+    relay_seconds: float = 3600.0
     # broker: who may register, address validation and rate limits
     tokens_file: str = ""
     cookie_window: float = 120.0

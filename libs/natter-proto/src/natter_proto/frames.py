@@ -131,6 +131,7 @@ class Punch(Message):
     delay_ms: int = 0
     peer_key: bytes | None = None  # the key the broker vouches for; QUIC must present it
     peer_nat: str | None = None  # how the peer's NAT maps, as it reported
+    relay: bool = False  # the broker will relay this session if no direct path answers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,9 @@ class BrokerMetrics:
         self.probes = Counter(
             "natter_broker_mapping_probes", "Mapping queries answered on the probe port", registry=r
         )
+        self.relayed_bytes = Counter(
+            "natter_broker_relayed_bytes", "Payload bytes relayed between peers", registry=r
+        )
         self.goaways = Counter("natter_broker_goaways", "Goaway frames sent at shutdown", registry=r)
         self.redis_published = Counter(
             "natter_broker_redis_published", "Messages published to other replicas", registry=r

@@ -40,12 +40,14 @@ from natter_proto.frames import (
 from natter_proto.identity import fingerprint
 from natter_proto.ratelimit import RateLimiter
 from natter_proto.registry import PeerRecord
+from natter_proto.relay import RELAY_PREFIX, RelayTable
 from natter_proto.tokens import TokenList, TokenListError
 
 from .batcher import Batcher
 from .http import HealthServer
 from .metrics import BrokerMetrics
 from .registry import MemoryRegistry, Registry
+from .relaying import Relayer
 from .udp import BrokerSocket
 
 log = structlog.get_logger("natter.broker")
@@ -102,6 +104,15 @@ class Broker:
         self._connects: Batcher[tuple[ConnectRequest, Endpoint]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._heard: dict[str, tuple[Endpoint, float]] = {}  # agents this replica serves
+        self.core.relay = config.relay_bytes > 0
+        self.relayer = Relayer(
+            self.broker_id,
+            RelayTable(config.relay_bytes, config.relay_seconds),
+            self._heard,
+            lambda data, addr: self._sendto(data, addr),
+            self.registry,
+            self.metrics,
+        )
         self._awaiting: OrderedDict[tuple[str, str], tuple[bytes, Endpoint, float]] = OrderedDict()
         self._stopped = asyncio.Event()
         self._closing = False
@@ -210,6 +221,16 @@ class Broker:
 
     # -- datagrams ----------------------------------------------------------------
     def datagram_received(self, data: bytes, host: str, port: int) -> None:
+        if data and data[0] == RELAY_PREFIX:
+            try:
+                source = endpoint(host, port)
+            except AddressError:
+                return
+            if self.core.relay:
+                self.relayer.datagram(data, source)
+            else:
+                self.metrics.dropped.labels("relay_off").inc()
+            return
         try:
             source = endpoint(host, port)
             message = frames.decode(data)
@@ -356,7 +377,10 @@ class Broker:
         intro = decision.introduction
         assert intro is not None
         owner = intro.target.broker_id
-        if owner in ("", self.broker_id) or isinstance(self.registry, MemoryRegistry):
+        local = owner in ("", self.broker_id) or isinstance(self.registry, MemoryRegistry)
+        target_replica = self.broker_id if local else owner
+        self.relayer.allow(session, intro.requester.name, intro.target.name, (self.broker_id, target_replica))
+        if local:
             self._introduce_target(intro.target.public, [frames.encode(m) for m in intro.to_target])
             self._send(intro.to_requester, intro.requester.public)
             self.metrics.punches.inc()
@@ -384,6 +408,8 @@ class Broker:
                 "request_id": request_id,
                 "to": [target.host, target.port],
                 "frames": [frames.encode(m) for m in intro.to_target],
+                "session": intro.session_id,
+                "target": intro.target.name,
             },
         )
         if receivers == 0:
@@ -400,7 +426,9 @@ class Broker:
 
     async def _on_bus_message(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
-        if kind == "introduce":
+        if kind == "relay":
+            self.relayer.on_bus(message)
+        elif kind == "introduce":
             await self._on_bus_introduce(message)
         elif kind == "ack":
             key = (message.get("requester"), message.get("request_id"))
@@ -430,6 +458,10 @@ class Broker:
             self.metrics.dropped.labels("bad_bus_message").inc()
             return
         self._introduce_target(addr, datagrams)  # type: ignore[arg-type]
+        session, requester, target = message.get("session"), message.get("requester"), message.get("target")
+        if isinstance(session, str) and isinstance(requester, str) and isinstance(target, str):
+            with contextlib.suppress(ValueError):
+                self.relayer.allow(session, requester, target, (str(origin), self.broker_id))
         self.metrics.punches.inc()
         self._log.info("introduced on behalf of replica", origin=origin, request_id=message.get("request_id"))
         with contextlib.suppress(Exception):

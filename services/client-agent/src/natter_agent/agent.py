@@ -13,6 +13,7 @@ import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -45,6 +46,8 @@ from natter_proto.registration import (
     RegistrationUp,
     RegState,
 )
+from natter_proto.relay import RELAY_PREFIX, RelayFrameError, decode_relay, encode_relay
+from natter_proto.relay import session_key as relay_key
 
 from .engine import QuicEngine, make_engine
 from .interfaces import local_ipv4_addresses
@@ -93,6 +96,7 @@ def resolve_brokers(addrs: str | list[str]) -> list[Endpoint]:
 
 
 IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
+RELAY_PATH = Endpoint("0.0.0.0", 9)  # the QUIC path address of a relayed tunnel (never sent to)
 
 
 class Agent:
@@ -135,6 +139,7 @@ class Agent:
         self._waiters: dict[str, asyncio.Future[PeerLink]] = {}
         self._links: dict[str, PeerLink] = {}
         self._links_by_addr: dict[Endpoint, PeerLink] = {}
+        self._relay_links: dict[bytes, PeerLink] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -194,7 +199,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
-        for link in list(self._links_by_addr.values()):
+        for link in [*self._links_by_addr.values(), *self._relay_links.values()]:
             link.close("agent shutting down")
         for waiter in self._waiters.values():
             if not waiter.done():
@@ -270,6 +275,9 @@ class Agent:
 
     # -- datagram input ---------------------------------------------------------------
     def _on_control(self, data: bytes, addr: Endpoint) -> None:
+        if data[0] == RELAY_PREFIX:
+            self._on_relay(data, addr)
+            return
         try:
             message = frames.decode(data)
         except FrameError as exc:
@@ -293,6 +301,36 @@ class Agent:
             return
         self.stats["accepted_broker"] += 1
         self._on_broker_message(message, now)
+
+    def _on_relay(self, data: bytes, addr: Endpoint) -> None:
+        """A QUIC packet of a relayed tunnel, from the broker."""
+        if addr != self.broker:
+            self.stats["dropped_relay_not_from_broker"] += 1
+            return
+        try:
+            key, packet = decode_relay(data)
+        except RelayFrameError:
+            self.stats["dropped_relay_bad_frame"] += 1
+            return
+        link = self._relay_links.get(key)
+        if link is not None:
+            self.stats["accepted_relay"] += 1
+            link.datagram_received(packet, RELAY_PATH)
+            return
+        session = next((s for s in self._sessions.values() if s.role == "server" and s.punch.relay
+                        and relay_key(s.session_id) == key), None)  # fmt: skip
+        if session is None or not self.listening:
+            self.stats["dropped_relay_unknown_session"] += 1
+            return
+        conn = self.engine.server_connection(packet)
+        if conn is None:
+            self.stats["dropped_not_initial"] += 1
+            return
+        self.stats["accepted_relay"] += 1
+        session.succeed(RELAY_PATH)
+        link = self._new_link(conn, session.punch, RELAY_PATH, "server", relayed=True)
+        link.datagram_received(packet, RELAY_PATH)
+        self._track(self._loop_create(self._await_handshake(link, session.punch)))
 
     def _on_mapping_reply(self, message: MappingReply, addr: Endpoint) -> None:
         probe = self._nat_probe
@@ -510,7 +548,14 @@ class Agent:
         elif isinstance(event, PunchTimedOut):
             tried = ", ".join(str(c) for c in event.tried)
             self._log.warning("punch failed: no answer", peer=session.peer, tried=tried)
-            if session.role == "client":
+            if session.role == "client" and session.punch.relay:
+                self._log.info(f"no direct path to {session.peer}: tunnelling through the broker's relay")
+                link = self._new_link(
+                    self.engine.client_connection(), session.punch, RELAY_PATH, "client", relayed=True
+                )
+                link.start_client()
+                self._track(self._loop_create(self._await_handshake(link, session.punch)))
+            elif session.role == "client":
                 self._fail_waiter(
                     session.peer,
                     PeerUnavailable(
@@ -520,9 +565,19 @@ class Agent:
                     ),
                 )
 
-    def _new_link(self, conn: object, punch: Punch, addr: Endpoint, role: str) -> PeerLink:
+    def _new_link(
+        self, conn: object, punch: Punch, addr: Endpoint, role: str, *, relayed: bool = False
+    ) -> PeerLink:
+        send: Callable[[bytes, Any], None] = self.sock.sendto
+        if relayed:
+            key = relay_key(punch.session_id)
+            broker = self.broker  # the relay is the broker this tunnel began with
+
+            def send(data: bytes, _addr: Any) -> None:
+                self.sock.sendto(encode_relay(key, data), broker)
+
         link = PeerLink(
-            sock=self.sock,
+            send=send,
             conn=conn,  # type: ignore[arg-type]
             peer=punch.peer,
             addr=addr,
@@ -534,6 +589,10 @@ class Agent:
             ping_interval=self.config.ping_interval,
             send_buffer_limit=self.config.send_buffer_limit,
         )
+        if relayed:
+            link.path_kind = "relayed"
+            self._relay_links[relay_key(punch.session_id)] = link
+            return link
         link.path_kind = "lan" if addr in punch.peer_locals and addr != punch.peer_public else "direct"
         old = self._links_by_addr.get(addr)
         if old is not None:
@@ -556,7 +615,7 @@ class Agent:
         if previous is not None and previous is not link and previous.is_alive:
             self._log.info("newer tunnel replaces older one", peer=link.peer)
         self._log.info(
-            f"direct path up with {link.peer}",
+            f"{'relayed' if link.path_kind == 'relayed' else 'direct'} path up with {link.peer}",
             peer_endpoint=str(link.addr),
             path=link.path_kind,
             rtt_ms=round(link.rtt * 1000, 2),
@@ -576,6 +635,9 @@ class Agent:
     def _on_link_closed(self, link: PeerLink) -> None:
         if self._links_by_addr.get(link.addr) is link:
             del self._links_by_addr[link.addr]
+        for key, relayed in list(self._relay_links.items()):
+            if relayed is link:
+                del self._relay_links[key]
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
             if not self._closed:

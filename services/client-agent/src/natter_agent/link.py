@@ -11,6 +11,7 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from aioquic.quic import events
@@ -18,7 +19,6 @@ from aioquic.quic import events
 from natter_proto.endpoints import Endpoint
 
 from .engine import TunnelConnection
-from .udp import AgentSocket
 
 log = structlog.get_logger("natter.link")
 
@@ -114,7 +114,7 @@ class PeerLink:
     def __init__(
         self,
         *,
-        sock: AgentSocket,
+        send: Callable[[bytes, Any], None],
         conn: TunnelConnection,
         peer: str,
         addr: Endpoint,
@@ -127,7 +127,7 @@ class PeerLink:
         send_buffer_limit: int,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.sock = sock
+        self._send_datagram = send  # the punched path, or the broker's relay
         self.conn = conn
         self.peer = peer
         self.addr = addr
@@ -240,7 +240,7 @@ class PeerLink:
             self._flush_handle.cancel()
             self._flush_handle = None
         for data, addr in self.conn.datagrams_to_send(now=self.loop.time()):
-            self.sock.sendto(data, addr)
+            self._send_datagram(data, addr)
         self._arm_timer()
         self._wake_writers()
 

@@ -1,0 +1,115 @@
+"""The broker's relay: forwards the QUIC packets of pairs it introduced when no direct path
+answers. Within one replica a packet goes straight to the other peer; across replicas it
+crosses Redis pub/sub to the replica that peer talks to (its NAT only answers that one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from natter_proto.endpoints import Endpoint
+from natter_proto.relay import (
+    RelayFrameError,
+    RelaySession,
+    RelayTable,
+    decode_relay,
+    encode_relay,
+    session_key,
+)
+
+from .metrics import BrokerMetrics
+from .registry import Registry
+
+log = structlog.get_logger("natter.relay")
+
+Heard = dict[str, tuple[Endpoint, float]]
+
+
+class Relayer:
+    def __init__(
+        self,
+        broker_id: str,
+        table: RelayTable,
+        heard: Heard,
+        sendto: Callable[[bytes, Endpoint], None],
+        registry: Registry,
+        metrics: BrokerMetrics,
+    ) -> None:
+        self.broker_id = broker_id
+        self.table = table
+        self.heard = heard  # the broker's own map: agents this replica serves
+        self.sendto = sendto
+        self.registry = registry
+        self.metrics = metrics
+        self._by_addr: dict[Endpoint, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def allow(self, session_id: str, requester: str, target: str, replicas: tuple[str, str]) -> None:
+        """Let the pair the broker just introduced use the relay; replicas: whom each talks to."""
+        session = RelaySession(requester, target, time.time(), a_replica=replicas[0], b_replica=replicas[1])
+        self.table.allow(session_key(session_id), session)
+
+    def datagram(self, data: bytes, source: Endpoint) -> None:
+        """A relay frame from an agent: forward it to the other party of its session."""
+        try:
+            key, packet = decode_relay(data)
+        except RelayFrameError:
+            self.metrics.dropped.labels("relay_bad_frame").inc()
+            return
+        sender = self._name_at(source)
+        if sender is None:
+            self.metrics.dropped.labels("relay_unknown_sender").inc()  # no reply: no reflection
+            return
+        receiver, reason = self.table.charge(key, sender, len(packet), time.time())
+        if receiver is None:
+            self.metrics.dropped.labels(reason).inc()
+            return
+        self.metrics.relayed_bytes.inc(len(packet))
+        local = self.heard.get(receiver)
+        if local is not None:
+            self.sendto(encode_relay(key, packet), local[0])
+            return
+        session = self.table.get(key)
+        replica = session.replica_of(receiver) if session is not None else ""
+        if not replica or replica == self.broker_id:
+            self.metrics.dropped.labels("relay_peer_gone").inc()
+            return
+        message = {"kind": "relay", "to": receiver, "key": key, "data": packet}
+        task = asyncio.get_running_loop().create_task(self._publish(replica, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, replica: str, message: dict[str, Any]) -> None:
+        try:
+            if await self.registry.publish(replica, message) == 0:
+                self.metrics.dropped.labels("relay_peer_gone").inc()
+        except Exception:
+            self.metrics.dropped.labels("relay_publish_failed").inc()
+
+    def on_bus(self, message: dict[str, Any]) -> None:
+        """A packet another replica relayed for an agent of ours."""
+        to, key, packet = message.get("to"), message.get("key"), message.get("data")
+        if not (isinstance(to, str) and isinstance(key, bytes) and isinstance(packet, bytes)):
+            self.metrics.dropped.labels("bad_bus_message").inc()
+            return
+        local = self.heard.get(to)
+        if local is None or len(key) != 8 or len(packet) > 1500:
+            self.metrics.dropped.labels("relay_peer_gone").inc()
+            return
+        self.metrics.relayed_bytes.inc(len(packet))
+        self.sendto(encode_relay(key, packet), local[0])
+
+    def _name_at(self, source: Endpoint) -> str | None:
+        name = self._by_addr.get(source)
+        if name is not None and self.heard.get(name, (None,))[0] == source:
+            return name
+        for candidate, (addr, _) in self.heard.items():  # rebuilt lazily after changes
+            if addr == source:
+                self._by_addr[source] = candidate
+                return candidate
+        return None
