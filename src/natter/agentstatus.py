@@ -36,6 +36,7 @@ def snapshot(client: Client) -> dict[str, Any]:
         "registered": agent.registered.is_set(),
         "public_endpoint": str(registration.public) if registration and registration.public else None,
         "listening": agent.listening,
+        "nat": agent.nat,
         "forwards": [
             {
                 "local": str(f.local) if f.local else "stdio",
