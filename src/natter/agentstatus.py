@@ -109,6 +109,7 @@ def render(status: dict[str, Any]) -> str:
             else "not registered"
         )
         + (", listening" if status["listening"] else "")
+        + f", NAT {status.get('nat', 'unknown')}"
     ]
     for f in status["forwards"]:
         lines.append(f"  forward {f['local']} -> {f['peer']}:{f['target']}  ({f['connections']} connections)")
