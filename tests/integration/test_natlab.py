@@ -272,3 +272,37 @@ def test_relay_across_broker_replicas() -> None:
             for proc in reversed(procs):
                 proc.stop()
             redis.close()
+
+
+def test_one_symmetric_nat_is_punched_with_the_birthday_method(symmetric_lab: NatLab) -> None:
+    """bob's NAT maps per destination, alice's does not: bob opens many sockets, alice
+    sprays probes at bob's address, and a direct path (not the relay) comes up."""
+    lab = symmetric_lab
+    procs: list[Proc] = []
+    try:
+        inet = lab.prefix("inet")
+        broker = natter("-server", f"{INET_IP}:10003", "-probe", f"{INET_IP}:10004", prefix=inet)
+        procs.append(broker)
+        broker.wait_event("broker listening")
+        sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
+        procs.append(sink)
+        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10003", "-listen", prefix=lab.prefix("bob"))
+        procs.append(bob)
+        assert bob.wait_log(lambda e: "nat" in e and "seen_by_probe" in e, timeout=20)["nat"] == "hard"
+        broker.wait_log(lambda e: e.get("event") == "registered" and e.get("nat") == "hard", timeout=20)
+        alice = natter(
+            "-name", "alice", "-broker", f"{INET_IP}:10003", f"8029:bob:{sink_port}",
+            prefix=lab.prefix("alice"),
+        )  # fmt: skip
+        procs.append(alice)
+        alice.wait_log(lambda e: e.get("nat") == "easy" and "seen_by_probe" in e, timeout=20)
+        up = alice.wait_log(lambda e: "path up with bob" in str(e.get("event")), timeout=40)
+        assert up["path"] == "direct", up
+        assert up["peer_endpoint"].split(":")[0] == NAT_B_WAN
+        bob.wait_event("birthday punching")
+        size = 2 << 20
+        reply = tool("send", "127.0.0.1", "8029", str(size), prefix=lab.prefix("alice"))
+        assert reply.split() == [str(size), digest_of_pattern(size)]
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

@@ -150,15 +150,15 @@ def test_punch_probes_every_candidate_until_answered() -> None:
     assert session.candidates == (PUB_BOB, LAN_BOB)
     session.handle_timer(10.0)
     out = session.frames_to_send()
-    assert [addr for _, addr in out] == [PUB_BOB, LAN_BOB]
-    assert all(isinstance(m, Probe) and m.session_id == "s1" for m, _ in out)
+    assert [addr for _, addr, _ in out] == [PUB_BOB, LAN_BOB]
+    assert all(isinstance(m, Probe) and m.session_id == "s1" and src == 0 for m, _, src in out)
     assert session.get_timer() == 10.075
     session.handle_timer(10.075)
     assert len(session.frames_to_send()) == 2
     # bob's probe reaches us: we answer it at the exact source
     source = Endpoint("198.51.100.2", 5001)
     session.receive(Probe("s1", "bob", 3), source, 10.08)
-    ((ack, to),) = session.frames_to_send()
+    ((ack, to, _),) = session.frames_to_send()
     assert ack == ProbeAck("s1", "alice", 3, source) and to == source
     assert session.knows(source)
     # the answer to our second probe wins the path
@@ -433,3 +433,38 @@ def frames_encode(message: object) -> bytes:
     from natter_proto import frames as f
 
     return f.encode(message)  # type: ignore[arg-type]
+
+
+def test_birthday_method_hard_side_opens_many_mappings() -> None:
+    punch = Punch("r1", "s1", "bob", PUB_BOB, (), "server", peer_nat="easy")
+    session = PunchSession("alice", punch, 0.0, interval=0.1, sources=4)
+    session.handle_timer(0.0)
+    out = session.frames_to_send()
+    assert sorted(src for _, addr, src in out if addr == PUB_BOB) == [0, 1, 2, 3]
+    session.handle_timer(0.1)  # extra sockets re-probe only every few ticks
+    assert [src for _, _, src in session.frames_to_send()] == [0]
+    # the easy side's spray reaches extra socket 2: it is answered from that socket
+    source = Endpoint("198.51.100.2", 40404)
+    session.receive(Probe("s1", "bob", 1), source, 0.15, source=2)
+    ((ack, to, src),) = session.frames_to_send()
+    assert isinstance(ack, ProbeAck) and to == source and src == 2
+    assert session.knows(source, 2) and not session.knows(source, 0)
+
+
+def test_birthday_method_easy_side_sprays_within_budget() -> None:
+    punch = Punch("r1", "s1", "bob", PUB_BOB, (), "client", peer_nat="hard")
+    session = PunchSession(
+        "alice", punch, 0.0, interval=0.1, spray=100, spray_per_tick=48, rng=random.Random(5)
+    )
+    ports: list[int] = []
+    now = 0.0
+    for _ in range(4):
+        session.handle_timer(now)
+        ports += [addr.port for _, addr, _ in session.frames_to_send() if addr != PUB_BOB]
+        now += 0.1
+    assert len(ports) == 100 == len(set(ports))  # the budget, each port once
+    assert all(1024 <= p < 65536 for p in ports)
+    hit = Endpoint(PUB_BOB.host, ports[7])
+    session.receive(ProbeAck("s1", "bob", 1, PUB), hit, 0.35)
+    event = session.next_event()
+    assert isinstance(event, PathFound) and event.path == hit and event.source == 0

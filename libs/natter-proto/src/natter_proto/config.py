@@ -57,6 +57,9 @@ class Config:
     punch_interval: float = 0.075
     punch_timeout: float = 5.0
     handshake_timeout: float = 8.0
+    # against a symmetric NAT (birthday method): sockets on the hard side, probes on the easy
+    hard_nat_sockets: int = 256
+    spray_probes: int = 2048  # 255 mappings x 2048 probes: about 99.97% (1024: 98%)
 
     # the agent's one UDP socket
     udp_host: str = "0.0.0.0"

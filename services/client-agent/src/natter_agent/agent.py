@@ -8,6 +8,8 @@ module feeds them datagrams and time, sends what they produce and turns their ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import secrets
 import socket
 from collections import Counter
@@ -96,6 +98,7 @@ def resolve_brokers(addrs: str | list[str]) -> list[Endpoint]:
 
 
 IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
+NAT_PROBE_WAIT = 3.0  # how long a first connect waits for the NAT type
 RELAY_PATH = Endpoint("0.0.0.0", 9)  # the QUIC path address of a relayed tunnel (never sent to)
 
 
@@ -140,12 +143,15 @@ class Agent:
         self._links: dict[str, PeerLink] = {}
         self._links_by_addr: dict[Endpoint, PeerLink] = {}
         self._relay_links: dict[bytes, PeerLink] = {}
+        self._extra: dict[str, list[AgentSocket]] = {}  # birthday sockets per punch session
+        self._extra_links: dict[tuple[str, int], PeerLink] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._nat_probe: NatProbe | None = None
         self._nat_reported = False
+        self._nat_known = asyncio.Event()
         self.nat = "unknown"
 
     @property
@@ -199,7 +205,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
-        for link in [*self._links_by_addr.values(), *self._relay_links.values()]:
+        for link in [*self._links_by_addr.values(), *self._relay_links.values(), *self._extra_links.values()]:
             link.close("agent shutting down")
         for waiter in self._waiters.values():
             if not waiter.done():
@@ -212,6 +218,9 @@ class Agent:
             self._timer.cancel()
         await asyncio.sleep(0)  # let the CONNECTION_CLOSE datagrams leave
         self.sock.close()
+        for sockets in self._extra.values():
+            for sock in sockets:
+                sock.close()
 
     # -- tunnels --------------------------------------------------------------------
     def links(self) -> list[PeerLink]:
@@ -240,18 +249,25 @@ class Agent:
         assert self._loop is not None
         waiter: asyncio.Future[PeerLink] = self._loop.create_future()
         self._waiters[peer] = waiter
-        if self.registration is None or self.registration.state is not RegState.REGISTERED:
-            task = self._loop.create_task(self._connect_when_registered(peer, target, waiter))
-            self._track(task)
-        else:
+        ready = self.registration is not None and self.registration.state is RegState.REGISTERED
+        if ready and not self._nat_pending():
             self._send_connect(peer, target)
+        else:
+            self._track(self._loop.create_task(self._connect_when_ready(peer, target, waiter)))
         return waiter
 
-    async def _connect_when_registered(
-        self, peer: str, target: str, waiter: asyncio.Future[PeerLink]
-    ) -> None:
+    def _nat_pending(self) -> bool:
+        return self._nat_probe is not None and not self._nat_reported
+
+    async def _connect_when_ready(self, peer: str, target: str, waiter: asyncio.Future[PeerLink]) -> None:
+        """Registered, and (where the broker offers a probe port) our NAT type known and told
+        to the broker: the punch strategy depends on both sides' NAT types."""
         try:
             await self.wait_registered(self.config.register_timeout)
+            if self._nat_pending():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nat_known.wait(), NAT_PROBE_WAIT)
+                await self.wait_registered(self.config.register_timeout)
         except NatterError as exc:
             self._fail_waiter(peer, exc)
             return
@@ -369,13 +385,15 @@ class Agent:
                 "unknown": "NAT type unknown (the broker's probe port did not answer)",
             }
             self.nat = result.kind
+            self._nat_known.set()
             self._log.info(
                 words[result.kind],
                 nat=result.kind,
                 seen_by_broker=str(probe.public),
                 seen_by_probe=str(result.seen_by_probe) if result.seen_by_probe else None,
             )
-            if self.registration is not None:
+            if self.registration is not None and self.registration.nat != result.kind:
+                self.registered.clear()  # registered again once the broker has the NAT type
                 self.registration.update(nat=result.kind, now=self._now())
 
     def _on_broker_message(self, message: Message, now: float) -> None:
@@ -448,8 +466,8 @@ class Agent:
                     )
                     self._fail_waiter(peer, PeerUnavailable(peer, cevent.code, cevent.message))
         for session in list(self._sessions.values()):
-            for message, addr in session.frames_to_send():
-                self._send(message, addr)
+            for message, addr, source in session.frames_to_send():
+                self._socket_for(session.session_id, source).sendto(frames.encode(message), addr)
             while (pevent := session.next_event()) is not None:
                 self._on_punch_event(session, pevent)
         self._arm_timer()
@@ -521,17 +539,95 @@ class Agent:
             session=punch.session_id,
             request_id=punch.request_id,
         )
+        sources, spray = 1, 0
+        if self.nat == "hard" and punch.peer_nat == "easy":
+            sources = self.config.hard_nat_sockets  # birthday method, hard side
+            self._extra[punch.session_id] = self._open_extra_sockets(punch.session_id, sources - 1)
+        elif self.nat == "easy" and punch.peer_nat == "hard":
+            spray = self.config.spray_probes  # birthday method, easy side
+        if sources > 1 or spray:
+            self._log.info("peer behind a symmetric NAT: birthday punching", sockets=sources, spray=spray)
         self._sessions[punch.session_id] = PunchSession(
             self.name,
             punch,
             now,
             interval=self.config.punch_interval,
             timeout=self.config.punch_timeout,
+            sources=sources,
+            spray=spray,
         )
         # Keep the session a while after it ends: the peer may still be probing and needs
         # answers, and the QUIC server accepts the peer's Initial only from a known path.
         linger = punch.delay_ms / 1000 + self.config.punch_timeout + self.config.handshake_timeout
-        self._loop_call_later(linger, self._sessions.pop, punch.session_id, None)
+        self._loop_call_later(linger, self._end_session, punch.session_id)
+
+    # -- extra sockets for the birthday method ---------------------------------------------
+    def _open_extra_sockets(self, session_id: str, count: int) -> list[AgentSocket]:
+        opened = []
+        for index in range(1, count + 1):
+            sock = AgentSocket(
+                functools.partial(self._on_extra_control, session_id, index),
+                functools.partial(self._on_extra_quic, session_id, index),
+                self._service,
+            )
+            try:
+                sock.bind(self.config.udp_host, 0)
+            except OSError:
+                break  # out of ports or descriptors: punch with what we have
+            opened.append(sock)
+        return opened
+
+    def _socket_for(self, session_id: str, source: int) -> AgentSocket:
+        extra = self._extra.get(session_id)
+        if source == 0 or extra is None or source > len(extra):
+            return self.sock
+        return extra[source - 1]
+
+    def _on_extra_control(self, session_id: str, source: int, data: bytes, addr: Endpoint) -> None:
+        session = self._sessions.get(session_id)
+        try:
+            message = frames.decode(data)
+        except FrameError:
+            self.stats["dropped_bad_frame"] += 1
+            return
+        if session is None or not isinstance(message, Probe | ProbeAck) or message.session_id != session_id:
+            self.stats["dropped_unknown_session"] += 1
+            return
+        self.stats["accepted_probe"] += 1
+        session.receive(message, addr, self._now(), source)
+
+    def _on_extra_quic(self, session_id: str, source: int, data: bytes, addr: Endpoint) -> None:
+        link = self._extra_links.get((session_id, source))
+        if link is not None:
+            self.stats["accepted_quic"] += 1
+            link.datagram_received(data, addr)
+            return
+        session = self._sessions.get(session_id)
+        if (
+            session is None
+            or session.role != "server"
+            or not self.listening
+            or not session.knows(addr, source)
+        ):
+            self.stats["dropped_quic_unknown_source"] += 1
+            return
+        conn = self.engine.server_connection(data)
+        if conn is None:
+            self.stats["dropped_not_initial"] += 1
+            return
+        self.stats["accepted_quic"] += 1
+        session.succeed(addr, source)
+        link = self._new_link(conn, session.punch, addr, "server", source=source)
+        link.datagram_received(data, addr)
+        self._track(self._loop_create(self._await_handshake(link, session.punch)))
+
+    def _end_session(self, session_id: str) -> None:
+        """The session's linger is over: close its extra sockets but the one a tunnel uses."""
+        self._sessions.pop(session_id, None)
+        in_use = {source for (sid, source) in self._extra_links if sid == session_id}
+        for index, sock in enumerate(self._extra.get(session_id, []), start=1):
+            if index not in in_use:
+                sock.close()
 
     def _on_punch_event(self, session: PunchSession, event: object) -> None:
         if isinstance(event, PathFound):
@@ -542,7 +638,8 @@ class Agent:
                 probe_rtt_ms=round(event.rtt * 1000, 2),
             )
             if session.role == "client":
-                link = self._new_link(self.engine.client_connection(), session.punch, event.path, "client")
+                conn = self.engine.client_connection()
+                link = self._new_link(conn, session.punch, event.path, "client", source=event.source)
                 link.start_client()
                 self._track(self._loop_create(self._await_handshake(link, session.punch)))
         elif isinstance(event, PunchTimedOut):
@@ -566,9 +663,10 @@ class Agent:
                 )
 
     def _new_link(
-        self, conn: object, punch: Punch, addr: Endpoint, role: str, *, relayed: bool = False
+        self, conn: object, punch: Punch, addr: Endpoint, role: str, *, relayed: bool = False, source: int = 0
     ) -> PeerLink:
-        send: Callable[[bytes, Any], None] = self.sock.sendto
+        sock = self._socket_for(punch.session_id, source)
+        send: Callable[[bytes, Any], None] = sock.sendto
         if relayed:
             key = relay_key(punch.session_id)
             broker = self.broker  # the relay is the broker this tunnel began with
@@ -594,6 +692,9 @@ class Agent:
             self._relay_links[relay_key(punch.session_id)] = link
             return link
         link.path_kind = "lan" if addr in punch.peer_locals and addr != punch.peer_public else "direct"
+        if source:
+            self._extra_links[(punch.session_id, source)] = link  # its datagrams come on that socket
+            return link
         old = self._links_by_addr.get(addr)
         if old is not None:
             old.close("replaced by a new tunnel")
@@ -638,6 +739,11 @@ class Agent:
         for key, relayed in list(self._relay_links.items()):
             if relayed is link:
                 del self._relay_links[key]
+        for (session_id, source), extra in list(self._extra_links.items()):
+            if extra is link:
+                del self._extra_links[(session_id, source)]
+                if session_id not in self._sessions:
+                    self._socket_for(session_id, source).close()
         if self._links.get(link.peer) is link:
             del self._links[link.peer]
             if not self._closed:
