@@ -28,7 +28,8 @@ def cpu_seconds(pid: int) -> float:
 
 def run(label: str, size: int, symmetric: bool, replicas: int) -> None:
     procs: list[Proc] = []
-    with NatLab(symmetric_a=symmetric, symmetric_b=symmetric) as lab:
+    kind = "symmetric" if symmetric else "restricted"
+    with NatLab(kind_a=kind, kind_b=kind) as lab:
         redis = RedisProcess(prefix=lab.prefix("inet"), port=6379) if replicas > 1 else None
         try:
             brokers = []

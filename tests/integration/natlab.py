@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 
 PREFIX = "ntl"
+FULL_CONE_PORT = 40000  # agents behind a "full" NAT must use this UDP port (--udp-port)
 INET_IP = "10.200.0.1"
 
 
@@ -68,8 +69,12 @@ class NatLab:
 
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
     created: list[str] = field(default_factory=list)
-    symmetric_b: bool = False  # natB maps per destination (MASQUERADE --random-fully)
-    symmetric_a: bool = False
+    # what stands in front of alice (natA) and bob (natB), in RFC 4787 terms:
+    # "restricted" endpoint-independent mapping, address-and-port-dependent filtering (the
+    # common home router); "full" the same with endpoint-independent filtering for the
+    # agent's port (FULL_CONE_PORT); "symmetric" endpoint-dependent mapping; "none" no NAT
+    kind_a: str = "restricted"
+    kind_b: str = "restricted"
 
     def ns(self, role: str) -> str:
         return f"{PREFIX}{os.getpid()}-{self.tag}-{role}"
@@ -100,8 +105,23 @@ class NatLab:
         self.sh("inet", "ip", "link", "add", "br0", "type", "bridge")
         self.sh("inet", "ip", "addr", "add", f"{INET_IP}/24", "dev", "br0")
         self.sh("inet", "ip", "link", "set", "br0", "up")
-        self._nat("natA", "alice", wan_ip="10.200.0.2", lan_net="192.168.1")
-        self._nat("natB", "bob", wan_ip="10.200.0.3", lan_net="192.168.2")
+        for nat, client, kind, wan, lan, public in (
+            ("natA", "alice", self.kind_a, "10.200.0.2", "192.168.1", "10.200.0.12"),
+            ("natB", "bob", self.kind_b, "10.200.0.3", "192.168.2", "10.200.0.13"),
+        ):
+            if kind == "none":
+                self._public_client(client, public)
+            else:
+                self._nat(nat, client, kind, wan_ip=wan, lan_net=lan)
+
+    def _public_client(self, client: str, address: str) -> None:
+        """A client straight on the internet bridge, no NAT."""
+        port = f"d{client[:6]}"
+        self._veth("inet", port, client, "eth0")
+        self.sh("inet", "ip", "link", "set", port, "master", "br0")
+        self.sh("inet", "ip", "link", "set", port, "up")
+        self.sh(client, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+        self.sh(client, "ip", "link", "set", "eth0", "up")
 
     def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
         run(
@@ -120,7 +140,7 @@ class NatLab:
             self.ns(ns_b),
         )
 
-    def _nat(self, nat: str, client: str, *, wan_ip: str, lan_net: str) -> None:
+    def _nat(self, nat: str, client: str, kind: str, *, wan_ip: str, lan_net: str) -> None:
         port = f"p{nat}"
         self._veth(nat, "wan", "inet", port)
         self.sh("inet", "ip", "link", "set", port, "master", "br0")
@@ -137,9 +157,16 @@ class NatLab:
         # a home router: MASQUERADE out, and no unsolicited traffic in (FORWARD and INPUT,
         # see shared/NATLAB.md on why INPUT matters for hole punching)
         masquerade = ["-j", "MASQUERADE"]
-        if (nat == "natB" and self.symmetric_b) or (nat == "natA" and self.symmetric_a):
-            masquerade.append("--random-fully")  # endpoint-dependent mapping: a symmetric NAT
+        if kind == "symmetric":
+            masquerade.append("--random-fully")  # endpoint-dependent mapping
         self.sh(nat, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", *masquerade)
+        if kind == "full":  # anyone may send to the agent's mapped port
+            client_ip = f"{lan_net}.2"
+            self.sh(nat, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "wan", "-p", "udp",
+                    "--dport", str(FULL_CONE_PORT), "-j", "DNAT", "--to-destination",
+                    f"{client_ip}:{FULL_CONE_PORT}")  # fmt: skip
+            self.sh(nat, "iptables", "-A", "FORWARD", "-i", "wan", "-p", "udp", "-d", client_ip,
+                    "--dport", str(FULL_CONE_PORT), "-j", "ACCEPT")  # fmt: skip
         for chain in ("FORWARD", "INPUT"):
             self.sh(
                 nat,

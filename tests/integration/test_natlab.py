@@ -167,7 +167,7 @@ def symmetric_lab() -> Iterator[NatLab]:
         if os.environ.get("CI"):
             pytest.fail(f"NAT lab required in CI: {reason}")
         pytest.skip(reason)
-    with NatLab(symmetric_b=True) as built:
+    with NatLab(kind_b="symmetric") as built:
         yield built
 
 
@@ -208,7 +208,7 @@ def test_two_symmetric_nats_fall_back_to_the_relay() -> None:
             pytest.fail(f"NAT lab required in CI: {reason}")
         pytest.skip(reason)
     procs: list[Proc] = []
-    with NatLab(symmetric_a=True, symmetric_b=True) as lab:
+    with NatLab(kind_a="symmetric", kind_b="symmetric") as lab:
         try:
             broker = natter("-server", f"{INET_IP}:10000", prefix=lab.prefix("inet"))
             procs.append(broker)
@@ -243,7 +243,7 @@ def test_relay_across_broker_replicas() -> None:
             pytest.fail(f"NAT lab required in CI: {reason}")
         pytest.skip(reason)
     procs: list[Proc] = []
-    with NatLab(symmetric_a=True, symmetric_b=True) as lab:
+    with NatLab(kind_a="symmetric", kind_b="symmetric") as lab:
         redis = RedisProcess(prefix=lab.prefix("inet"), port=6379)
         try:
             redis.start()

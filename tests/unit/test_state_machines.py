@@ -147,7 +147,7 @@ def test_connect_attempt_error_and_timeout() -> None:
 # -- punch session ------------------------------------------------------------------------
 def test_punch_probes_every_candidate_until_answered() -> None:
     session = PunchSession("alice", punch_for("r1"), 10.0, interval=0.075, timeout=5.0)
-    assert session.candidates == (PUB_BOB, LAN_BOB)
+    assert session.candidates == [PUB_BOB, LAN_BOB]
     session.handle_timer(10.0)
     out = session.frames_to_send()
     assert [addr for _, addr, _ in out] == [PUB_BOB, LAN_BOB]
@@ -468,3 +468,14 @@ def test_birthday_method_easy_side_sprays_within_budget() -> None:
     session.receive(ProbeAck("s1", "bob", 1, PUB), hit, 0.35)
     event = session.next_event()
     assert isinstance(event, PathFound) and event.path == hit and event.source == 0
+
+
+def test_peer_reflexive_candidates_are_probed() -> None:
+    session = PunchSession("alice", punch_for("r1"), 0.0, interval=0.1)
+    session.handle_timer(0.0)
+    session.frames_to_send()
+    elsewhere = Endpoint(PUB_BOB.host, 61000)  # the peer's NAT used another port towards us
+    session.receive(Probe("s1", "bob", 1), elsewhere, 0.05)
+    session.frames_to_send()
+    session.handle_timer(0.1)
+    assert elsewhere in [addr for _, addr, _ in session.frames_to_send()]

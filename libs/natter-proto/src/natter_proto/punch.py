@@ -23,6 +23,7 @@ from .endpoints import Endpoint
 from .frames import Message, Probe, ProbeAck, Punch
 
 MAX_ACKS_PER_SOURCE = 100  # more than a whole punch of probes from one candidate
+MAX_CANDIDATES = 16
 SOURCE_EVERY = 8  # extra sockets re-probe every 8th tick (about 0.6 s): mappings, not load
 MAX_SOURCES = 32
 
@@ -74,7 +75,7 @@ class PunchSession:
     ) -> None:
         self.me = me
         self.punch = punch
-        self.candidates = candidate_endpoints(punch)
+        self.candidates = list(candidate_endpoints(punch))
         self.state = PunchState.PROBING
         self.path: Endpoint | None = None
         self.path_source = 0
@@ -119,6 +120,9 @@ class PunchSession:
                 return  # a flood with a guessed session id gets a bounded number of answers
             self._acks_sent[addr] = answered + 1
             self.heard_from.add((addr, source))
+            if source == 0 and addr not in self.candidates and len(self.candidates) < MAX_CANDIDATES:
+                # peer-reflexive (ICE): the peer's NAT chose another port towards us; probe it
+                self.candidates.append(addr)
             ack = ProbeAck(self.session_id, sender=self.me, nonce=message.nonce, observed=addr)
             self._outbox.append((ack, addr, source))
         elif isinstance(message, ProbeAck) and message.sender == self.peer:
@@ -142,7 +146,7 @@ class PunchSession:
             return
         if now >= self._deadline:
             self.state = PunchState.FAILED
-            self._events.append(PunchTimedOut(self.candidates))
+            self._events.append(PunchTimedOut(tuple(self.candidates)))
             return
         if now >= self._next_probe:
             self._nonce += 1

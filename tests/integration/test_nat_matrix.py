@@ -1,0 +1,29 @@
+"""The NAT matrix: alice and bob each behind {no NAT, full cone, port-restricted cone,
+symmetric}. Every cell carries bytes verified by sha256 on the expected path: direct where
+at least one side maps endpoint-independently, relayed only for symmetric-symmetric.
+(Both behind the same NAT: test_natlab.py, over the LAN.) Needs root: skipped elsewhere,
+never in CI."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from natlab import unavailable_reason
+from natmatrix import KINDS, expected_path, run_cell
+
+pytestmark = [pytest.mark.natlab, pytest.mark.timeout(120)]
+
+
+@pytest.mark.parametrize("kind_b", KINDS)
+@pytest.mark.parametrize("kind_a", KINDS)
+def test_matrix_cell(kind_a: str, kind_b: str) -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"NAT lab required in CI: {reason}")
+        pytest.skip(reason)
+    result = run_cell(kind_a, kind_b)
+    assert result.bytes_ok
+    assert result.path == expected_path(kind_a, kind_b), result
