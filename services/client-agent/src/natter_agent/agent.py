@@ -444,11 +444,11 @@ class Agent:
         if self._closed or self.registration is None:
             return
         reg = self.registration
+        self._service_nat_probe()  # first: what it learns changes the next register frame
         for message in reg.frames_to_send():
             self._send(message, self.broker)
         while (event := reg.next_event()) is not None:
             self._on_registration_event(event)
-        self._service_nat_probe()
         for rid, attempt in list(self._attempts.items()):
             for message in attempt.frames_to_send():
                 self._send(message, self.broker)
@@ -560,6 +560,10 @@ class Agent:
         # answers, and the QUIC server accepts the peer's Initial only from a known path.
         linger = punch.delay_ms / 1000 + self.config.punch_timeout + self.config.handshake_timeout
         self._loop_call_later(linger, self._end_session, punch.session_id)
+        if punch.role == "client" and punch.relay and self.nat == punch.peer_nat == "hard":
+            # two symmetric NATs: no probe can meet a mapping, so do not wait for the punch
+            self._sessions[punch.session_id].succeed(RELAY_PATH)
+            self._start_relay(self._sessions[punch.session_id], "both NATs are symmetric")
 
     # -- extra sockets for the birthday method ---------------------------------------------
     def _open_extra_sockets(self, session_id: str, count: int) -> list[AgentSocket]:
@@ -646,12 +650,7 @@ class Agent:
             tried = ", ".join(str(c) for c in event.tried)
             self._log.warning("punch failed: no answer", peer=session.peer, tried=tried)
             if session.role == "client" and session.punch.relay:
-                self._log.info(f"no direct path to {session.peer}: tunnelling through the broker's relay")
-                link = self._new_link(
-                    self.engine.client_connection(), session.punch, RELAY_PATH, "client", relayed=True
-                )
-                link.start_client()
-                self._track(self._loop_create(self._await_handshake(link, session.punch)))
+                self._start_relay(session, "no probe was answered")
             elif session.role == "client":
                 self._fail_waiter(
                     session.peer,
@@ -661,6 +660,13 @@ class Agent:
                         f"no direct path to {session.peer} (tried {tried})",
                     ),
                 )
+
+    def _start_relay(self, session: PunchSession, why: str) -> None:
+        self._log.info(f"no direct path to {session.peer} ({why}): tunnelling through the broker's relay")
+        conn = self.engine.client_connection()
+        link = self._new_link(conn, session.punch, RELAY_PATH, "client", relayed=True)
+        link.start_client()
+        self._track(self._loop_create(self._await_handshake(link, session.punch)))
 
     def _new_link(
         self, conn: object, punch: Punch, addr: Endpoint, role: str, *, relayed: bool = False, source: int = 0
