@@ -306,3 +306,35 @@ def test_one_symmetric_nat_is_punched_with_the_birthday_method(symmetric_lab: Na
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_two_percent_loss_on_one_nat(lab: NatLab) -> None:
+    """2% of the packets through alice's NAT vanish, both ways: punch and tunnel cope, and
+    the bytes arrive intact."""
+    rule = ["FORWARD", "-m", "statistic", "--mode", "random", "--probability", "0.02", "-j", "DROP"]
+    lab.sh("natA", "iptables", "-I", *rule)
+    procs: list[Proc] = []
+    try:
+        broker = natter("-server", f"{INET_IP}:10005", prefix=lab.prefix("inet"))
+        procs.append(broker)
+        broker.wait_event("broker listening")
+        sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
+        procs.append(sink)
+        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10005", "-listen", prefix=lab.prefix("bob"))
+        procs.append(bob)
+        bob.wait_event("registered as bob", timeout=30)
+        alice = natter(
+            "-name", "alice", "-broker", f"{INET_IP}:10005", f"8031:bob:{sink_port}",
+            prefix=lab.prefix("alice"),
+        )  # fmt: skip
+        procs.append(alice)
+        alice.wait_event("direct path up with bob", timeout=40)
+        size = 5 << 20
+        reply = tool("send", "127.0.0.1", "8031", str(size), prefix=lab.prefix("alice"))
+        assert reply.split() == [str(size), digest_of_pattern(size)]
+        dropped = lab.sh("natA", "iptables", "-L", "FORWARD", "-v", "-n", "-x").stdout
+        assert "statistic mode random probability 0.02" in dropped
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        lab.sh("natA", "iptables", "-D", *rule)
