@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -338,3 +340,42 @@ def test_two_percent_loss_on_one_nat(lab: NatLab) -> None:
         for proc in reversed(procs):
             proc.stop()
         lab.sh("natA", "iptables", "-D", *rule)
+
+
+def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab) -> None:
+    """Mid-transfer, alice's NAT forgets every mapping (conntrack -F): the next packets make
+    new ones and the transfer completes byte-exact."""
+    procs: list[Proc] = []
+    try:
+        broker = natter("-server", f"{INET_IP}:10006", prefix=lab.prefix("inet"))
+        procs.append(broker)
+        broker.wait_event("broker listening")
+        sink, sink_port = server("sink", "0", str(4 << 20), prefix=lab.prefix("bob"))  # slow start
+        procs.append(sink)
+        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10006", "-listen", prefix=lab.prefix("bob"))
+        procs.append(bob)
+        bob.wait_event("registered as bob")
+        alice = natter(
+            "-name", "alice", "-broker", f"{INET_IP}:10006", f"8032:bob:{sink_port}",
+            prefix=lab.prefix("alice"),
+        )  # fmt: skip
+        procs.append(alice)
+        alice.wait_event("direct path up with bob", timeout=30)
+        size = 50 << 20
+        result: dict[str, str] = {}
+
+        def transfer() -> None:
+            result["reply"] = tool(
+                "send", "127.0.0.1", "8032", str(size), prefix=lab.prefix("alice"), timeout=200
+            )
+
+        thread = threading.Thread(target=transfer)
+        thread.start()
+        time.sleep(2.0)  # in the sink's slow phase: the transfer is in flight
+        flushed = subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=False)
+        assert flushed.returncode == 0, flushed.stderr
+        thread.join(200)
+        assert result["reply"].split() == [str(size), digest_of_pattern(size)]
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
