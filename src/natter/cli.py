@@ -81,6 +81,7 @@ async def run_client(args: argparse.Namespace) -> int:
         broker_addr=args.broker,
         udp_port=args.udp_port,
         keepalive_interval=args.keepalive,
+        upgrade_interval=args.upgrade_interval,
         state_dir=args.state_dir,
         token=args.token,
         pinned_peers=args.pinned,

@@ -62,6 +62,14 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         metavar="SECONDS",
         help="seconds between keepalives to the broker (default 20)",
     )
+    parser.add_argument(
+        f"{dash}upgrade-interval",
+        dest="upgrade_interval",
+        type=float,
+        default=45.0,
+        metavar="SECONDS",
+        help="while a tunnel is relayed, look for a direct path this often (default 45)",
+    )
     _identity_options(parser, dash)
     parser.add_argument(
         f"{dash}token", dest="token", metavar="TOKEN", default="", help="token for a broker that requires one"

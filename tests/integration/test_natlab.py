@@ -379,3 +379,56 @@ def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab) -> None:
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab) -> None:
+    """UDP between the two NATs is blocked: the tunnel starts relayed. Unblocked, the agents
+    find the direct path at the next attempt; new connections take it, and a 50 MB transfer
+    begun on the relay completes byte-exact."""
+    block = [["FORWARD", "-d", NAT_B_WAN, "-p", "udp", "-j", "DROP"],
+             ["FORWARD", "-s", NAT_B_WAN, "-p", "udp", "-j", "DROP"]]  # fmt: skip
+    for rule in block:
+        lab.sh("natA", "iptables", "-I", *rule)
+    procs: list[Proc] = []
+    blocked = True
+    try:
+        broker = natter("-server", f"{INET_IP}:10007", prefix=lab.prefix("inet"))
+        procs.append(broker)
+        broker.wait_event("broker listening")
+        sink, sink_port = server("sink", "0", str(4 << 20), prefix=lab.prefix("bob"))  # slow start
+        procs.append(sink)
+        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10007", "-listen", prefix=lab.prefix("bob"))
+        procs.append(bob)
+        bob.wait_event("registered as bob")
+        alice = natter(
+            "-name", "alice", "-broker", f"{INET_IP}:10007", f"8033:bob:{sink_port}",
+            "-upgrade-interval", "3", prefix=lab.prefix("alice"),
+        )  # fmt: skip
+        procs.append(alice)
+        alice.wait_event("relayed path up with bob", timeout=40)
+        size = 50 << 20
+        result: dict[str, str] = {}
+        alice_ns = lab.prefix("alice")
+
+        def transfer() -> None:
+            result["reply"] = tool("send", "127.0.0.1", "8033", str(size), prefix=alice_ns, timeout=200)
+
+        thread = threading.Thread(target=transfer)
+        thread.start()
+        time.sleep(1.0)
+        for rule in block:
+            lab.sh("natA", "iptables", "-D", *rule)
+        blocked = False
+        change = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
+        assert change["open_connections"] >= 1  # the transfer was still on the relay
+        thread.join(200)
+        assert result["reply"].split() == [str(size), digest_of_pattern(size)]
+        reply = tool("send", "127.0.0.1", "8033", str(1 << 20), prefix=alice_ns)  # a new connection
+        assert reply.split() == [str(1 << 20), digest_of_pattern(1 << 20)]
+        alice.wait_log(lambda e: e.get("event", "").startswith("direct path up with bob"), timeout=5)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        if blocked:
+            for rule in block:
+                lab.sh("natA", "iptables", "-D", *rule)

@@ -59,6 +59,8 @@ class Config:
     handshake_timeout: float = 8.0
     # against a symmetric NAT (birthday method): sockets on the hard side, probes on the easy
     hard_nat_sockets: int = 256
+    # while relayed, punch again this often; a direct path takes over (0: never)
+    upgrade_interval: float = 45.0
     spray_probes: int = 2048  # 255 mappings x 2048 probes: about 99.97% (1024: 98%)
 
     # the agent's one UDP socket

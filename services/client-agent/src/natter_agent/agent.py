@@ -145,6 +145,7 @@ class Agent:
         self._relay_links: dict[bytes, PeerLink] = {}
         self._extra: dict[str, list[AgentSocket]] = {}  # birthday sockets per punch session
         self._extra_links: dict[tuple[str, int], PeerLink] = {}
+        self._upgrading: set[str] = set()  # peers we are re-punching for while relayed
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -649,7 +650,7 @@ class Agent:
         elif isinstance(event, PunchTimedOut):
             tried = ", ".join(str(c) for c in event.tried)
             self._log.warning("punch failed: no answer", peer=session.peer, tried=tried)
-            if session.role == "client" and session.punch.relay:
+            if session.role == "client" and session.punch.relay and session.peer not in self._upgrading:
                 self._start_relay(session, "no probe was answered")
             elif session.role == "client":
                 self._fail_waiter(
@@ -720,7 +721,15 @@ class Agent:
         previous = self._links.get(link.peer)
         self._links[link.peer] = link
         if previous is not None and previous is not link and previous.is_alive:
-            self._log.info("newer tunnel replaces older one", peer=link.peer)
+            self._log.info(
+                f"path change for {link.peer}: {previous.path_kind} -> {link.path_kind}",
+                old=str(previous.addr),
+                new=str(link.addr),
+                open_connections=previous.open_streams,
+            )
+            self._track(self._loop_create(self._drain(previous, f"moved to a {link.path_kind} path")))
+        if link.path_kind == "relayed" and link.role == "client" and self.config.upgrade_interval > 0:
+            self._track(self._loop_create(self._keep_trying_direct(link)))
         self._log.info(
             f"{'relayed' if link.path_kind == 'relayed' else 'direct'} path up with {link.peer}",
             peer_endpoint=str(link.addr),
@@ -731,6 +740,27 @@ class Agent:
         waiter = self._waiters.pop(link.peer, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(link)
+
+    async def _drain(self, link: PeerLink, reason: str) -> None:
+        """A replaced tunnel serves its open connections to their end, then closes."""
+        while link.is_alive and link.open_streams > 0:
+            await asyncio.sleep(0.5)
+        link.close(reason)
+
+    async def _keep_trying_direct(self, relayed: PeerLink) -> None:
+        """While relayed, punch again now and then; a direct path takes new connections."""
+        peer = relayed.peer
+        while True:
+            await asyncio.sleep(self.config.upgrade_interval)
+            if not relayed.is_alive or self._links.get(peer) is not relayed or self._closed:
+                return
+            self._upgrading.add(peer)
+            try:
+                await asyncio.shield(self._start_connect(peer, ""))
+            except (NatterError, ConnectionError):
+                self._log.info(f"still no direct path to {peer}; staying on the relay")
+            finally:
+                self._upgrading.discard(peer)
 
     def _verify_peer(self, link: PeerLink) -> str | None:
         refusal = self.trust.check(link.peer, link.expected_key, link.peer_key, link.role)
