@@ -1,6 +1,7 @@
 """The NAT matrix: alice and bob each behind {no NAT, full cone, port-restricted cone,
 symmetric}. Every cell carries bytes verified by sha256 on the expected path: direct where
-at least one side maps endpoint-independently, relayed only for symmetric-symmetric.
+at least one side maps endpoint-independently (found by the birthday method, "predicted",
+against one symmetric NAT), relayed only for symmetric-symmetric.
 (Both behind the same NAT: test_natlab.py, over the LAN.) Needs root: skipped elsewhere,
 never in CI."""
 

@@ -299,7 +299,7 @@ def test_one_symmetric_nat_is_punched_with_the_birthday_method(symmetric_lab: Na
         procs.append(alice)
         alice.wait_log(lambda e: e.get("nat") == "easy" and "seen_by_probe" in e, timeout=20)
         up = alice.wait_log(lambda e: "path up with bob" in str(e.get("event")), timeout=40)
-        assert up["path"] == "direct", up
+        assert up["path"] == "predicted" and up["probes"] > 0, up
         assert up["peer_endpoint"].split(":")[0] == NAT_B_WAN
         bob.wait_event("birthday punching")
         size = 2 << 20

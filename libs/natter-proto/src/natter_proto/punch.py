@@ -86,6 +86,8 @@ class PunchSession:
         self._sprayed: set[int] = set()
         self._rng = rng or random.Random()
         self._ticks = 0
+        self.probes_sent = 0
+        self.predicting = self.sources > 1 or spray > 0  # the birthday method is in use
         self._interval = interval
         self._start = now + punch.delay_ms / 1000
         self._deadline = self._start + timeout
@@ -180,6 +182,7 @@ class PunchSession:
 
     def frames_to_send(self) -> list[tuple[Message, Endpoint, int]]:
         out, self._outbox = self._outbox, []
+        self.probes_sent += sum(1 for message, _, _ in out if isinstance(message, Probe))
         return out
 
     def next_event(self) -> PunchEvent | None:

@@ -698,7 +698,14 @@ class Agent:
             link.path_kind = "relayed"
             self._relay_links[relay_key(punch.session_id)] = link
             return link
-        link.path_kind = "lan" if addr in punch.peer_locals and addr != punch.peer_public else "direct"
+        session = self._sessions.get(punch.session_id)
+        if addr in punch.peer_locals and addr != punch.peer_public:
+            link.path_kind = "lan"
+        elif session is not None and session.predicting:
+            link.path_kind = "predicted"  # direct, found by the birthday method
+            link.probes = session.probes_sent
+        else:
+            link.path_kind = "direct"
         if source:
             self._extra_links[(punch.session_id, source)] = link  # its datagrams come on that socket
             return link
@@ -734,6 +741,8 @@ class Agent:
             f"{'relayed' if link.path_kind == 'relayed' else 'direct'} path up with {link.peer}",
             peer_endpoint=str(link.addr),
             path=link.path_kind,
+            probes=link.probes or None,
+            relay=str(self.broker) if link.path_kind == "relayed" else None,
             rtt_ms=round(link.rtt * 1000, 2),
             role=link.role,
         )

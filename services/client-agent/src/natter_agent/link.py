@@ -151,7 +151,8 @@ class PeerLink:
         self._flush_handle: asyncio.Handle | None = None
         self._ping_task: asyncio.Task[None] | None = None
         self.last_ping_rtt: float | None = None
-        self.path_kind = "direct"  # or "lan" (a local candidate answered); "relayed" later
+        self.path_kind = "direct"  # or "lan", "predicted" (birthday method), "relayed"
+        self.probes = 0  # for a predicted path: probes it took
         self.started = self.loop.time()
         self.bytes_sent = 0  # payload bytes, both ways, over the tunnel's life
         self.bytes_received = 0
