@@ -53,6 +53,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def require_lab() -> None:
+    """Skip the calling test with the reason where the lab cannot be built; in CI, fail."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"NAT lab required in CI: {reason}")
+        pytest.skip(reason)
+
+
 def remove_stale_namespaces() -> None:
     """Delete namespaces left by earlier runs whose process is gone."""
     listing = run("ip", "netns", "list", check=False).stdout

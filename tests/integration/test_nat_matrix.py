@@ -7,11 +7,9 @@ never in CI."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from natlab import unavailable_reason
+from natlab import require_lab
 from natmatrix import KINDS, expected_path, run_cell
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(120)]
@@ -20,11 +18,7 @@ pytestmark = [pytest.mark.natlab, pytest.mark.timeout(120)]
 @pytest.mark.parametrize("kind_b", KINDS)
 @pytest.mark.parametrize("kind_a", KINDS)
 def test_matrix_cell(kind_a: str, kind_b: str) -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"NAT lab required in CI: {reason}")
-        pytest.skip(reason)
+    require_lab()
     result = run_cell(kind_a, kind_b)
     assert result.bytes_ok
     assert result.path == expected_path(kind_a, kind_b), result

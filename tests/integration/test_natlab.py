@@ -5,7 +5,6 @@ Needs root and network namespaces: skipped elsewhere with the reason, never in C
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from natlab import INET_IP, NatLab, remove_stale_namespaces, unavailable_reason
+from natlab import INET_IP, NatLab, remove_stale_namespaces, require_lab
 from netcheck import digest_of_pattern
 from procs import Proc, natter, server, tool
 from redis_server import RedisProcess
@@ -28,11 +27,7 @@ NAT_B_WAN = "10.200.0.3"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"NAT lab required in CI: {reason}")
-        pytest.skip(reason)
+    require_lab()
     remove_stale_namespaces()
     with NatLab() as built:
         yield built
@@ -164,11 +159,7 @@ def test_two_clients_behind_one_nat_connect_over_the_lan(lab: NatLab) -> None:
 
 @pytest.fixture(scope="module")
 def symmetric_lab() -> Iterator[NatLab]:
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"NAT lab required in CI: {reason}")
-        pytest.skip(reason)
+    require_lab()
     with NatLab(kind_b="symmetric") as built:
         yield built
 
@@ -204,11 +195,7 @@ def test_agents_learn_their_nat_type_and_tell_their_peer(symmetric_lab: NatLab) 
 def test_two_symmetric_nats_fall_back_to_the_relay() -> None:
     """Both NATs map per destination: no direct path can answer, so the tunnel goes through
     the broker's relay (which sees only ciphertext), and the bytes still arrive intact."""
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"NAT lab required in CI: {reason}")
-        pytest.skip(reason)
+    require_lab()
     procs: list[Proc] = []
     with NatLab(kind_a="symmetric", kind_b="symmetric") as lab:
         try:
@@ -239,11 +226,7 @@ def test_two_symmetric_nats_fall_back_to_the_relay() -> None:
 def test_relay_across_broker_replicas() -> None:
     """alice talks to replica 1, bob to replica 2, both NATs symmetric: relayed packets cross
     Redis pub/sub from one replica to the other."""
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"NAT lab required in CI: {reason}")
-        pytest.skip(reason)
+    require_lab()
     procs: list[Proc] = []
     with NatLab(kind_a="symmetric", kind_b="symmetric") as lab:
         redis = RedisProcess(prefix=lab.prefix("inet"), port=6379)
