@@ -36,6 +36,7 @@ from natter_proto.registry import PeerRecord
 
 from .metrics import BrokerMetrics
 from .registry import BusHandler, ConnectFound, ConnectLookup
+from .relaying import RELAY_BATCH
 
 log = structlog.get_logger("natter.redis")
 
@@ -83,7 +84,7 @@ return out
 """
 
 OWNER_TTL = 90 * 24 * 3600
-MAX_BUS_MESSAGE = 4096
+MAX_BUS_MESSAGE = 64 * 1024  # a batch of relayed packets at most
 REQUEST_TTL = 30
 REPLICA_TTL = 10
 HEARTBEAT = 3.0
@@ -248,7 +249,7 @@ class RedisRegistry:
             self.metrics.redis_received.labels("invalid").inc()
             return
         try:
-            message = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=8)
+            message = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=RELAY_BATCH)
         except Exception:
             self.metrics.redis_received.labels("invalid").inc()
             return

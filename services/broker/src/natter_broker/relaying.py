@@ -27,6 +27,8 @@ from .registry import Registry
 
 log = structlog.get_logger("natter.relay")
 
+RELAY_BATCH = 40  # packets per PUBLISH to another replica (about 60 KB)
+
 Heard = dict[str, tuple[Endpoint, float]]
 
 
@@ -48,6 +50,9 @@ class Relayer:
         self.metrics = metrics
         self._by_addr: dict[Endpoint, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # packets for other replicas, gathered over one event-loop turn and published together
+        self._outgoing: dict[str, list[list[object]]] = {}
+        self._flush_scheduled = False
 
     def allow(self, session_id: str, requester: str, target: str, replicas: tuple[str, str]) -> None:
         """Let the pair the broker just introduced use the relay; replicas: whom each talks to."""
@@ -79,10 +84,22 @@ class Relayer:
         if not replica or replica == self.broker_id:
             self.metrics.dropped.labels("relay_peer_gone").inc()
             return
-        message = {"kind": "relay", "to": receiver, "key": key, "data": packet}
-        task = asyncio.get_running_loop().create_task(self._publish(replica, message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._outgoing.setdefault(replica, []).append([receiver, key, packet])
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """One PUBLISH per replica and batch: Redis round trips, not packets, cost the most."""
+        self._flush_scheduled = False
+        outgoing, self._outgoing = self._outgoing, {}
+        loop = asyncio.get_running_loop()
+        for replica, items in outgoing.items():
+            for start in range(0, len(items), RELAY_BATCH):
+                message = {"kind": "relay", "items": items[start : start + RELAY_BATCH]}
+                task = loop.create_task(self._publish(replica, message))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, replica: str, message: dict[str, Any]) -> None:
         try:
@@ -92,17 +109,25 @@ class Relayer:
             self.metrics.dropped.labels("relay_publish_failed").inc()
 
     def on_bus(self, message: dict[str, Any]) -> None:
-        """A packet another replica relayed for an agent of ours."""
-        to, key, packet = message.get("to"), message.get("key"), message.get("data")
-        if not (isinstance(to, str) and isinstance(key, bytes) and isinstance(packet, bytes)):
+        """Packets another replica relayed for agents of ours."""
+        items = message.get("items")
+        if not isinstance(items, list):
             self.metrics.dropped.labels("bad_bus_message").inc()
             return
-        local = self.heard.get(to)
-        if local is None or len(key) != 8 or len(packet) > 1500:
-            self.metrics.dropped.labels("relay_peer_gone").inc()
-            return
-        self.metrics.relayed_bytes.inc(len(packet))
-        self.sendto(encode_relay(key, packet), local[0])
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 3):
+                self.metrics.dropped.labels("bad_bus_message").inc()
+                continue
+            to, key, packet = item
+            if not (isinstance(to, str) and isinstance(key, bytes) and isinstance(packet, bytes)):
+                self.metrics.dropped.labels("bad_bus_message").inc()
+                continue
+            local = self.heard.get(to)
+            if local is None or len(key) != 8 or len(packet) > 1500:
+                self.metrics.dropped.labels("relay_peer_gone").inc()
+                continue
+            self.metrics.relayed_bytes.inc(len(packet))
+            self.sendto(encode_relay(key, packet), local[0])
 
     def _name_at(self, source: Endpoint) -> str | None:
         name = self._by_addr.get(source)
