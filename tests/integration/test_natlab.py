@@ -415,3 +415,48 @@ def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab) -> 
         if blocked:
             for rule in block:
                 lab.sh("natA", "iptables", "-D", *rule)
+
+
+def test_transfer_follows_the_client_when_its_nat_changes_port() -> None:
+    """Mid-transfer, alice's NAT forgets her mapping and gives her a new public port; bob
+    (no NAT, the QUIC server) finds the tunnel by connection ID, QUIC validates the new
+    path, and the transfer completes byte-exact."""
+    require_lab()
+    procs: list[Proc] = []
+    with NatLab(kind_a="restricted", kind_b="none") as lab:
+        try:
+            broker = natter("-server", f"{INET_IP}:10008", prefix=lab.prefix("inet"))
+            procs.append(broker)
+            broker.wait_event("broker listening")
+            sink, sink_port = server("sink", "0", str(4 << 20), prefix=lab.prefix("bob"))  # slow start
+            procs.append(sink)
+            bob = natter("-name", "bob", "-broker", f"{INET_IP}:10008", "-listen", prefix=lab.prefix("bob"))
+            procs.append(bob)
+            bob.wait_event("registered as bob")
+            alice = natter(
+                "-name", "alice", "-broker", f"{INET_IP}:10008", "-udp-port", "40000",
+                f"8034:bob:{sink_port}", prefix=lab.prefix("alice"),
+            )  # fmt: skip
+            procs.append(alice)
+            up = bob.wait_event("direct path up with alice", timeout=30)
+            assert up["peer_endpoint"] == f"{NAT_A_WAN}:40000"
+            size = 40 << 20
+            result: dict[str, str] = {}
+            alice_ns = lab.prefix("alice")
+
+            def transfer() -> None:
+                result["reply"] = tool("send", "127.0.0.1", "8034", str(size), prefix=alice_ns, timeout=200)
+
+            thread = threading.Thread(target=transfer)
+            thread.start()
+            time.sleep(2.0)
+            lab.sh("natA", "iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
+                   "-j", "MASQUERADE", "--to-ports", "50000-50100")  # fmt: skip
+            subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=True)
+            moved = bob.wait_event("path change for alice: peer moved", timeout=30)
+            assert moved["new"].startswith(f"{NAT_A_WAN}:50")
+            thread.join(200)
+            assert result["reply"].split() == [str(size), digest_of_pattern(size)]
+        finally:
+            for proc in reversed(procs):
+                proc.stop()

@@ -99,6 +99,7 @@ def resolve_brokers(addrs: str | list[str]) -> list[Endpoint]:
 
 IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
 NAT_PROBE_WAIT = 3.0  # how long a first connect waits for the NAT type
+CID_LENGTH = 8  # aioquic's default host connection ID length
 RELAY_PATH = Endpoint("0.0.0.0", 9)  # the QUIC path address of a relayed tunnel (never sent to)
 
 
@@ -437,7 +438,29 @@ class Agent:
                 link.datagram_received(data, addr)
                 self._track(self._loop_create(self._await_handshake(link, session.punch)))
                 return
+        moved = self._link_by_connection_id(data)
+        if moved is not None:
+            # the peer's NAT gave it a new port (a mapping expired or was flushed): QUIC
+            # validates the new path itself; we only need to route its datagrams there
+            self._log.info(f"path change for {moved.peer}: peer moved", old=str(moved.addr), new=str(addr))
+            if self._links_by_addr.get(moved.addr) is moved:
+                del self._links_by_addr[moved.addr]
+            moved.addr = addr
+            self._links_by_addr[addr] = moved
+            self.stats["accepted_quic"] += 1
+            moved.datagram_received(data, addr)
+            return
         self.stats["dropped_quic_unknown_source"] += 1
+
+    def _link_by_connection_id(self, data: bytes) -> PeerLink | None:
+        """The tunnel a short-header QUIC packet belongs to, by its destination connection ID."""
+        if len(data) < 1 + CID_LENGTH or data[0] & 0x80:
+            return None  # long headers (handshakes) never migrate
+        dcid = data[1 : 1 + CID_LENGTH]
+        for link in self._links_by_addr.values():
+            if link.is_alive and link.conn.owns_connection_id(dcid):
+                return link
+        return None
 
     # -- the sans-IO machines' outputs --------------------------------------------------
     def _service(self) -> None:

@@ -76,6 +76,10 @@ class FlowControlledConnection(QuicConnection):
     def handshake_confirmed(self) -> bool:
         return bool(self._handshake_confirmed)
 
+    def owns_connection_id(self, cid: bytes) -> bool:
+        """True if cid is one of the connection IDs this side issued (the peer sends to them)."""
+        return any(host.cid == cid for host in self._host_cids)
+
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
         if not self._is_client:
