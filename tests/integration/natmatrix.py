@@ -7,12 +7,12 @@ Used by tests/integration/test_nat_matrix.py (asserts) and bench/nat_matrix.py (
 from __future__ import annotations
 
 import datetime
-import time
 from dataclasses import dataclass
 
+from labscene import Scene
 from natlab import FULL_CONE_PORT, INET_IP, NatLab
 from netcheck import digest_of_pattern
-from procs import Proc, natter, server, tool
+from procs import tool
 
 KINDS = ("none", "full", "restricted", "symmetric")
 
@@ -36,28 +36,16 @@ def _stamp(entry: dict[str, object]) -> float:
 
 
 def run_cell(kind_a: str, kind_b: str, size: int = 1 << 20) -> CellResult:
-    procs: list[Proc] = []
-    with NatLab(kind_a=kind_a, kind_b=kind_b) as lab:
-        try:
-            inet = lab.prefix("inet")
-            broker = natter("-server", f"{INET_IP}:10000", "-probe", f"{INET_IP}:10001", prefix=inet)
-            procs.append(broker)
-            broker.wait_event("broker listening")
-            sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
-            procs.append(sink)
-            agent = ["-broker", f"{INET_IP}:10000", "-udp-port", str(FULL_CONE_PORT)]
-            bob = natter("-name", "bob", *agent, "-listen", prefix=lab.prefix("bob"))
-            procs.append(bob)
-            bob.wait_log(lambda e: "seen_by_probe" in e, timeout=20)
-            broker.wait_log(lambda e: e.get("event") == "registered" and e.get("nat") is not None, timeout=20)
-            alice = natter("-name", "alice", *agent, f"8030:bob:{sink_port}", prefix=lab.prefix("alice"))
-            procs.append(alice)
-            started = _stamp(alice.wait_event("agent started"))
-            up = alice.wait_log(lambda e: "path up with bob" in str(e.get("event")), timeout=40)
-            reply = tool("send", "127.0.0.1", "8030", str(size), prefix=lab.prefix("alice"))
-            ok = reply.split() == [str(size), digest_of_pattern(size)]
-            return CellResult(str(up["path"]), _stamp(up) - started, ok)
-        finally:
-            for proc in reversed(procs):
-                proc.stop()
-            time.sleep(0.1)
+    with NatLab(kind_a=kind_a, kind_b=kind_b) as lab, Scene(lab) as scene:
+        broker = scene.broker(10000, "-probe", f"{INET_IP}:10001")
+        sink_port = scene.service("sink")
+        fixed_port = ("-udp-port", str(FULL_CONE_PORT))
+        bob = scene.agent("bob", "bob", 10000, *fixed_port, "-listen")
+        bob.wait_log(lambda e: "seen_by_probe" in e, timeout=20)
+        broker.wait_log(lambda e: e.get("event") == "registered" and e.get("nat") is not None, timeout=20)
+        alice = scene.agent("alice", "alice", 10000, *fixed_port, f"8030:bob:{sink_port}")
+        started = _stamp(alice.wait_event("agent started"))
+        up = alice.wait_log(lambda e: "path up with bob" in str(e.get("event")), timeout=40)
+        reply = tool("send", "127.0.0.1", "8030", str(size), prefix=lab.prefix("alice"))
+        ok = reply.split() == [str(size), digest_of_pattern(size)]
+        return CellResult(str(up["path"]), _stamp(up) - started, ok)

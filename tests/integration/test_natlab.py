@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from natlab import INET_IP, NatLab, remove_stale_namespaces, require_lab
-from netcheck import digest_of_pattern
-from procs import Proc, natter, server, tool
+from labscene import Scene
+from natlab import NatLab, remove_stale_namespaces, require_lab
+from procs import tool
 from redis_server import RedisProcess
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(240)]
 
-BROKER = f"{INET_IP}:10000"
 NAT_A_WAN = "10.200.0.2"
 NAT_B_WAN = "10.200.0.3"
 
@@ -30,6 +28,13 @@ def lab() -> Iterator[NatLab]:
     require_lab()
     remove_stale_namespaces()
     with NatLab() as built:
+        yield built
+
+
+@pytest.fixture(scope="module")
+def symmetric_lab() -> Iterator[NatLab]:
+    require_lab()
+    with NatLab(kind_b="symmetric") as built:
         yield built
 
 
@@ -49,28 +54,14 @@ def test_lab_nats_drop_unsolicited_inbound_udp(lab: NatLab) -> None:
 
 
 def test_forward_crosses_two_nats_on_a_direct_path_and_outlives_the_broker(lab: NatLab) -> None:
-    procs: list[Proc] = []
-    try:
-        echo, echo_port = server("echo", "0", prefix=lab.prefix("bob"))
-        sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
-        procs += [echo, sink]
-        broker = natter("-server", BROKER, prefix=lab.prefix("inet"))
-        procs.append(broker)
-        broker.wait_event("broker listening")
-        bob = natter("-name", "bob", "-broker", BROKER, "-listen", prefix=lab.prefix("bob"))
-        procs.append(bob)
+    with Scene(lab) as scene:
+        echo_port = scene.service("echo")
+        sink_port = scene.service("sink")
+        broker = scene.broker()
+        bob = scene.agent("bob", "bob", 10000, "-listen")
         registered = bob.wait_event("registered as bob")
         assert registered["public_endpoint"].startswith(f"{NAT_B_WAN}:")  # seen through natB
-        alice = natter(
-            "-name",
-            "alice",
-            "-broker",
-            BROKER,
-            f"8022:bob:{echo_port}",
-            f"8023:bob:{sink_port}",
-            prefix=lab.prefix("alice"),
-        )
-        procs.append(alice)
+        alice = scene.agent("alice", "alice", 10000, f"8022:bob:{echo_port}", f"8023:bob:{sink_port}")
         alice_up = alice.wait_event("direct path up with bob", timeout=30)
         bob_up = bob.wait_event("direct path up with alice", timeout=30)
         # direct: each side's QUIC peer is the other's NAT, not the broker and not a LAN address
@@ -79,218 +70,118 @@ def test_forward_crosses_two_nats_on_a_direct_path_and_outlives_the_broker(lab: 
 
         alice_ns = lab.prefix("alice")
         assert tool("echo-check", "127.0.0.1", "8022", str(4 << 20), prefix=alice_ns) == "ok"
-        size = 20 << 20
-        reply = tool("send", "127.0.0.1", "8023", str(size), prefix=alice_ns)
-        assert reply.split() == [str(size), digest_of_pattern(size)]
+        scene.send_checked(8023, 20 << 20)
 
         # the broker is never on the data path: stop it, new connections still work
         assert broker.stop() == 0
         for _ in range(3):
             assert tool("echo-check", "127.0.0.1", "8022", str(1 << 20), prefix=alice_ns) == "ok"
-        reply = tool("send", "127.0.0.1", "8023", str(size), prefix=alice_ns)
-        assert reply.split() == [str(size), digest_of_pattern(size)]
+        scene.send_checked(8023, 20 << 20)
         assert alice.popen.poll() is None and bob.popen.poll() is None
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
 def test_fleet_in_the_internet_namespace_introduces_across_replicas(lab: NatLab) -> None:
     """Two replicas and Redis on the "internet"; alice on replica 1, bob on replica 2."""
     redis = RedisProcess(prefix=lab.prefix("inet"), port=6379)
-    procs: list[Proc] = []
     try:
         redis.start()
-        replicas = []
-        for i, port in enumerate((10000, 10001), start=1):
-            replica = natter(
-                "broker", "--listen", f"{INET_IP}:{port}", "--redis", redis.url, "--broker-id", f"r{i}",
-                prefix=lab.prefix("inet"),
-            )  # fmt: skip
-            procs.append(replica)
-            replica.wait_event("broker listening")
-            replicas.append(replica)
-        sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
-        procs.append(sink)
-        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10001", "-listen", prefix=lab.prefix("bob"))
-        procs.append(bob)
-        bob.wait_event("registered as bob")
-        alice = natter(
-            "-name", "alice", "-broker", f"{INET_IP}:10000", f"8024:bob:{sink_port}",
-            prefix=lab.prefix("alice"),
-        )  # fmt: skip
-        procs.append(alice)
-        bob_up = bob.wait_event("direct path up with alice", timeout=30)
-        assert bob_up["peer_endpoint"].split(":")[0] == NAT_A_WAN
-        replicas[1].wait_event("introduced on behalf of replica")
-        size = 10 << 20
-        reply = tool("send", "127.0.0.1", "8024", str(size), prefix=lab.prefix("alice"))
-        assert reply.split() == [str(size), digest_of_pattern(size)]
+        with Scene(lab) as scene:
+            replicas = scene.replicas(redis.url, (10000, 10001))
+            sink_port = scene.service("sink")
+            bob = scene.agent("bob", "bob", 10001, "-listen")
+            bob.wait_event("registered as bob")
+            scene.agent("alice", "alice", 10000, f"8024:bob:{sink_port}")
+            bob_up = bob.wait_event("direct path up with alice", timeout=30)
+            assert bob_up["peer_endpoint"].split(":")[0] == NAT_A_WAN
+            replicas[1].wait_event("introduced on behalf of replica")
+            scene.send_checked(8024, 10 << 20)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
         redis.close()
 
 
 def test_two_clients_behind_one_nat_connect_over_the_lan(lab: NatLab) -> None:
     """The NAT does not hairpin: only the LAN candidate can work, and the punch finds it."""
-    procs: list[Proc] = []
-    try:
-        broker = natter("-server", f"{INET_IP}:10002", prefix=lab.prefix("inet"))
-        procs.append(broker)
-        broker.wait_event("broker listening")
-        echo, echo_port = server("echo", "0", prefix=lab.prefix("alice"))
-        procs.append(echo)
-        alice = natter("-name", "alice", "-broker", f"{INET_IP}:10002", "-listen", prefix=lab.prefix("alice"))
-        procs.append(alice)
+    with Scene(lab) as scene:
+        scene.broker(10002)
+        echo_port = scene.service("echo", on="alice")
+        alice = scene.agent("alice", "alice", 10002, "-listen")
         alice.wait_event("registered as alice")
-        carol = natter(
-            "-name", "carol", "-broker", f"{INET_IP}:10002", f"8025:alice:{echo_port}",
-            prefix=lab.prefix("carol"),
-        )  # fmt: skip
-        procs.append(carol)
+        carol = scene.agent("carol", "carol", 10002, f"8025:alice:{echo_port}")
         up = carol.wait_event("direct path up with alice", timeout=30)
         assert up["path"] == "lan" and up["peer_endpoint"].startswith("192.168.1.2:")
         assert tool("echo-check", "127.0.0.1", "8025", str(2 << 20), prefix=lab.prefix("carol")) == "ok"
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-
-
-@pytest.fixture(scope="module")
-def symmetric_lab() -> Iterator[NatLab]:
-    require_lab()
-    with NatLab(kind_b="symmetric") as built:
-        yield built
 
 
 def test_agents_learn_their_nat_type_and_tell_their_peer(symmetric_lab: NatLab) -> None:
     """natA maps endpoint-independently, natB per destination: each agent finds out from
     the broker's probe port, and the broker passes it to the peer with the punch."""
-    lab = symmetric_lab
-    procs: list[Proc] = []
-    try:
-        inet, bob_ns, alice_ns = lab.prefix("inet"), lab.prefix("bob"), lab.prefix("alice")
-        broker = natter("-server", f"{INET_IP}:10000", "-probe", f"{INET_IP}:10001", prefix=inet)
-        procs.append(broker)
-        broker.wait_event("broker listening")
-        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10000", "-listen", prefix=bob_ns)
-        procs.append(bob)
+    with Scene(symmetric_lab) as scene:
+        broker = scene.broker(10000, "-probe", "10.200.0.1:10001")
+        bob = scene.agent("bob", "bob", 10000, "-listen")
         hard = bob.wait_log(lambda e: e.get("nat") in ("hard", "easy", "unknown"), timeout=20)
         assert hard["nat"] == "hard", hard
         assert hard["seen_by_broker"] != hard["seen_by_probe"]
         # bob re-registers with what he learned; then alice asks for him
         broker.wait_log(lambda e: e.get("event") == "registered" and e.get("nat") == "hard", timeout=20)
-        alice = natter("-name", "alice", "-broker", f"{INET_IP}:10000", "8026:bob:22", prefix=alice_ns)
-        procs.append(alice)
+        alice = scene.agent("alice", "alice", 10000, "8026:bob:22")
         easy = alice.wait_log(lambda e: e.get("nat") in ("hard", "easy", "unknown"), timeout=20)
         assert easy["nat"] == "easy", easy
         punching = alice.wait_event("punching to bob", timeout=20)
         assert punching["peer_nat"] == "hard"
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
 def test_two_symmetric_nats_fall_back_to_the_relay() -> None:
     """Both NATs map per destination: no direct path can answer, so the tunnel goes through
     the broker's relay (which sees only ciphertext), and the bytes still arrive intact."""
     require_lab()
-    procs: list[Proc] = []
-    with NatLab(kind_a="symmetric", kind_b="symmetric") as lab:
-        try:
-            broker = natter("-server", f"{INET_IP}:10000", prefix=lab.prefix("inet"))
-            procs.append(broker)
-            broker.wait_event("broker listening")
-            sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
-            procs.append(sink)
-            bob = natter("-name", "bob", "-broker", f"{INET_IP}:10000", "-listen", prefix=lab.prefix("bob"))
-            procs.append(bob)
-            bob.wait_event("registered as bob")
-            alice = natter(
-                "-name", "alice", "-broker", f"{INET_IP}:10000", f"8027:bob:{sink_port}",
-                prefix=lab.prefix("alice"),
-            )  # fmt: skip
-            procs.append(alice)
-            alice.wait_event("punch failed", timeout=30)
-            up = alice.wait_event("relayed path up with bob", timeout=30)
-            assert up["path"] == "relayed"
-            size = 3 << 20
-            reply = tool("send", "127.0.0.1", "8027", str(size), prefix=lab.prefix("alice"))
-            assert reply.split() == [str(size), digest_of_pattern(size)]
-        finally:
-            for proc in reversed(procs):
-                proc.stop()
+    with NatLab(kind_a="symmetric", kind_b="symmetric") as lab, Scene(lab) as scene:
+        scene.broker()
+        sink_port = scene.service("sink")
+        bob = scene.agent("bob", "bob", 10000, "-listen")
+        bob.wait_event("registered as bob")
+        alice = scene.agent("alice", "alice", 10000, f"8027:bob:{sink_port}")
+        alice.wait_event("punch failed", timeout=30)
+        up = alice.wait_event("relayed path up with bob", timeout=30)
+        assert up["path"] == "relayed"
+        scene.send_checked(8027, 3 << 20)
 
 
 def test_relay_across_broker_replicas() -> None:
     """alice talks to replica 1, bob to replica 2, both NATs symmetric: relayed packets cross
     Redis pub/sub from one replica to the other."""
     require_lab()
-    procs: list[Proc] = []
     with NatLab(kind_a="symmetric", kind_b="symmetric") as lab:
         redis = RedisProcess(prefix=lab.prefix("inet"), port=6379)
         try:
             redis.start()
-            for i, port in enumerate((10000, 10001), start=1):
-                replica = natter(
-                    "broker", "--listen", f"{INET_IP}:{port}", "--redis", redis.url, "--broker-id", f"r{i}",
-                    prefix=lab.prefix("inet"),
-                )  # fmt: skip
-                procs.append(replica)
-                replica.wait_event("broker listening")
-            sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
-            procs.append(sink)
-            bob = natter("-name", "bob", "-broker", f"{INET_IP}:10001", "-listen", prefix=lab.prefix("bob"))
-            procs.append(bob)
-            bob.wait_event("registered as bob")
-            alice = natter(
-                "-name", "alice", "-broker", f"{INET_IP}:10000", f"8028:bob:{sink_port}",
-                prefix=lab.prefix("alice"),
-            )  # fmt: skip
-            procs.append(alice)
-            alice.wait_event("relayed path up with bob", timeout=40)
-            size = 2 << 20
-            reply = tool("send", "127.0.0.1", "8028", str(size), prefix=lab.prefix("alice"))
-            assert reply.split() == [str(size), digest_of_pattern(size)]
+            with Scene(lab) as scene:
+                scene.replicas(redis.url, (10000, 10001))
+                sink_port = scene.service("sink")
+                bob = scene.agent("bob", "bob", 10001, "-listen")
+                bob.wait_event("registered as bob")
+                alice = scene.agent("alice", "alice", 10000, f"8028:bob:{sink_port}")
+                alice.wait_event("relayed path up with bob", timeout=40)
+                scene.send_checked(8028, 2 << 20)
         finally:
-            for proc in reversed(procs):
-                proc.stop()
             redis.close()
 
 
 def test_one_symmetric_nat_is_punched_with_the_birthday_method(symmetric_lab: NatLab) -> None:
     """bob's NAT maps per destination, alice's does not: bob opens many sockets, alice
     sprays probes at bob's address, and a direct path (not the relay) comes up."""
-    lab = symmetric_lab
-    procs: list[Proc] = []
-    try:
-        inet = lab.prefix("inet")
-        broker = natter("-server", f"{INET_IP}:10003", "-probe", f"{INET_IP}:10004", prefix=inet)
-        procs.append(broker)
-        broker.wait_event("broker listening")
-        sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
-        procs.append(sink)
-        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10003", "-listen", prefix=lab.prefix("bob"))
-        procs.append(bob)
+    with Scene(symmetric_lab) as scene:
+        broker = scene.broker(10003, "-probe", "10.200.0.1:10004")
+        sink_port = scene.service("sink")
+        bob = scene.agent("bob", "bob", 10003, "-listen")
         assert bob.wait_log(lambda e: "nat" in e and "seen_by_probe" in e, timeout=20)["nat"] == "hard"
         broker.wait_log(lambda e: e.get("event") == "registered" and e.get("nat") == "hard", timeout=20)
-        alice = natter(
-            "-name", "alice", "-broker", f"{INET_IP}:10003", f"8029:bob:{sink_port}",
-            prefix=lab.prefix("alice"),
-        )  # fmt: skip
-        procs.append(alice)
+        alice = scene.agent("alice", "alice", 10003, f"8029:bob:{sink_port}")
         alice.wait_log(lambda e: e.get("nat") == "easy" and "seen_by_probe" in e, timeout=20)
         up = alice.wait_log(lambda e: "path up with bob" in str(e.get("event")), timeout=40)
         assert up["path"] == "predicted" and up["probes"] > 0, up
         assert up["peer_endpoint"].split(":")[0] == NAT_B_WAN
         bob.wait_event("birthday punching")
-        size = 2 << 20
-        reply = tool("send", "127.0.0.1", "8029", str(size), prefix=lab.prefix("alice"))
-        assert reply.split() == [str(size), digest_of_pattern(size)]
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+        scene.send_checked(8029, 2 << 20)
 
 
 def test_two_percent_loss_on_one_nat(lab: NatLab) -> None:
@@ -298,70 +189,36 @@ def test_two_percent_loss_on_one_nat(lab: NatLab) -> None:
     the bytes arrive intact."""
     rule = ["FORWARD", "-m", "statistic", "--mode", "random", "--probability", "0.02", "-j", "DROP"]
     lab.sh("natA", "iptables", "-I", *rule)
-    procs: list[Proc] = []
     try:
-        broker = natter("-server", f"{INET_IP}:10005", prefix=lab.prefix("inet"))
-        procs.append(broker)
-        broker.wait_event("broker listening")
-        sink, sink_port = server("sink", "0", prefix=lab.prefix("bob"))
-        procs.append(sink)
-        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10005", "-listen", prefix=lab.prefix("bob"))
-        procs.append(bob)
-        bob.wait_event("registered as bob", timeout=30)
-        alice = natter(
-            "-name", "alice", "-broker", f"{INET_IP}:10005", f"8031:bob:{sink_port}",
-            prefix=lab.prefix("alice"),
-        )  # fmt: skip
-        procs.append(alice)
-        alice.wait_event("direct path up with bob", timeout=40)
-        size = 5 << 20
-        reply = tool("send", "127.0.0.1", "8031", str(size), prefix=lab.prefix("alice"))
-        assert reply.split() == [str(size), digest_of_pattern(size)]
-        dropped = lab.sh("natA", "iptables", "-L", "FORWARD", "-v", "-n", "-x").stdout
-        assert "statistic mode random probability 0.02" in dropped
+        with Scene(lab) as scene:
+            scene.broker(10005)
+            sink_port = scene.service("sink")
+            bob = scene.agent("bob", "bob", 10005, "-listen")
+            bob.wait_event("registered as bob", timeout=30)
+            alice = scene.agent("alice", "alice", 10005, f"8031:bob:{sink_port}")
+            alice.wait_event("direct path up with bob", timeout=40)
+            scene.send_checked(8031, 5 << 20)
+            dropped = lab.sh("natA", "iptables", "-L", "FORWARD", "-v", "-n", "-x").stdout
+            assert "statistic mode random probability 0.02" in dropped
     finally:
-        for proc in reversed(procs):
-            proc.stop()
         lab.sh("natA", "iptables", "-D", *rule)
 
 
 def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab) -> None:
     """Mid-transfer, alice's NAT forgets every mapping (conntrack -F): the next packets make
     new ones and the transfer completes byte-exact."""
-    procs: list[Proc] = []
-    try:
-        broker = natter("-server", f"{INET_IP}:10006", prefix=lab.prefix("inet"))
-        procs.append(broker)
-        broker.wait_event("broker listening")
-        sink, sink_port = server("sink", "0", str(4 << 20), prefix=lab.prefix("bob"))  # slow start
-        procs.append(sink)
-        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10006", "-listen", prefix=lab.prefix("bob"))
-        procs.append(bob)
+    with Scene(lab) as scene:
+        scene.broker(10006)
+        sink_port = scene.service("sink", str(4 << 20))  # slow start
+        bob = scene.agent("bob", "bob", 10006, "-listen")
         bob.wait_event("registered as bob")
-        alice = natter(
-            "-name", "alice", "-broker", f"{INET_IP}:10006", f"8032:bob:{sink_port}",
-            prefix=lab.prefix("alice"),
-        )  # fmt: skip
-        procs.append(alice)
+        alice = scene.agent("alice", "alice", 10006, f"8032:bob:{sink_port}")
         alice.wait_event("direct path up with bob", timeout=30)
-        size = 50 << 20
-        result: dict[str, str] = {}
-
-        def transfer() -> None:
-            result["reply"] = tool(
-                "send", "127.0.0.1", "8032", str(size), prefix=lab.prefix("alice"), timeout=200
-            )
-
-        thread = threading.Thread(target=transfer)
-        thread.start()
+        transfer = scene.send_in_background(8032, 50 << 20)
         time.sleep(2.0)  # in the sink's slow phase: the transfer is in flight
         flushed = subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=False)
         assert flushed.returncode == 0, flushed.stderr
-        thread.join(200)
-        assert result["reply"].split() == [str(size), digest_of_pattern(size)]
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
+        transfer.finish()
 
 
 def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab) -> None:
@@ -372,46 +229,26 @@ def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab) -> 
              ["FORWARD", "-s", NAT_B_WAN, "-p", "udp", "-j", "DROP"]]  # fmt: skip
     for rule in block:
         lab.sh("natA", "iptables", "-I", *rule)
-    procs: list[Proc] = []
     blocked = True
     try:
-        broker = natter("-server", f"{INET_IP}:10007", prefix=lab.prefix("inet"))
-        procs.append(broker)
-        broker.wait_event("broker listening")
-        sink, sink_port = server("sink", "0", str(4 << 20), prefix=lab.prefix("bob"))  # slow start
-        procs.append(sink)
-        bob = natter("-name", "bob", "-broker", f"{INET_IP}:10007", "-listen", prefix=lab.prefix("bob"))
-        procs.append(bob)
-        bob.wait_event("registered as bob")
-        alice = natter(
-            "-name", "alice", "-broker", f"{INET_IP}:10007", f"8033:bob:{sink_port}",
-            "-upgrade-interval", "3", prefix=lab.prefix("alice"),
-        )  # fmt: skip
-        procs.append(alice)
-        alice.wait_event("relayed path up with bob", timeout=40)
-        size = 50 << 20
-        result: dict[str, str] = {}
-        alice_ns = lab.prefix("alice")
-
-        def transfer() -> None:
-            result["reply"] = tool("send", "127.0.0.1", "8033", str(size), prefix=alice_ns, timeout=200)
-
-        thread = threading.Thread(target=transfer)
-        thread.start()
-        time.sleep(1.0)
-        for rule in block:
-            lab.sh("natA", "iptables", "-D", *rule)
-        blocked = False
-        change = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
-        assert change["open_connections"] >= 1  # the transfer was still on the relay
-        thread.join(200)
-        assert result["reply"].split() == [str(size), digest_of_pattern(size)]
-        reply = tool("send", "127.0.0.1", "8033", str(1 << 20), prefix=alice_ns)  # a new connection
-        assert reply.split() == [str(1 << 20), digest_of_pattern(1 << 20)]
-        alice.wait_log(lambda e: e.get("event", "").startswith("direct path up with bob"), timeout=5)
+        with Scene(lab) as scene:
+            scene.broker(10007)
+            sink_port = scene.service("sink", str(4 << 20))  # slow start
+            bob = scene.agent("bob", "bob", 10007, "-listen")
+            bob.wait_event("registered as bob")
+            alice = scene.agent("alice", "alice", 10007, f"8033:bob:{sink_port}", "-upgrade-interval", "3")
+            alice.wait_event("relayed path up with bob", timeout=40)
+            transfer = scene.send_in_background(8033, 50 << 20)
+            time.sleep(1.0)
+            for rule in block:
+                lab.sh("natA", "iptables", "-D", *rule)
+            blocked = False
+            change = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
+            assert change["open_connections"] >= 1  # the transfer was still on the relay
+            transfer.finish()
+            scene.send_checked(8033, 1 << 20)  # a new connection
+            alice.wait_log(lambda e: e.get("event", "").startswith("direct path up with bob"), timeout=5)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
         if blocked:
             for rule in block:
                 lab.sh("natA", "iptables", "-D", *rule)
@@ -422,41 +259,19 @@ def test_transfer_follows_the_client_when_its_nat_changes_port() -> None:
     (no NAT, the QUIC server) finds the tunnel by connection ID, QUIC validates the new
     path, and the transfer completes byte-exact."""
     require_lab()
-    procs: list[Proc] = []
-    with NatLab(kind_a="restricted", kind_b="none") as lab:
-        try:
-            broker = natter("-server", f"{INET_IP}:10008", prefix=lab.prefix("inet"))
-            procs.append(broker)
-            broker.wait_event("broker listening")
-            sink, sink_port = server("sink", "0", str(4 << 20), prefix=lab.prefix("bob"))  # slow start
-            procs.append(sink)
-            bob = natter("-name", "bob", "-broker", f"{INET_IP}:10008", "-listen", prefix=lab.prefix("bob"))
-            procs.append(bob)
-            bob.wait_event("registered as bob")
-            alice = natter(
-                "-name", "alice", "-broker", f"{INET_IP}:10008", "-udp-port", "40000",
-                f"8034:bob:{sink_port}", prefix=lab.prefix("alice"),
-            )  # fmt: skip
-            procs.append(alice)
-            up = bob.wait_event("direct path up with alice", timeout=30)
-            assert up["peer_endpoint"] == f"{NAT_A_WAN}:40000"
-            size = 40 << 20
-            result: dict[str, str] = {}
-            alice_ns = lab.prefix("alice")
-
-            def transfer() -> None:
-                result["reply"] = tool("send", "127.0.0.1", "8034", str(size), prefix=alice_ns, timeout=200)
-
-            thread = threading.Thread(target=transfer)
-            thread.start()
-            time.sleep(2.0)
-            lab.sh("natA", "iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
-                   "-j", "MASQUERADE", "--to-ports", "50000-50100")  # fmt: skip
-            subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=True)
-            moved = bob.wait_event("path change for alice: peer moved", timeout=30)
-            assert moved["new"].startswith(f"{NAT_A_WAN}:50")
-            thread.join(200)
-            assert result["reply"].split() == [str(size), digest_of_pattern(size)]
-        finally:
-            for proc in reversed(procs):
-                proc.stop()
+    with NatLab(kind_a="restricted", kind_b="none") as lab, Scene(lab) as scene:
+        scene.broker(10008)
+        sink_port = scene.service("sink", str(4 << 20))  # slow start
+        bob = scene.agent("bob", "bob", 10008, "-listen")
+        bob.wait_event("registered as bob")
+        scene.agent("alice", "alice", 10008, "-udp-port", "40000", f"8034:bob:{sink_port}")
+        up = bob.wait_event("direct path up with alice", timeout=30)
+        assert up["peer_endpoint"] == f"{NAT_A_WAN}:40000"
+        transfer = scene.send_in_background(8034, 40 << 20)
+        time.sleep(2.0)
+        lab.sh("natA", "iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
+               "-j", "MASQUERADE", "--to-ports", "50000-50100")  # fmt: skip
+        subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=True)
+        moved = bob.wait_event("path change for alice: peer moved", timeout=30)
+        assert moved["new"].startswith(f"{NAT_A_WAN}:50")
+        transfer.finish()
