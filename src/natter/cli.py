@@ -82,6 +82,7 @@ async def run_client(args: argparse.Namespace) -> int:
         udp_port=args.udp_port,
         keepalive_interval=args.keepalive,
         upgrade_interval=args.upgrade_interval,
+        quic_engine=args.quic_engine,
         state_dir=args.state_dir,
         token=args.token,
         pinned_peers=args.pinned,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
+from natter_proto.config import QUIC_ENGINES
 from natter_proto.endpoints import AddressError, split_host_port
 from natter_proto.frames import valid_name
 from natter_proto.identity import valid_fingerprint
@@ -181,6 +182,8 @@ AGENT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "listen": ("listen", _boolean),
     "forward": ("specs", _forwards),
     "keepalive": ("keepalive", _positive),
+    "upgrade_interval": ("upgrade_interval", _positive),
+    "quic_engine": ("quic_engine", _choice(QUIC_ENGINES)),
     "udp_port": ("udp_port", _port),
     "state_dir": ("state_dir", _string),
     "token": ("token", _string),

@@ -39,6 +39,8 @@ ENVIRONMENT = {
     "state_dir": "NATTER_STATE_DIR",
     "token": "NATTER_TOKEN",
     "keepalive": "NATTER_KEEPALIVE",
+    "upgrade_interval": "NATTER_UPGRADE_INTERVAL",
+    "quic_engine": "NATTER_QUIC_ENGINE",
     "udp_port": "NATTER_UDP_PORT",
     "log_format": "NATTER_LOG_FORMAT",
     "log_level": "NATTER_LOG_LEVEL",

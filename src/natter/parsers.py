@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
+from natter_proto.config import QUIC_ENGINES
+
 from . import __version__, logs
 
 SUBCOMMANDS = ("broker", "listen", "forward", "agent", "id", "config", "status")
@@ -69,6 +71,13 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         default=45.0,
         metavar="SECONDS",
         help="while a tunnel is relayed, look for a direct path this often (default 45)",
+    )
+    parser.add_argument(
+        f"{dash}quic-engine",
+        dest="quic_engine",
+        choices=QUIC_ENGINES,
+        default="aioquic",
+        help="QUIC implementation for tunnels, the same on both peers (default aioquic)",
     )
     _identity_options(parser, dash)
     parser.add_argument(

@@ -35,18 +35,20 @@ class Trio:
     broker_addr: str
     echo_port: int
     sink_port: int
+    engine: str
 
 
-@pytest.fixture
-async def trio() -> AsyncIterator[Trio]:
+@pytest.fixture(params=["aioquic", "qh3"])
+async def trio(request: pytest.FixtureRequest) -> AsyncIterator[Trio]:
+    engine = request.param
     echo = await asyncio.start_server(echo_handler, "127.0.0.1", 0)
     sink = await asyncio.start_server(sink_handler(), "127.0.0.1", 0)
     broker = Broker(config(broker_addr="127.0.0.1:0"))
     await broker.start()
     assert broker.address is not None
     addr = f"127.0.0.1:{broker.address.port}"
-    bob = Client(config(client_user="bob", broker_addr=addr))
-    alice = Client(config(client_user="alice", broker_addr=addr))
+    bob = Client(config(client_user="bob", broker_addr=addr, quic_engine=engine))
+    alice = Client(config(client_user="alice", broker_addr=addr, quic_engine=engine))
     await bob.listen()
     try:
         yield Trio(
@@ -56,6 +58,7 @@ async def trio() -> AsyncIterator[Trio]:
             addr,
             echo.sockets[0].getsockname()[1],
             sink.sockets[0].getsockname()[1],
+            engine,
         )
     finally:
         await alice.close()
@@ -125,7 +128,7 @@ async def test_forward_to_absent_peer_keeps_retrying_until_it_appears(trio: Trio
         assert fwd.local is not None
         await asyncio.sleep(1.5)
         assert any("cannot reach carol" in e["event"] for e in logs)
-        carol = Client(config(client_user="carol", broker_addr=trio.broker_addr))
+        carol = Client(config(client_user="carol", broker_addr=trio.broker_addr, quic_engine=trio.engine))
         await carol.listen()
         try:
             ok = await asyncio.wait_for(echo_check("127.0.0.1", fwd.local.port, b"z" * 10000), 30)
@@ -180,7 +183,12 @@ async def test_tunnel_comes_back_after_the_listener_restarts(trio: Trio) -> None
     await trio.bob.close()
     # the same bob (same state directory, same key) comes back
     bob2 = Client(
-        config(client_user="bob", broker_addr=trio.broker_addr, state_dir=trio.bob.config.state_dir)
+        config(
+            client_user="bob",
+            broker_addr=trio.broker_addr,
+            state_dir=trio.bob.config.state_dir,
+            quic_engine=trio.engine,
+        )
     )
     await bob2.listen()
     try:

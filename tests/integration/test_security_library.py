@@ -8,7 +8,7 @@ import os
 import random
 import socket
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
@@ -24,8 +24,21 @@ from netcheck import echo_check, echo_handler
 pytestmark = pytest.mark.timeout(180)
 
 
+ENGINE = {"name": "aioquic"}  # set by the ``engine`` fixture for tests that run on both
+
+
+@pytest.fixture(params=["aioquic", "qh3"])
+def engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test once per QUIC engine: every Config the test builds uses it."""
+    ENGINE["name"] = request.param
+    yield request.param
+    ENGINE["name"] = "aioquic"
+
+
 def config(**kw: object) -> Config:
-    base: dict[str, object] = dict(keepalive_interval=2.0, registration_ttl=6.0, punch_timeout=3.0)
+    base: dict[str, object] = dict(
+        keepalive_interval=2.0, registration_ttl=6.0, punch_timeout=3.0, quic_engine=ENGINE["name"]
+    )
     base.update(kw)
     base.setdefault("state_dir", tempfile.mkdtemp(prefix="natter-state-"))
     return Config(**base)  # type: ignore[arg-type]
@@ -81,7 +94,9 @@ def signed(identity: Identity, cookie: bytes | None, name: str = "bob") -> bytes
     return frames.encode(replace(unsigned, signature=identity.sign_register(unsigned)))
 
 
-async def test_hijack_is_refused_and_forwards_reach_the_real_bob(broker: Broker, echo_port: int) -> None:
+async def test_hijack_is_refused_and_forwards_reach_the_real_bob(
+    broker: Broker, echo_port: int, engine: str
+) -> None:
     bob = Client(config(client_user="bob", broker_addr=addr(broker)))
     mallory = Client(config(client_user="bob", broker_addr=addr(broker)))  # same name, other key
     alice = Client(config(client_user="alice", broker_addr=addr(broker)))
@@ -105,7 +120,7 @@ async def test_hijack_is_refused_and_forwards_reach_the_real_bob(broker: Broker,
             await client.close()
 
 
-async def test_pinned_key_refuses_an_impostor_at_the_tls_layer(echo_port: int) -> None:
+async def test_pinned_key_refuses_an_impostor_at_the_tls_layer(echo_port: int, engine: str) -> None:
     real_bob = Identity.generate().fingerprint  # the key alice expects
     hits = 0
 
@@ -140,7 +155,7 @@ async def test_pinned_key_refuses_an_impostor_at_the_tls_layer(echo_port: int) -
     target.close()
 
 
-async def test_known_peers_refuse_a_changed_key(broker: Broker, echo_port: int) -> None:
+async def test_known_peers_refuse_a_changed_key(broker: Broker, echo_port: int, engine: str) -> None:
     alice_state = tempfile.mkdtemp()
     bob = Client(config(client_user="bob", broker_addr=addr(broker)))
     alice = Client(config(client_user="alice", broker_addr=addr(broker), state_dir=alice_state))
@@ -164,7 +179,7 @@ async def test_known_peers_refuse_a_changed_key(broker: Broker, echo_port: int) 
             await new_bob.close()
 
 
-async def test_listener_acls(broker: Broker) -> None:
+async def test_listener_acls(broker: Broker, engine: str) -> None:
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"hello from 2222")
         await writer.drain()
@@ -297,7 +312,7 @@ def mutations(seed: int) -> list[bytes]:
     return out
 
 
-async def test_datagram_storm_is_accounted_for_and_harmless(echo_port: int) -> None:
+async def test_datagram_storm_is_accounted_for_and_harmless(echo_port: int, engine: str) -> None:
     async with Broker(config(broker_addr="127.0.0.1:0", rate_per_ip=1e9, burst_per_ip=1e9)) as storm_broker:
         bob = Client(config(client_user="bob", broker_addr=addr(storm_broker), keepalive_interval=300))
         alice = Client(config(client_user="alice", broker_addr=addr(storm_broker), keepalive_interval=300))

@@ -11,6 +11,9 @@ def broker_list(value: str | list[str]) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+QUIC_ENGINES = ("aioquic", "qh3")
+
+
 @dataclass
 class Config:
     """Settings of a broker or a client; the defaults suit the public internet.
@@ -68,7 +71,7 @@ class Config:
     udp_port: int = 0
 
     # QUIC tunnel
-    quic_engine: str = "aioquic"
+    quic_engine: str = "aioquic"  # one of QUIC_ENGINES; both peers of a tunnel need the same
     max_datagram_size: int = 1350
     idle_timeout: float = 60.0
     ping_interval: float = 15.0

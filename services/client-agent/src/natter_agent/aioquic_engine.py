@@ -13,6 +13,7 @@ import ssl
 from typing import Any
 
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     CONNECTION_LIMIT_FRAME_CAPACITY,
@@ -23,7 +24,15 @@ from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.stream import QuicStream
 
-from .engine import ALPN
+from .engine import (
+    ALPN,
+    PeerAuthenticated,
+    StopSending,
+    StreamData,
+    StreamReset,
+    Terminated,
+    TunnelEvent,
+)
 from .tls import Credentials, raw_public_key
 
 
@@ -75,6 +84,28 @@ class FlowControlledConnection(QuicConnection):
 
     def handshake_confirmed(self) -> bool:
         return bool(self._handshake_confirmed)
+
+    def new_stream_id(self) -> int:
+        stream_id = self.get_next_available_stream_id()
+        self._get_or_create_stream_for_send(stream_id)
+        return stream_id
+
+    def accept_peer(self) -> None:
+        """Nothing to send: TLS already carried both keys, and HANDSHAKE_DONE the acceptance."""
+
+    def poll_event(self) -> TunnelEvent | None:
+        while (event := self.next_event()) is not None:
+            if isinstance(event, events.StreamDataReceived):
+                return StreamData(event.stream_id, event.data, event.end_stream)
+            if isinstance(event, events.StreamReset):
+                return StreamReset(event.stream_id)
+            if isinstance(event, events.StopSendingReceived):
+                return StopSending(event.stream_id)
+            if isinstance(event, events.HandshakeCompleted):
+                return PeerAuthenticated()
+            if isinstance(event, events.ConnectionTerminated):
+                return Terminated(event.error_code, event.reason_phrase)
+        return None
 
     def owns_connection_id(self, cid: bytes) -> bool:
         """True if cid is one of the connection IDs this side issued (the peer sends to them)."""

@@ -1,14 +1,52 @@
 """The QUIC engine interface: what natter needs from a sans-IO QUIC implementation.
 
-aioquic is the engine today; another with the same sans-IO API (qh3) can be added by
-implementing ``QuicEngine`` and ``TunnelConnection`` without touching the rest.
+Two engines implement it: aioquic (natter's keys in mutual TLS, credit in QUIC's own
+flow control) and qh3 (the client's key proof and the credit on a control stream, see
+``natter_proto.tunnelctl``). The link sees only the events below, whatever the engine.
+The engines speak different ALPNs, so two agents with different engines fail the
+handshake with a clear reason instead of misreading each other.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-ALPN = "natter/1"
+from natter_proto.config import QUIC_ENGINES
+
+ALPN = "natter/1"  # aioquic: mutual TLS
+ENGINES = QUIC_ENGINES
+
+
+@dataclass(slots=True)
+class StreamData:
+    stream_id: int
+    data: bytes
+    end_stream: bool
+
+
+@dataclass(slots=True)
+class StreamReset:
+    stream_id: int
+
+
+@dataclass(slots=True)
+class StopSending:
+    stream_id: int
+
+
+@dataclass(slots=True)
+class PeerAuthenticated:
+    """The peer proved a key (``peer_public_key``); the link now checks it is the right one."""
+
+
+@dataclass(slots=True)
+class Terminated:
+    error_code: int
+    reason: str
+
+
+TunnelEvent = StreamData | StreamReset | StopSending | PeerAuthenticated | Terminated
 
 
 class TunnelConnection(Protocol):
@@ -19,8 +57,11 @@ class TunnelConnection(Protocol):
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]: ...
     def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
-    def next_event(self) -> Any: ...
-    def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int: ...
+    def poll_event(self) -> TunnelEvent | None: ...
+    def new_stream_id(self) -> int:
+        """Open a bidirectional stream of ours and return its ID."""
+        ...
+
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None: ...
     def reset_stream(self, stream_id: int, error_code: int) -> None: ...
     def stop_stream(self, stream_id: int, error_code: int) -> None: ...
@@ -33,7 +74,14 @@ class TunnelConnection(Protocol):
     def release_stream(self, stream_id: int) -> None: ...
     def smoothed_rtt(self) -> float: ...
     def peer_public_key(self) -> bytes | None: ...
-    def handshake_confirmed(self) -> bool: ...
+    def handshake_confirmed(self) -> bool:
+        """As the client: the server accepted us (a refusing server closes instead)."""
+        ...
+
+    def accept_peer(self) -> None:
+        """The link checked the peer's key and ACLs: tell the peer it may go ahead."""
+        ...
+
     def owns_connection_id(self, cid: bytes) -> bool: ...
 
 
@@ -52,4 +100,8 @@ def make_engine(name: str, **settings: Any) -> QuicEngine:
         from .aioquic_engine import AioquicEngine
 
         return AioquicEngine(**settings)
-    raise ValueError(f"unknown QUIC engine {name!r} (available: aioquic)")
+    if name == "qh3":
+        from .qh3_engine import Qh3Engine
+
+        return Qh3Engine(**settings)
+    raise ValueError(f"unknown QUIC engine {name!r} (available: {', '.join(ENGINES)})")

@@ -14,11 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aioquic.quic import events
 
 from natter_proto.endpoints import Endpoint
 
-from .engine import TunnelConnection
+from .engine import (
+    PeerAuthenticated,
+    StopSending,
+    StreamData,
+    StreamReset,
+    Terminated,
+    TunnelConnection,
+)
 
 log = structlog.get_logger("natter.link")
 
@@ -184,10 +190,10 @@ class PeerLink:
         self.flush()
 
     def _process_events(self) -> None:
-        while (event := self.conn.next_event()) is not None:
+        while (event := self.conn.poll_event()) is not None:
             if self.closed.is_set():
                 continue  # refused or closed: nothing after that may reach a stream
-            if isinstance(event, events.StreamDataReceived):
+            if isinstance(event, StreamData):
                 channel = self._channels.get(event.stream_id)
                 if channel is None:
                     if self._is_local_stream(event.stream_id):
@@ -198,24 +204,27 @@ class PeerLink:
                     self._on_incoming(channel)
                 self.bytes_received += len(event.data)
                 channel._feed(event.data, event.end_stream)
-            elif isinstance(event, events.StreamReset):
+            elif isinstance(event, StreamReset):
                 self._fail_channel(event.stream_id, "peer reset the stream")
-            elif isinstance(event, events.StopSendingReceived):
+            elif isinstance(event, StopSending):
                 self._fail_channel(event.stream_id, "peer stopped reading")
                 self.conn.reset_stream(event.stream_id, ERR_RESET)
-            elif isinstance(event, events.HandshakeCompleted):
+            elif isinstance(event, PeerAuthenticated):
                 self.peer_key = self.conn.peer_public_key()
                 refusal = self._verify(self)
                 if refusal is not None:
                     self.close(refusal)
                     continue
                 self._verified = True
+                self.conn.accept_peer()
                 if self._ping_task is None:
                     self._ping_task = self.loop.create_task(self._ping_loop())
-            elif isinstance(event, events.PingAcknowledged):
-                pass
-            elif isinstance(event, events.ConnectionTerminated):
-                reason = event.reason_phrase or f"error 0x{event.error_code:x}"
+            elif isinstance(event, Terminated):
+                reason = event.reason or f"error 0x{event.error_code:x}"
+                if "alpn" in reason.lower():
+                    reason += (
+                        f" ({self.peer} runs another QUIC engine: both sides need the same --quic-engine)"
+                    )
                 self._terminated(f"connection closed by {self.peer}: {reason}")
         self._maybe_ready()
 
@@ -268,7 +277,7 @@ class PeerLink:
     def open_stream(self) -> StreamChannel:
         if not self.is_alive:
             raise StreamClosed(self.close_reason or "tunnel closed")
-        stream_id = self.conn.get_next_available_stream_id()
+        stream_id = self.conn.new_stream_id()
         channel = StreamChannel(self, stream_id)
         self._channels[stream_id] = channel
         self.streams_opened += 1
