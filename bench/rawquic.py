@@ -1,7 +1,9 @@
-"""The raw-engine anchor: one aioquic stream between two processes over UDP, no natter code.
+"""The raw-engine anchor: one QUIC stream between two processes over UDP, no natter code.
 
-    python bench/rawquic.py server PORT            # receives one stream, prints "ready PORT"
-    python bench/rawquic.py client PORT SIZE       # sends SIZE bytes, prints MB/s
+    python bench/rawquic.py server PORT [ENGINE]       # receives one stream, prints "ready PORT"
+    python bench/rawquic.py client PORT SIZE [ENGINE]  # sends SIZE bytes, prints MB/s
+
+ENGINE is aioquic (default) or qh3: the same code with the other package's imports.
 
 The same batched sans-IO loop natter uses (read many datagrams per wake-up, transmit once
 per loop turn), as in shared/QUIC-NOTES.md, so the ratio natter/raw shows natter's own cost.
@@ -16,25 +18,42 @@ import socket
 import ssl
 import sys
 import time
+from typing import Any
 
-from aioquic.buffer import Buffer
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 CHUNK = 64 * 1024
 LIMIT = 1 << 20
+ENGINE = (
+    sys.argv[4 if sys.argv[1:2] == ["client"] else 3]
+    if len(sys.argv) > (4 if sys.argv[1:2] == ["client"] else 3)
+    else "aioquic"
+)
+
+if ENGINE == "qh3":
+    from qh3._hazmat import Buffer
+    from qh3.quic import events
+    from qh3.quic.configuration import QuicConfiguration
+    from qh3.quic.connection import QuicConnection
+    from qh3.quic.packet import QuicPacketType, pull_quic_header
+    from qh3.tls import load_pem_private_key, load_pem_x509_certificates
+else:
+    from aioquic.buffer import Buffer  # type: ignore[no-redef]
+    from aioquic.quic import events  # type: ignore[no-redef]
+    from aioquic.quic.configuration import QuicConfiguration  # type: ignore[no-redef]
+    from aioquic.quic.connection import QuicConnection  # type: ignore[no-redef]
+    from aioquic.quic.packet import QuicPacketType, pull_quic_header  # type: ignore[no-redef]
 
 
-def configuration(is_client: bool) -> QuicConfiguration:
+def configuration(is_client: bool) -> Any:
     cfg = QuicConfiguration(
         is_client=is_client, alpn_protocols=["raw"], max_datagram_size=1350, verify_mode=ssl.CERT_NONE
     )
+    if ENGINE == "qh3":
+        cfg.probe_datagram_size = False  # as natter runs it: one datagram size
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "raw")])
     now = datetime.datetime.now(datetime.UTC)
@@ -49,6 +68,14 @@ def configuration(is_client: bool) -> QuicConfiguration:
         .sign(key, hashes.SHA256())
     )
     cfg.private_key = key
+    if ENGINE == "qh3":
+        cfg.certificate = load_pem_x509_certificates(
+            cfg.certificate.public_bytes(serialization.Encoding.PEM)
+        )[0]
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        cfg.private_key = load_pem_private_key(pem, None)
     return cfg
 
 
@@ -62,6 +89,7 @@ class Endpoint:
         self.timer: asyncio.TimerHandle | None = None
         self.flush_handle: asyncio.Handle | None = None
         self.received = 0
+        self.first_byte = 0.0
         self.done = asyncio.Event()
         self.connected = asyncio.Event()
         self.writable = asyncio.Event()
@@ -93,6 +121,8 @@ class Endpoint:
             if isinstance(event, events.HandshakeCompleted):
                 self.connected.set()
             elif isinstance(event, events.StreamDataReceived):
+                if not self.received:
+                    self.first_byte = time.perf_counter()
                 self.received += len(event.data)
                 if event.end_stream:
                     self.done.set()
@@ -123,6 +153,8 @@ class Endpoint:
 
     def backlog(self, stream_id: int) -> int:
         assert self.conn is not None
+        if ENGINE == "qh3":
+            return int(self.conn.get_send_buffer_size(stream_id))  # not yet sent (qh3 has no more)
         stream = self.conn._streams.get(stream_id)
         return 0 if stream is None else stream.sender._buffer_stop - stream.sender._buffer_start
 
@@ -135,8 +167,10 @@ async def server(port: int) -> None:
     endpoint = Endpoint(sock, False)
     print(f"ready {sock.getsockname()[1]}", flush=True)
     await endpoint.done.wait()
+    elapsed = time.perf_counter() - endpoint.first_byte
     await asyncio.sleep(0.2)
-    print(f"received {endpoint.received}", flush=True)
+    rate = endpoint.received / elapsed / 1e6
+    print(f"received {endpoint.received} in {elapsed:.3f} s: {rate:.1f} MB/s", flush=True)
 
 
 async def client(port: int, size: int) -> None:

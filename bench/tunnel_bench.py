@@ -73,16 +73,17 @@ def timed_send(port: int, size: int, pids: list[int]) -> tuple[float, float]:
 class Natter:
     """A broker, bob (listening) and alice (forwarding) as processes."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, engine: str = "aioquic") -> None:
         self.broker_port = free_port()
         self.local = free_port()
         self.broker = natter("-server", f"127.0.0.1:{self.broker_port}", "-log-level", "warning")
         time.sleep(0.5)  # warning-level logs: no "listening" line to wait for
-        self.bob = natter("-name", "bob", "-broker", f"127.0.0.1:{self.broker_port}", "-listen")
+        broker = f"127.0.0.1:{self.broker_port}"
+        self.bob = natter("-name", "bob", "-broker", broker, "-quic-engine", engine, "-listen")
         self.bob.wait_event("registered as bob")
         self.started = time.monotonic()
         self.alice = natter(
-            "-name", "alice", "-broker", f"127.0.0.1:{self.broker_port}", f"{self.local}:bob:{target_port}"
+            "-name", "alice", "-broker", broker, "-quic-engine", engine, f"{self.local}:bob:{target_port}"
         )
         self.alice.wait_event("direct path up with bob")
 
@@ -130,7 +131,7 @@ def sshd_children(daemon_pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
-def throughput(size: int, skip_ssh: bool) -> None:
+def throughput(size: int, skip_ssh: bool, engines: list[str]) -> None:
     print("\n1. throughput, one TCP connection", flush=True)
     sink, sink_port = server("count", "0")
     try:
@@ -150,35 +151,49 @@ def throughput(size: int, skip_ssh: bool) -> None:
                     row("ssh -L (OpenSSH)", f"{ssh_rate:.1f} MB/s", f"{cpu:.1f} CPU s/GB (ssh + sshd)")
                     for proc in procs:
                         proc.terminate()
-        port = free_port(socket.SOCK_DGRAM)
-        raw_server = Proc([PY, str(ROOT / "bench" / "rawquic.py"), "server", str(port)])
-        raw_server.read_line()
-        start_cpu = cpu_seconds(raw_server.pid)
-        raw_client = subprocess.run(
-            [PY, str(ROOT / "bench" / "rawquic.py"), "client", str(port), str(size)],
-            capture_output=True,
-            text=True,
-        )
-        raw_rate = float(raw_client.stdout.split(": ")[1].split()[0])
-        server_cpu = cpu_seconds(raw_server.pid) - start_cpu
-        raw_server.stop()
-        row(
-            "raw aioquic, one stream",
-            f"{raw_rate:.1f} MB/s",
-            f"server side {server_cpu / (size / 1e9):.1f} CPU s/GB",
-        )
-        tunnel = Natter(sink_port)
-        try:
-            tool("send", "127.0.0.1", str(tunnel.local), "1000000")
-            rate, cpu = timed_send(tunnel.local, size, [tunnel.alice.pid, tunnel.bob.pid])
-            row("natter tunnel (aioquic)", f"{rate:.1f} MB/s", f"{cpu:.1f} CPU s/GB (both agents)")
-            row("natter / raw aioquic", f"{rate / raw_rate:.0%}", "target >= 80%")
-            if ssh_rate:
-                row("natter / ssh -L", f"{rate / ssh_rate:.0%}", "target >= 50% with the fastest engine")
-        finally:
-            tunnel.stop()
+        natter_rates = {}
+        for engine in engines:
+            raw_rate = raw_engine(engine, size)
+            tunnel = Natter(sink_port, engine)
+            try:
+                tool("send", "127.0.0.1", str(tunnel.local), "1000000")
+                rate, cpu = timed_send(tunnel.local, size, [tunnel.alice.pid, tunnel.bob.pid])
+                natter_rates[engine] = rate
+                row(f"natter tunnel ({engine})", f"{rate:.1f} MB/s", f"{cpu:.1f} CPU s/GB (both agents)")
+                row(f"natter / raw {engine}", f"{rate / raw_rate:.0%}", "target >= 80%")
+            finally:
+                tunnel.stop()
+        if ssh_rate:
+            fastest = max(natter_rates, key=natter_rates.__getitem__)
+            row(
+                f"natter ({fastest}) / ssh -L",
+                f"{natter_rates[fastest] / ssh_rate:.0%}",
+                "target >= 50% with the fastest engine",
+            )
     finally:
         sink.stop()
+
+
+def raw_engine(engine: str, size: int) -> float:
+    """One stream between two bare engine endpoints (bench/rawquic.py); the receiver's MB/s."""
+    port = free_port(socket.SOCK_DGRAM)
+    raw_server = Proc([PY, str(ROOT / "bench" / "rawquic.py"), "server", str(port), engine])
+    raw_server.read_line()
+    start_cpu = cpu_seconds(raw_server.pid)
+    subprocess.run(
+        [PY, str(ROOT / "bench" / "rawquic.py"), "client", str(port), str(size), engine],
+        capture_output=True,
+        check=True,
+    )
+    raw_rate = float(raw_server.read_line().split(": ")[1].split()[0])
+    server_cpu = cpu_seconds(raw_server.pid) - start_cpu
+    raw_server.stop()
+    row(
+        f"raw {engine}, one stream",
+        f"{raw_rate:.1f} MB/s",
+        f"receiver {server_cpu / (size / 1e9):.1f} CPU s/GB",
+    )
+    return raw_rate
 
 
 async def parallel_transfers(port: int, count: int, size: int) -> list[float]:
@@ -195,10 +210,10 @@ async def parallel_transfers(port: int, count: int, size: int) -> list[float]:
     return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
-def many_connections() -> None:
-    print("\n2. 100 parallel connections of 2 MB through one tunnel", flush=True)
+def many_connections(engine: str) -> None:
+    print(f"\n2. 100 parallel connections of 2 MB through one tunnel ({engine})", flush=True)
     sink, sink_port = server("sink", "0")
-    tunnel = Natter(sink_port)
+    tunnel = Natter(sink_port, engine)
     try:
         start = time.perf_counter()
         rates = asyncio.run(parallel_transfers(tunnel.local, 100, 2 << 20))
@@ -243,16 +258,24 @@ async def first_byte(port: int) -> float:
     return time.perf_counter() - start
 
 
-def latency() -> None:
-    print("\n3. latency", flush=True)
+def latency(engine: str) -> None:
+    print(f"\n3. latency ({engine})", flush=True)
     echo, echo_port = server("echo", "0")
     broker_port, local = free_port(), free_port()
     broker = natter("-server", f"127.0.0.1:{broker_port}")
     time.sleep(0.5)
-    bob = natter("-name", "bob", "-broker", f"127.0.0.1:{broker_port}", "-listen")
+    bob = natter("-name", "bob", "-broker", f"127.0.0.1:{broker_port}", "-quic-engine", engine, "-listen")
     bob.wait_event("registered as bob")
     start = time.time()
-    alice = natter("-name", "alice", "-broker", f"127.0.0.1:{broker_port}", f"{local}:bob:{echo_port}")
+    alice = natter(
+        "-name",
+        "alice",
+        "-broker",
+        f"127.0.0.1:{broker_port}",
+        "-quic-engine",
+        engine,
+        f"{local}:bob:{echo_port}",
+    )
     try:
         up = log_time(alice, "direct path up")
         cold = asyncio.run(first_byte(local))
@@ -313,18 +336,26 @@ async def hold_connections(port: int, count: int) -> list[asyncio.StreamWriter]:
     return writers
 
 
-def memory() -> None:
-    print("\n4. memory", flush=True)
+def memory(engine: str) -> None:
+    print(f"\n4. memory ({engine})", flush=True)
     echo, echo_port = server("echo", "0")
     broker_port, local = free_port(), free_port()
     broker = natter("-server", f"127.0.0.1:{broker_port}", "-ip-rate", "1000000")
     time.sleep(0.5)
-    bob = natter("-name", "bob", "-broker", f"127.0.0.1:{broker_port}", "-listen")
+    bob = natter("-name", "bob", "-broker", f"127.0.0.1:{broker_port}", "-quic-engine", engine, "-listen")
     bob.wait_event("registered as bob")
     try:
         time.sleep(1)
         row("agent RSS, idle (registered, listening)", f"{rss_mb(bob.pid):.1f} MB")
-        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{broker_port}", f"{local}:bob:{echo_port}")
+        alice = natter(
+            "-name",
+            "alice",
+            "-broker",
+            f"127.0.0.1:{broker_port}",
+            "-quic-engine",
+            engine,
+            f"{local}:bob:{echo_port}",
+        )
         alice.wait_event("direct path up with bob")
         tool("echo-check", "127.0.0.1", str(local), "100000")
         time.sleep(0.5)
@@ -364,13 +395,15 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--skip-ssh", action="store_true")
     parser.add_argument("--only", choices=("throughput", "parallel", "latency", "memory"))
+    parser.add_argument("--engine", action="append", choices=("aioquic", "qh3"), help="default: both")
     args = parser.parse_args()
-    print(f"tunnel bench on loopback, {os.cpu_count()} cores, engine aioquic", flush=True)
+    engines = args.engine or ["aioquic", "qh3"]
+    print(f"tunnel bench on loopback, {os.cpu_count()} cores, engines {', '.join(engines)}", flush=True)
     steps = {
-        "throughput": lambda: throughput(args.size_mb << 20, args.skip_ssh),
-        "parallel": many_connections,
-        "latency": latency,
-        "memory": memory,
+        "throughput": lambda: throughput(args.size_mb << 20, args.skip_ssh, engines),
+        "parallel": lambda: [many_connections(e) for e in engines],
+        "latency": lambda: [latency(e) for e in engines],
+        "memory": lambda: [memory(e) for e in engines],
     }
     for name, step in steps.items():
         if args.only in (None, name):

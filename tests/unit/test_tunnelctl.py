@@ -14,6 +14,7 @@ from natter_proto.tunnelctl import (
     ControlError,
     ControlReader,
     Credit,
+    Fin,
     Proof,
     ReceiveCredit,
     SendCredit,
@@ -29,6 +30,7 @@ def test_frames_round_trip_split_at_any_byte() -> None:
         Accept(1 << 20, 8 << 20),
         Credit({0: 5000, 4: 7000}, 123456),
         Credit({8: 1}),
+        Fin(4, 1234),
     ]
     wire = b"".join(tunnelctl.encode(f) for f in frames)
     for cut in range(len(wire) + 1):

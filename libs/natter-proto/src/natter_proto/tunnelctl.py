@@ -9,7 +9,8 @@ unidirectional stream and speaks these frames on it:
   so a proof cannot be replayed into another session), plus the client's receive windows;
 - ``accept`` (server -> client): the server checked the proof and its ACLs; its windows;
 - ``credit``: natter-level flow control, credit that follows consumption: new limits for
-  streams and for the connection, in bytes of payload.
+  streams and for the connection, in bytes of payload;
+- ``fin``: a stream's final size, so that its end is seen even if the engine loses a FIN.
 
 Layout of a frame: two bytes of big-endian length, then a msgpack map with ``"t"``. The
 decoder is bounded and raises only ``ControlError``.
@@ -56,7 +57,16 @@ class Credit:
     connection: int | None = None  # max payload bytes over all streams
 
 
-ControlFrame = Proof | Accept | Credit
+@dataclass(frozen=True)
+class Fin:
+    """The sender ended a stream after ``final_size`` bytes (a second signal beside QUIC's
+    FIN, which qh3 2.1.0 was seen to lose: the receiver ends the stream on either)."""
+
+    stream_id: int
+    final_size: int
+
+
+ControlFrame = Proof | Accept | Credit | Fin
 
 
 def session_binding(client_secret: bytes, server_secret: bytes) -> bytes:
@@ -89,6 +99,8 @@ def encode(frame: ControlFrame) -> bytes:
         )
     if isinstance(frame, Accept):
         return _pack({"t": "accept", "w": frame.stream_window, "W": frame.connection_window})
+    if isinstance(frame, Fin):
+        return _pack({"t": "fin", "s": frame.stream_id, "o": frame.final_size})
     body: dict[str, object] = {"t": "credit", "s": [[sid, limit] for sid, limit in frame.streams.items()]}
     if frame.connection is not None:
         body["c"] = frame.connection
@@ -122,6 +134,8 @@ def _decode_body(body: object) -> ControlFrame:
         )
     if kind == "accept":
         return Accept(_uint(body, "w", at_least=1), _uint(body, "W", at_least=1))
+    if kind == "fin":
+        return Fin(_uint(body, "s"), _uint(body, "o"))
     if kind == "credit":
         entries = body.get("s")
         if not isinstance(entries, list) or len(entries) > MAX_CREDIT_ENTRIES:
@@ -188,6 +202,9 @@ class SendCredit:
         self._sent[stream_id] = self._sent.get(stream_id, 0) + size
         self.connection_sent += size
 
+    def sent_on(self, stream_id: int) -> int:
+        return self._sent.get(stream_id, 0)
+
     def forget(self, stream_id: int) -> None:
         self._limits.pop(stream_id, None)
         self._sent.pop(stream_id, None)
@@ -238,6 +255,12 @@ class ReceiveCredit:
             raise ControlError("peer exceeded its connection credit")
         self._received[stream_id] = total
         self.connection_received += size
+
+    def received_on(self, stream_id: int) -> int:
+        return self._received.get(stream_id, 0)
+
+    def was_released(self, stream_id: int) -> bool:
+        return stream_id in self._released
 
     def consumed(self, stream_id: int, size: int) -> None:
         self._consumed[stream_id] = self._consumed.get(stream_id, 0) + size

@@ -696,13 +696,14 @@ class Agent:
         self, conn: object, punch: Punch, addr: Endpoint, role: str, *, relayed: bool = False, source: int = 0
     ) -> PeerLink:
         sock = self._socket_for(punch.session_id, source)
-        send: Callable[[bytes, Any], None] = sock.sendto
+        send: Callable[[list[tuple[bytes, Any]]], None] = sock.send_batch
         if relayed:
             key = relay_key(punch.session_id)
             broker = self.broker  # the relay is the broker this tunnel began with
 
-            def send(data: bytes, _addr: Any) -> None:
-                self.sock.sendto(encode_relay(key, data), broker)
+            def send(datagrams: list[tuple[bytes, Any]]) -> None:
+                for data, _addr in datagrams:
+                    self.sock.sendto(encode_relay(key, data), broker)
 
         link = PeerLink(
             send=send,

@@ -85,6 +85,10 @@ class FlowControlledConnection(QuicConnection):
     def handshake_confirmed(self) -> bool:
         return bool(self._handshake_confirmed)
 
+    def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        for data in datagrams:
+            self.receive_datagram(data, addr, now)
+
     def new_stream_id(self) -> int:
         stream_id = self.get_next_available_stream_id()
         self._get_or_create_stream_for_send(stream_id)
