@@ -1,4 +1,4 @@
-.PHONY: help setup demo test lint unit integration natlab fuzz bench clean cmd lib test-c images examples example-python example-c example-cpp
+.PHONY: help setup demo test lint unit integration natlab fuzz bench bench-lab clean cmd lib test-c images examples example-python example-c example-cpp
 
 help:
 	@echo "make setup        install everything into .venv (and Debian tools, as root)"
@@ -11,7 +11,8 @@ help:
 	@echo "make examples     run the Python, C and C++ examples (bytes through a real forward)"
 	@echo "make test-c       the C API's error paths and threads, under AddressSanitizer"
 	@echo "make fuzz         coverage-guided fuzzing of every decoder (atheris, 60 s)"
-	@echo "make bench        benchmarks that print figures (see bench/README.md)"
+	@echo "make bench        broker and tunnel benchmarks that print figures (see bench/README.md)"
+	@echo "make bench-lab    NAT-lab figures: path matrix, relay, loss (root)"
 
 setup:
 	./scripts/setup.sh
@@ -40,6 +41,13 @@ fuzz:
 
 bench:
 	.venv/bin/python bench/broker_bench.py
+	.venv/bin/python bench/tunnel_bench.py
+
+# the NAT-lab figures (root: network namespaces)
+bench-lab:
+	.venv/bin/python bench/nat_matrix.py
+	.venv/bin/python bench/relay_bench.py
+	.venv/bin/python bench/loss_bench.py
 
 CFLAGS_EX = -Wall -Werror -O1 -Ibuild/include
 LDFLAGS_EX = -Lbuild/lib -lnatter -lpthread -Wl,-rpath,$(CURDIR)/build/lib

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def timed_send(port: int, size: int, pids: list[int]) -> tuple[float, float]:
 class Natter:
     """A broker, bob (listening) and alice (forwarding) as processes."""
 
-    def __init__(self, target_port: int, engine: str = "aioquic") -> None:
+    def __init__(self, target_port: int, engine: str = "qh3") -> None:
         self.broker_port = free_port()
         self.local = free_port()
         self.broker = natter("-server", f"127.0.0.1:{self.broker_port}", "-log-level", "warning")
@@ -388,13 +389,54 @@ def memory(engine: str) -> None:
             proc.stop()
 
 
+def multi_core(size: int, engine: str) -> None:
+    """Two tunnels in two pairs of processes (each its own QUIC connection and core) against
+    one tunnel, moving the same bytes: does spreading connections over processes help?"""
+    print(f"\n5. multi-core: one tunnel against two in separate processes ({engine})", flush=True)
+    sink, sink_port = server("count", "0")
+    try:
+        one = Natter(sink_port, engine)
+        try:
+            tool("send", "127.0.0.1", str(one.local), "1000000")
+            rate, cpu = timed_send(one.local, size, [one.alice.pid, one.bob.pid])
+            row("one tunnel, one connection", f"{rate:.1f} MB/s", f"{cpu:.1f} CPU s/GB")
+        finally:
+            one.stop()
+        pair = [Natter(sink_port, engine) for _ in range(2)]
+        try:
+            for tunnel in pair:
+                tool("send", "127.0.0.1", str(tunnel.local), "1000000")
+            results: list[float] = []
+
+            def blast(tunnel: Natter) -> None:
+                results.append(timed_send(tunnel.local, size // 2, [])[0])
+
+            start = time.perf_counter()
+            threads = [threading.Thread(target=blast, args=(tunnel,)) for tunnel in pair]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            total = size / (time.perf_counter() - start) / 1e6
+            row(
+                "two tunnels in two process pairs, together",
+                f"{total:.1f} MB/s",
+                f"each {results[0]:.1f} / {results[1]:.1f}",
+            )
+        finally:
+            for tunnel in pair:
+                tunnel.stop()
+    finally:
+        sink.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--skip-ssh", action="store_true")
-    parser.add_argument("--only", choices=("throughput", "parallel", "latency", "memory"))
+    parser.add_argument("--only", choices=("throughput", "parallel", "latency", "memory", "multicore"))
     parser.add_argument("--engine", action="append", choices=("aioquic", "qh3"), help="default: both")
     args = parser.parse_args()
     engines = args.engine or ["aioquic", "qh3"]
@@ -404,6 +446,7 @@ def main() -> int:
         "parallel": lambda: [many_connections(e) for e in engines],
         "latency": lambda: [latency(e) for e in engines],
         "memory": lambda: [memory(e) for e in engines],
+        "multicore": lambda: [multi_core(args.size_mb << 20, e) for e in engines],
     }
     for name, step in steps.items():
         if args.only in (None, name):

@@ -76,8 +76,8 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         f"{dash}quic-engine",
         dest="quic_engine",
         choices=QUIC_ENGINES,
-        default="aioquic",
-        help="QUIC implementation for tunnels, the same on both peers (default aioquic)",
+        default="qh3",
+        help="QUIC implementation for tunnels, the same on both peers (default qh3)",
     )
     _identity_options(parser, dash)
     parser.add_argument(

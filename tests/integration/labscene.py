@@ -11,8 +11,9 @@ from procs import Proc, natter, server, tool
 
 
 class Scene:
-    def __init__(self, lab: NatLab) -> None:
+    def __init__(self, lab: NatLab, engine: str = "qh3") -> None:
         self.lab = lab
+        self.engine = engine  # every agent's --quic-engine
         self.procs: list[Proc] = []
 
     def __enter__(self) -> Scene:
@@ -51,7 +52,16 @@ class Scene:
     def agent(self, on: str, name: str, broker_port: int, *args: str) -> Proc:
         """natter -name NAME -broker INET_IP:PORT ARGS... inside role's namespace."""
         return self.add(
-            natter("-name", name, "-broker", f"{INET_IP}:{broker_port}", *args, prefix=self.lab.prefix(on))
+            natter(
+                "-name",
+                name,
+                "-broker",
+                f"{INET_IP}:{broker_port}",
+                "-quic-engine",
+                self.engine,
+                *args,
+                prefix=self.lab.prefix(on),
+            )
         )
 
     def send_checked(self, port: int, size: int, on: str = "alice", timeout: float = 120) -> None:

@@ -43,6 +43,32 @@ def test_seed_command_lines_forward_real_bytes(echo_server: int) -> None:
                 assert proc.stop() == 0, "\n".join(proc.raw_err[-20:])
 
 
+def test_seed_command_lines_with_the_qh3_engine(echo_server: int) -> None:
+    bport = free_port()
+    lport = free_port()
+    broker = natter("-server", f"127.0.0.1:{bport}")
+    bob = alice = None
+    try:
+        broker.wait_event("broker listening")
+        bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-quic-engine", "qh3", "-listen")
+        bob.wait_event("registered as bob")
+        alice = natter(
+            "-name",
+            "alice",
+            "-broker",
+            f"127.0.0.1:{bport}",
+            "-quic-engine",
+            "qh3",
+            f"{lport}:bob:{echo_server}",
+        )
+        alice.wait_event("direct path up with bob")
+        assert tool("echo-check", "127.0.0.1", str(lport), str(3 << 20)) == "ok"
+    finally:
+        for proc in (alice, bob, broker):
+            if proc is not None:
+                assert proc.stop() == 0, "\n".join(proc.raw_err[-20:])
+
+
 def test_subcommands_and_stdio_mode(echo_server: int) -> None:
     bport = free_port()
     broker = natter("broker", "--listen", f"127.0.0.1:{bport}")

@@ -207,3 +207,20 @@ async def _retry_echo(port: int) -> bool:
         except ConnectionError:
             pass
         await asyncio.sleep(0.5)
+
+
+@pytest.mark.parametrize(("bob_engine", "alice_engine"), [("aioquic", "qh3"), ("qh3", "aioquic")])
+async def test_peers_with_different_quic_engines_are_told_so(bob_engine: str, alice_engine: str) -> None:
+    async with Broker(config(broker_addr="127.0.0.1:0")) as broker:
+        assert broker.address is not None
+        addr = f"127.0.0.1:{broker.address.port}"
+        bob = Client(config(client_user="bob", broker_addr=addr, quic_engine=bob_engine))
+        alice = Client(config(client_user="alice", broker_addr=addr, quic_engine=alice_engine))
+        try:
+            await bob.listen()
+            with pytest.raises(PeerUnavailable) as info:
+                await alice.connect("bob")
+            assert "both sides need the same --quic-engine" in str(info.value)
+        finally:
+            await alice.close()
+            await bob.close()

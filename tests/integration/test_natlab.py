@@ -31,6 +31,12 @@ def lab() -> Iterator[NatLab]:
         yield built
 
 
+@pytest.fixture(params=["aioquic", "qh3"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The data-path tests run once per QUIC engine."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
 def symmetric_lab() -> Iterator[NatLab]:
     require_lab()
@@ -53,8 +59,8 @@ def test_lab_nats_drop_unsolicited_inbound_udp(lab: NatLab) -> None:
     assert ping.returncode != 0
 
 
-def test_forward_crosses_two_nats_on_a_direct_path_and_outlives_the_broker(lab: NatLab) -> None:
-    with Scene(lab) as scene:
+def test_forward_crosses_two_nats_on_a_direct_path_and_outlives_the_broker(lab: NatLab, engine: str) -> None:
+    with Scene(lab, engine) as scene:
         echo_port = scene.service("echo")
         sink_port = scene.service("sink")
         broker = scene.broker()
@@ -130,11 +136,11 @@ def test_agents_learn_their_nat_type_and_tell_their_peer(symmetric_lab: NatLab) 
         assert punching["peer_nat"] == "hard"
 
 
-def test_two_symmetric_nats_fall_back_to_the_relay() -> None:
+def test_two_symmetric_nats_fall_back_to_the_relay(engine: str) -> None:
     """Both NATs map per destination: no direct path can answer, so the tunnel goes through
     the broker's relay (which sees only ciphertext), and the bytes still arrive intact."""
     require_lab()
-    with NatLab(kind_a="symmetric", kind_b="symmetric") as lab, Scene(lab) as scene:
+    with NatLab(kind_a="symmetric", kind_b="symmetric") as lab, Scene(lab, engine) as scene:
         scene.broker()
         sink_port = scene.service("sink")
         bob = scene.agent("bob", "bob", 10000, "-listen")
@@ -184,13 +190,13 @@ def test_one_symmetric_nat_is_punched_with_the_birthday_method(symmetric_lab: Na
         scene.send_checked(8029, 2 << 20)
 
 
-def test_two_percent_loss_on_one_nat(lab: NatLab) -> None:
+def test_two_percent_loss_on_one_nat(lab: NatLab, engine: str) -> None:
     """2% of the packets through alice's NAT vanish, both ways: punch and tunnel cope, and
     the bytes arrive intact."""
     rule = ["FORWARD", "-m", "statistic", "--mode", "random", "--probability", "0.02", "-j", "DROP"]
     lab.sh("natA", "iptables", "-I", *rule)
     try:
-        with Scene(lab) as scene:
+        with Scene(lab, engine) as scene:
             scene.broker(10005)
             sink_port = scene.service("sink")
             bob = scene.agent("bob", "bob", 10005, "-listen")
@@ -204,10 +210,10 @@ def test_two_percent_loss_on_one_nat(lab: NatLab) -> None:
         lab.sh("natA", "iptables", "-D", *rule)
 
 
-def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab) -> None:
+def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab, engine: str) -> None:
     """Mid-transfer, alice's NAT forgets every mapping (conntrack -F): the next packets make
     new ones and the transfer completes byte-exact."""
-    with Scene(lab) as scene:
+    with Scene(lab, engine) as scene:
         scene.broker(10006)
         sink_port = scene.service("sink", str(4 << 20))  # slow start
         bob = scene.agent("bob", "bob", 10006, "-listen")
@@ -221,7 +227,7 @@ def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab) -> None:
         transfer.finish()
 
 
-def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab) -> None:
+def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab, engine: str) -> None:
     """UDP between the two NATs is blocked: the tunnel starts relayed. Unblocked, the agents
     find the direct path at the next attempt; new connections take it, and a 50 MB transfer
     begun on the relay completes byte-exact."""
@@ -231,7 +237,7 @@ def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab) -> 
         lab.sh("natA", "iptables", "-I", *rule)
     blocked = True
     try:
-        with Scene(lab) as scene:
+        with Scene(lab, engine) as scene:
             scene.broker(10007)
             sink_port = scene.service("sink", str(4 << 20))  # slow start
             bob = scene.agent("bob", "bob", 10007, "-listen")
@@ -254,12 +260,12 @@ def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab) -> 
                 lab.sh("natA", "iptables", "-D", *rule)
 
 
-def test_transfer_follows_the_client_when_its_nat_changes_port() -> None:
+def test_transfer_follows_the_client_when_its_nat_changes_port(engine: str) -> None:
     """Mid-transfer, alice's NAT forgets her mapping and gives her a new public port; bob
     (no NAT, the QUIC server) finds the tunnel by connection ID, QUIC validates the new
     path, and the transfer completes byte-exact."""
     require_lab()
-    with NatLab(kind_a="restricted", kind_b="none") as lab, Scene(lab) as scene:
+    with NatLab(kind_a="restricted", kind_b="none") as lab, Scene(lab, engine) as scene:
         scene.broker(10008)
         sink_port = scene.service("sink", str(4 << 20))  # slow start
         bob = scene.agent("bob", "bob", 10008, "-listen")

@@ -24,7 +24,7 @@ from netcheck import echo_check, echo_handler
 pytestmark = pytest.mark.timeout(180)
 
 
-ENGINE = {"name": "aioquic"}  # set by the ``engine`` fixture for tests that run on both
+ENGINE = {"name": "qh3"}  # set by the ``engine`` fixture for tests that run on both
 
 
 @pytest.fixture(params=["aioquic", "qh3"])
@@ -32,7 +32,7 @@ def engine(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a test once per QUIC engine: every Config the test builds uses it."""
     ENGINE["name"] = request.param
     yield request.param
-    ENGINE["name"] = "aioquic"
+    ENGINE["name"] = "qh3"
 
 
 def config(**kw: object) -> Config:

@@ -76,3 +76,25 @@ def test_seed_style_with_a_config_file(tmp_path: Path) -> None:
     path = agent_file(tmp_path, 'brokers = ["b:1"]\n')
     args = parse(["-name", "bob", "-config", str(path), "-listen"])
     assert args.broker == ["b:1"] and args.listen
+
+
+def test_quic_engine_from_flag_environment_and_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert parse(["forward", "--name", "a", "--broker", "b:1", "1:bob:2"]).quic_engine == "qh3"  # the default
+    assert (
+        parse(["-name", "a", "-broker", "b:1", "-quic-engine", "aioquic", "1:bob:2"]).quic_engine == "aioquic"
+    )
+    path = agent_file(
+        tmp_path,
+        'name = "a"\nbrokers = ["b:1"]\nlisten = true\nquic_engine = "aioquic"\nupgrade_interval = 30\n',
+    )
+    args = parse(["agent", "--config", str(path)])
+    assert args.quic_engine == "aioquic" and args.upgrade_interval == 30.0
+    monkeypatch.setenv("NATTER_QUIC_ENGINE", "qh3")
+    assert parse(["agent", "--config", str(path)]).quic_engine == "qh3"  # environment beats the file
+    monkeypatch.setenv("NATTER_QUIC_ENGINE", "quiche")
+    with pytest.raises(UsageError, match="NATTER_QUIC_ENGINE='quiche': choose from aioquic, qh3"):
+        parse(["agent", "--config", str(path)])
+    monkeypatch.delenv("NATTER_QUIC_ENGINE")
+    bad = agent_file(tmp_path, 'name = "a"\nquic_engine = "quiche"\n')
+    with pytest.raises(UsageError, match="quic_engine"):
+        parse(["agent", "--config", str(bad)])

@@ -71,7 +71,7 @@ class Config:
     udp_port: int = 0
 
     # QUIC tunnel
-    quic_engine: str = "aioquic"  # one of QUIC_ENGINES; both peers of a tunnel need the same
+    quic_engine: str = "qh3"  # one of QUIC_ENGINES; both peers of a tunnel need the same (bench/README.md)
     max_datagram_size: int = 1350
     idle_timeout: float = 60.0
     ping_interval: float = 15.0

@@ -183,6 +183,7 @@ class Agent:
             brokers=brokers,
             key=self.identity.fingerprint,
             new_key=self.identity_created,
+            quic_engine=self.engine.name,
         )
         self.registration.start(self._now())
         self._service()

@@ -52,6 +52,8 @@ TunnelEvent = StreamData | StreamReset | StopSending | PeerAuthenticated | Termi
 class TunnelConnection(Protocol):
     """A sans-IO QUIC connection with receive-side credit under natter's control."""
 
+    join_reads: bool  # hand a stream's queued chunks to the reader joined (measured per engine)
+
     def connect(self, addr: Any, now: float) -> None: ...
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:

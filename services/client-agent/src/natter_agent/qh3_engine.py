@@ -49,6 +49,8 @@ class _Pending:
 
 
 class Qh3TunnelConnection(QuicConnection):
+    join_reads = True  # qh3 emits an event per packet with many busy streams: join them
+
     def __init__(
         self, *, credentials: Credentials, stream_window: int, connection_window: int, **kwargs: Any
     ):
@@ -72,6 +74,8 @@ class Qh3TunnelConnection(QuicConnection):
         self._final_sizes: dict[int, int] = {}  # peer's announced ends not yet reached
         self._ended: set[int] = set()  # streams whose end we passed on (until released)
         self._opened: set[int] = set()  # our own streams, until released
+        self._merging: dict[int, StreamData] = {}  # a stream's event still waiting in _ready
+        self._parts: dict[int, list[bytes]] = {}  # ... and the data that joined it
         self._host_cids: set[bytes] = {self.host_cid}
 
     # -- TLS session binding --------------------------------------------------------
@@ -90,6 +94,8 @@ class Qh3TunnelConnection(QuicConnection):
         return bridge
 
     def _binding(self) -> bytes:
+        if len(self._secrets) < 2:
+            raise ControlError("key proof before the TLS handshake finished")
         mine, theirs = self._secrets[qtls.Direction.ENCRYPT], self._secrets[qtls.Direction.DECRYPT]
         return tunnelctl.session_binding(*((mine, theirs) if self._is_client else (theirs, mine)))
 
@@ -198,12 +204,19 @@ class Qh3TunnelConnection(QuicConnection):
         return datagrams
 
     def poll_event(self) -> TunnelEvent | None:
-        while not self._ready:
-            event = self.next_event()
-            if event is None:
+        if not self._ready:
+            while (event := self.next_event()) is not None:  # the whole batch: see _emit
+                self._translate(event)
+            if not self._ready:
                 return None
-            self._translate(event)
-        return self._ready.popleft()
+        ready = self._ready.popleft()
+        if isinstance(ready, StreamData):
+            if self._merging.get(ready.stream_id) is ready:
+                del self._merging[ready.stream_id]
+            parts = self._parts.pop(ready.stream_id, None)
+            if parts is not None and len(parts) > 1:
+                ready.data = b"".join(parts)
+        return ready
 
     # -- events ---------------------------------------------------------------------
     def _translate(self, event: events.QuicEvent) -> None:
@@ -236,7 +249,26 @@ class Qh3TunnelConnection(QuicConnection):
             self._ready.append(Terminated(event.error_code, event.reason_phrase))
 
     def _emit(self, event: TunnelEvent) -> None:
-        (self._ready if self._authenticated else self._held).append(event)
+        if not self._authenticated:
+            self._held.append(event)
+            return
+        if isinstance(event, StreamData):
+            # qh3 emits one event per packet; with many busy streams they interleave. Data
+            # for a stream that already has an event waiting joins it: one event per stream
+            # per batch (bounded by the stream's credit)
+            waiting = self._merging.get(event.stream_id)
+            if waiting is not None:
+                self._parts[event.stream_id].append(event.data)
+                waiting.end_stream = event.end_stream
+                if event.end_stream:
+                    del self._merging[event.stream_id]
+                return
+            if not event.end_stream:
+                self._merging[event.stream_id] = event
+                self._parts[event.stream_id] = [event.data]
+        elif isinstance(event, StreamReset):
+            self._merging.pop(event.stream_id, None)
+        self._ready.append(event)
 
     def _control_received(self, stream_id: int, data: bytes) -> None:
         if self._is_local(stream_id) or self._control_in not in (None, stream_id):
@@ -275,6 +307,9 @@ class Qh3TunnelConnection(QuicConnection):
 
     def _deliver(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         """Pass stream bytes on, ending the stream once, on QUIC's FIN or at the announced size."""
+        if not end_stream and not self._final_sizes and stream_id not in self._ended:
+            self._emit(StreamData(stream_id, data, False))  # the common case, per packet
+            return
         if stream_id in self._ended:
             if data:
                 raise ControlError(f"data beyond the end of stream {stream_id}")
