@@ -281,3 +281,32 @@ def test_transfer_follows_the_client_when_its_nat_changes_port(engine: str) -> N
         moved = bob.wait_event("path change for alice: peer moved", timeout=30)
         assert moved["new"].startswith(f"{NAT_A_WAN}:50")
         transfer.finish()
+
+
+def test_a_moved_client_punches_again_through_a_filtering_listener_nat(engine: str) -> None:
+    """As above, but bob sits behind a port-restricted NAT, which drops alice's packets from
+    her new port until bob has sent there. alice notices the silence, learns her new
+    endpoint from the broker and punches again; bob's probes open his NAT, the tunnel moves
+    to the new path, and the transfer in flight completes byte-exact."""
+    require_lab()
+    with NatLab(kind_a="restricted", kind_b="restricted") as lab, Scene(lab, engine) as scene:
+        scene.broker(10009)
+        sink_port = scene.service("sink", str(4 << 20))  # slow start
+        bob = scene.agent("bob", "bob", 10009, "-listen")
+        bob.wait_event("registered as bob")
+        alice = scene.agent("alice", "alice", 10009, "-udp-port", "40000", f"8035:bob:{sink_port}")
+        up = bob.wait_event("direct path up with alice", timeout=30)
+        assert up["peer_endpoint"] == f"{NAT_A_WAN}:40000"
+        transfer = scene.send_in_background(8035, 40 << 20)
+        time.sleep(2.0)
+        lab.sh("natA", "iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
+               "-j", "MASQUERADE", "--to-ports", "50000-50100")  # fmt: skip
+        subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=True)
+        changed = alice.wait_event("public endpoint changed", timeout=30)
+        assert changed["new"].startswith(f"{NAT_A_WAN}:50")
+        alice.wait_event("punching to bob again: our public endpoint changed", timeout=10)
+        moved = bob.wait_event("path change for alice: peer moved", timeout=30)
+        assert moved["new"].startswith(f"{NAT_A_WAN}:50")
+        alice.wait_event("path to bob refreshed: its NAT now lets our new endpoint in", timeout=30)
+        transfer.finish()
+        assert not [e for e in alice.lines if e.get("event") == "tunnel closed"]  # the same tunnel

@@ -479,3 +479,25 @@ def test_peer_reflexive_candidates_are_probed() -> None:
     session.frames_to_send()
     session.handle_timer(0.1)
     assert elsewhere in [addr for _, addr, _ in session.frames_to_send()]
+
+
+def test_a_moved_address_is_reported_after_the_cookie_challenge_too() -> None:
+    """From a new address the old cookie no longer passes: the broker challenges, the agent
+    registers again, and the new endpoint is still reported as a change."""
+    reg = Registration("alice", (), keepalive_interval=20)
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.receive(Registered("alice", PUB, 20, "b1"), 0.1)
+    reg.next_event()
+    reg.check_endpoint(5.0)  # a tunnel went silent: ask now, not at 20.1
+    assert reg.get_timer() == 5.0
+    reg.handle_timer(5.0)
+    assert reg.frames_to_send() == [Keepalive(name="alice")]
+    reg.receive(Challenge(cookie=b"c" * 16), 5.1)
+    assert isinstance(reg.next_event(), RegistrationLost)
+    reg.frames_to_send()
+    moved = Endpoint("203.0.113.1", 50001)
+    reg.receive(Registered("alice", moved, 20, "b1"), 5.2)
+    assert isinstance(reg.next_event(), RegistrationUp)
+    event = reg.next_event()
+    assert isinstance(event, PublicEndpointChanged) and event.old == PUB and event.new == moved

@@ -161,6 +161,12 @@ class Registration:
                 self._outbox.append(Keepalive(name=self.name, cookie=self.cookie))
                 self._next_send = now + self.keepalive_interval
 
+    def check_endpoint(self, now: float) -> None:
+        """Send a keepalive now: its answer says whether our public endpoint moved (the agent
+        asks when a tunnel suddenly hears nothing back)."""
+        if self.state is RegState.REGISTERED:
+            self._next_send = now
+
     def stop(self) -> None:
         self.state = RegState.IDLE
         self._next_send = None
@@ -223,7 +229,9 @@ class Registration:
             self._events.append(RegistrationUp(message.public, message.broker_id, self.backoff.attempts))
             self.backoff.reset()
             self._next_send = now + self.keepalive_interval
-        elif self.public is not None and message.public != self.public:
+        if self.public is not None and message.public != self.public:
+            # seen on a keepalive, or on the registration a moved address had to repeat
+            # (the broker's cookie is bound to the old one)
             self._events.append(PublicEndpointChanged(self.public, message.public))
         self.public = message.public
 

@@ -101,6 +101,8 @@ IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
 NAT_PROBE_WAIT = 3.0  # how long a first connect waits for the NAT type
 CID_LENGTH = 8  # aioquic's default host connection ID length
 RELAY_PATH = Endpoint("0.0.0.0", 9)  # the QUIC path address of a relayed tunnel (never sent to)
+PATH_SILENCE = 2.0  # a tunnel that sent but heard nothing this long: has our NAT moved us?
+PATH_CHECK_INTERVAL = 5.0  # at most one such check this often
 
 
 class Agent:
@@ -147,6 +149,8 @@ class Agent:
         self._extra: dict[str, list[AgentSocket]] = {}  # birthday sockets per punch session
         self._extra_links: dict[tuple[str, int], PeerLink] = {}
         self._upgrading: set[str] = set()  # peers we are re-punching for while relayed
+        self._refreshing: set[str] = set()  # peers re-punched because our endpoint moved
+        self._endpoint_checked = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -187,6 +191,12 @@ class Agent:
         )
         self.registration.start(self._now())
         self._service()
+        self._track(self._loop_create(self._path_watch_loop()))
+
+    async def _path_watch_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(1.0)
+            self._watch_paths()
 
     async def wait_registered(self, timeout: float) -> None:
         try:
@@ -431,8 +441,7 @@ class Agent:
             if session.role == "server" and session.knows(addr) and self.listening:
                 conn = self.engine.server_connection(data)
                 if conn is None:
-                    self.stats["dropped_not_initial"] += 1
-                    return
+                    break  # not an Initial: perhaps a tunnel we have, from a new address
                 session.succeed(addr)
                 self.stats["accepted_quic"] += 1
                 link = self._new_link(conn, session.punch, addr, "server")
@@ -451,7 +460,8 @@ class Agent:
             self.stats["accepted_quic"] += 1
             moved.datagram_received(data, addr)
             return
-        self.stats["dropped_quic_unknown_source"] += 1
+        known = any(s.role == "server" and s.knows(addr) for s in self._sessions.values())
+        self.stats["dropped_not_initial" if known else "dropped_quic_unknown_source"] += 1
 
     def _link_by_connection_id(self, data: bytes) -> PeerLink | None:
         """The tunnel a short-header QUIC packet belongs to, by its destination connection ID."""
@@ -540,6 +550,7 @@ class Agent:
             self._log.warning("public endpoint changed", old=str(event.old), new=str(event.new))
             self._nat_reported = False
             self._start_nat_probe()
+            self._refresh_paths()
         elif isinstance(event, RegistrationLost):
             self.registered.clear()
             self._log.warning("lost the broker, registering again", reason=event.reason)
@@ -666,7 +677,13 @@ class Agent:
                 path=str(event.path),
                 probe_rtt_ms=round(event.rtt * 1000, 2),
             )
-            if session.role == "client":
+            if session.role == "client" and session.peer in self._refreshing:
+                self._refreshing.discard(session.peer)
+                self._log.info(
+                    f"path to {session.peer} refreshed: its NAT now lets our new endpoint in",
+                    path=str(event.path),
+                )
+            elif session.role == "client":
                 conn = self.engine.client_connection()
                 link = self._new_link(conn, session.punch, event.path, "client", source=event.source)
                 link.start_client()
@@ -674,7 +691,9 @@ class Agent:
         elif isinstance(event, PunchTimedOut):
             tried = ", ".join(str(c) for c in event.tried)
             self._log.warning("punch failed: no answer", peer=session.peer, tried=tried)
-            if session.role == "client" and session.punch.relay and session.peer not in self._upgrading:
+            if session.role == "client" and session.peer in self._refreshing:
+                self._refreshing.discard(session.peer)  # the tunnel recovers, or is rebuilt
+            elif session.role == "client" and session.punch.relay and session.peer not in self._upgrading:
                 self._start_relay(session, "no probe was answered")
             elif session.role == "client":
                 self._fail_waiter(
@@ -780,6 +799,31 @@ class Agent:
         while link.is_alive and link.open_streams > 0:
             await asyncio.sleep(0.5)
         link.close(reason)
+
+    def _refresh_paths(self) -> None:
+        """Our NAT moved us to a new public endpoint. A QUIC client's new address reaches a
+        peer whose NAT filters by address only once that peer has sent to it: punch again
+        (the broker tells the peer our new endpoint, its probes open its NAT) and keep the
+        tunnel, which QUIC moves to the new path (the listener finds it by connection ID)."""
+        for peer, link in list(self._links.items()):
+            movable = link.is_alive and link.role == "client" and link.path_kind in ("direct", "predicted")
+            if movable and peer not in self._refreshing and peer not in self._upgrading:
+                self._refreshing.add(peer)
+                self._log.info(f"punching to {peer} again: our public endpoint changed")
+                self._send_connect(peer, "")
+
+    def _watch_paths(self) -> None:
+        """A tunnel that sends but hears nothing back may have lost its NAT mapping: ask the
+        broker where it sees us now instead of waiting for the next keepalive."""
+        now = self._now()
+        if self.registration is None or now - self._endpoint_checked < PATH_CHECK_INTERVAL:
+            return
+        for link in self._links.values():
+            if link.is_alive and link.path_kind != "relayed" and link.silent_for() > PATH_SILENCE:
+                self._endpoint_checked = now
+                self.registration.check_endpoint(now)
+                self._service()
+                return
 
     async def _keep_trying_direct(self, relayed: PeerLink) -> None:
         """While relayed, punch again now and then; a direct path takes new connections."""

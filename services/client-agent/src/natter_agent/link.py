@@ -168,6 +168,8 @@ class PeerLink:
         self.path_kind = "direct"  # or "lan", "predicted" (birthday method), "relayed"
         self.probes = 0  # for a predicted path: probes it took
         self.started = self.loop.time()
+        self.last_heard = self.started  # a datagram from the peer
+        self.last_sent = self.started  # the first datagram sent after last_heard
         self.bytes_sent = 0  # payload bytes, both ways, over the tunnel's life
         self.bytes_received = 0
         self.streams_opened = 0
@@ -196,6 +198,7 @@ class PeerLink:
         if self.closed.is_set():
             return
         now = self.loop.time()
+        self.last_heard = now
         start = 0
         try:
             for end in range(1, len(inbox) + 1):  # runs of datagrams from one address
@@ -296,6 +299,8 @@ class PeerLink:
             return
         if datagrams:
             self._send_datagrams(datagrams)
+            if self.last_sent <= self.last_heard:
+                self.last_sent = self.loop.time()  # the first send since we last heard
         self._wake_writers()
 
     def _arm_timer(self) -> None:
@@ -330,6 +335,12 @@ class PeerLink:
     @property
     def open_streams(self) -> int:
         return len(self._channels)
+
+    def silent_for(self) -> float:
+        """How long we have been sending without hearing anything back (0 if we heard last)."""
+        if self.last_sent <= self.last_heard:
+            return 0.0
+        return self.loop.time() - self.last_sent
 
     def status(self) -> dict[str, object]:
         """What `natter status` shows for this tunnel."""
