@@ -229,8 +229,9 @@ def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab, engine: 
 
 def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab, engine: str) -> None:
     """UDP between the two NATs is blocked: the tunnel starts relayed. Unblocked, the agents
-    find the direct path at the next attempt; new connections take it, and a 50 MB transfer
-    begun on the relay completes byte-exact."""
+    find the direct path at the next attempt and the same QUIC connection moves onto it
+    (migration): a 50 MB transfer begun on the relay completes byte-exact, and new
+    connections ride the same tunnel, now direct."""
     block = [["FORWARD", "-d", NAT_B_WAN, "-p", "udp", "-j", "DROP"],
              ["FORWARD", "-s", NAT_B_WAN, "-p", "udp", "-j", "DROP"]]  # fmt: skip
     for rule in block:
@@ -250,10 +251,13 @@ def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab, eng
                 lab.sh("natA", "iptables", "-D", *rule)
             blocked = False
             change = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
-            assert change["open_connections"] >= 1  # the transfer was still on the relay
+            assert change["open_connections"] >= 1 and change["migrated"]  # the transfer moved along
+            moved = bob.wait_event("path change for alice: relayed -> direct", timeout=30)
+            assert moved["new"].startswith(NAT_A_WAN)
             transfer.finish()
-            scene.send_checked(8033, 1 << 20)  # a new connection
-            alice.wait_log(lambda e: e.get("event", "").startswith("direct path up with bob"), timeout=5)
+            scene.send_checked(8033, 1 << 20)  # a new connection, on the same tunnel
+            assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]
+            assert len([e for e in alice.lines if "path up with bob" in str(e.get("event"))]) == 1
     finally:
         if blocked:
             for rule in block:
@@ -310,3 +314,42 @@ def test_a_moved_client_punches_again_through_a_filtering_listener_nat(engine: s
         alice.wait_event("path to bob refreshed: its NAT now lets our new endpoint in", timeout=30)
         transfer.finish()
         assert not [e for e in alice.lines if e.get("event") == "tunnel closed"]  # the same tunnel
+
+
+def test_a_dead_direct_path_falls_back_to_the_relay_and_comes_back(lab: NatLab, engine: str) -> None:
+    """Mid-transfer, UDP between the two NATs is blocked: alice's tunnel hears nothing back,
+    punches again, finds no path and moves the same QUIC connection onto the broker's relay;
+    unblocked, the next attempt moves it back to a direct path. The transfer in flight
+    completes byte-exact through both moves, on one tunnel."""
+    block = [["FORWARD", "-d", NAT_B_WAN, "-p", "udp", "-j", "DROP"],
+             ["FORWARD", "-s", NAT_B_WAN, "-p", "udp", "-j", "DROP"]]  # fmt: skip
+    blocked = False
+    try:
+        with Scene(lab, engine) as scene:
+            scene.broker(10010)
+            sink_port = scene.service("sink", str(2 << 20))  # slow start
+            bob = scene.agent("bob", "bob", 10010, "-listen")
+            bob.wait_event("registered as bob")
+            alice = scene.agent("alice", "alice", 10010, f"8036:bob:{sink_port}", "-upgrade-interval", "3")
+            alice.wait_event("direct path up with bob", timeout=30)
+            transfer = scene.send_in_background(8036, 60 << 20)
+            time.sleep(1.0)
+            for rule in block:
+                lab.sh("natA", "iptables", "-I", *rule)
+            blocked = True
+            down = alice.wait_event("path change for bob: direct -> relayed", timeout=40)
+            assert down["migrated"] and down["open_connections"] >= 1
+            bob.wait_event("path change for alice: direct -> relayed", timeout=20)
+            time.sleep(1.0)
+            for rule in block:
+                lab.sh("natA", "iptables", "-D", *rule)
+            blocked = False
+            up = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
+            assert up["migrated"]
+            transfer.finish()
+            scene.send_checked(8036, 1 << 20)  # a new connection on the same tunnel
+            assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]
+    finally:
+        if blocked:
+            for rule in block:
+                lab.sh("natA", "iptables", "-D", *rule)

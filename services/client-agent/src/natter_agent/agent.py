@@ -103,6 +103,7 @@ CID_LENGTH = 8  # aioquic's default host connection ID length
 RELAY_PATH = Endpoint("0.0.0.0", 9)  # the QUIC path address of a relayed tunnel (never sent to)
 PATH_SILENCE = 2.0  # a tunnel that sent but heard nothing this long: has our NAT moved us?
 PATH_CHECK_INTERVAL = 5.0  # at most one such check this often
+PATH_DEAD = 4.0  # silent this long: punch again, and fall back to the relay if nothing answers
 
 
 class Agent:
@@ -353,7 +354,22 @@ class Agent:
             return
         conn = self.engine.server_connection(packet)
         if conn is None:
-            self.stats["dropped_not_initial"] += 1
+            moved = self._link_by_connection_id(packet)
+            if moved is None or moved.role != "server" or moved.peer != session.peer:
+                self.stats["dropped_not_initial"] += 1
+                return
+            # the client moved this tunnel onto the relay (its direct path died)
+            self._log.info(
+                f"path change for {moved.peer}: {moved.path_kind} -> relayed",
+                old=str(moved.addr),
+                new="relay " + str(self.broker),
+                open_connections=moved.open_streams,
+                migrated=True,
+            )
+            moved.path_kind = "relayed"
+            self._use_relay(moved, key, via_relay=False)
+            self.stats["accepted_relay"] += 1
+            moved.datagram_received(packet, RELAY_PATH)
             return
         self.stats["accepted_relay"] += 1
         session.succeed(RELAY_PATH)
@@ -452,9 +468,24 @@ class Agent:
         if moved is not None:
             # the peer's NAT gave it a new port (a mapping expired or was flushed): QUIC
             # validates the new path itself; we only need to route its datagrams there
-            self._log.info(f"path change for {moved.peer}: peer moved", old=str(moved.addr), new=str(addr))
+            if moved.path_kind == "relayed":
+                # the peer took this relayed tunnel onto a direct path (QUIC migration)
+                moved.path_kind = "direct"
+                self._log.info(
+                    f"path change for {moved.peer}: relayed -> direct",
+                    old="relay " + str(self.broker),
+                    new=str(addr),
+                    open_connections=moved.open_streams,
+                    migrated=True,
+                )
+            else:
+                self._log.info(
+                    f"path change for {moved.peer}: peer moved", old=str(moved.addr), new=str(addr)
+                )
             if self._links_by_addr.get(moved.addr) is moved:
                 del self._links_by_addr[moved.addr]
+            if moved.role == "client" and not moved.via_relay:
+                moved.direct_route = addr  # our QUIC keeps its peer address; we send where it is
             moved.addr = addr
             self._links_by_addr[addr] = moved
             self.stats["accepted_quic"] += 1
@@ -468,7 +499,7 @@ class Agent:
         if len(data) < 1 + CID_LENGTH or data[0] & 0x80:
             return None  # long headers (handshakes) never migrate
         dcid = data[1 : 1 + CID_LENGTH]
-        for link in self._links_by_addr.values():
+        for link in [*self._links_by_addr.values(), *self._relay_links.values()]:
             if link.is_alive and link.conn.owns_connection_id(dcid):
                 return link
         return None
@@ -683,6 +714,20 @@ class Agent:
                     f"path to {session.peer} refreshed: its NAT now lets our new endpoint in",
                     path=str(event.path),
                 )
+                link = self._links.get(session.peer)
+                if link is not None and link.is_alive and event.source == 0 and event.path != link.addr:
+                    if link.path_kind == "relayed":
+                        self._migrate(link, session.punch, event.path)
+                    else:  # the peer's endpoint moved too: send there
+                        link.direct_route = event.path
+                        self._links_by_addr[event.path] = link
+                        link.addr = event.path
+            elif (
+                session.role == "client"
+                and event.source == 0
+                and (moving := self._relayed_client(session.peer))
+            ):
+                self._migrate(moving, session.punch, event.path)
             elif session.role == "client":
                 conn = self.engine.client_connection()
                 link = self._new_link(conn, session.punch, event.path, "client", source=event.source)
@@ -692,7 +737,11 @@ class Agent:
             tried = ", ".join(str(c) for c in event.tried)
             self._log.warning("punch failed: no answer", peer=session.peer, tried=tried)
             if session.role == "client" and session.peer in self._refreshing:
-                self._refreshing.discard(session.peer)  # the tunnel recovers, or is rebuilt
+                self._refreshing.discard(session.peer)
+                link = self._links.get(session.peer)
+                silent = link is not None and link.is_alive and link.silent_for() > PATH_SILENCE
+                if silent and link is not None and session.punch.relay and link.path_kind != "relayed":
+                    self._fall_back_to_relay(link, session.punch)
             elif session.role == "client" and session.punch.relay and session.peer not in self._upgrading:
                 self._start_relay(session, "no probe was answered")
             elif session.role == "client":
@@ -705,6 +754,14 @@ class Agent:
                     ),
                 )
 
+    def _relayed_client(self, peer: str) -> PeerLink | None:
+        """Our relayed tunnel to peer, if we are its QUIC client and are looking for a path."""
+        link = self._links.get(peer)
+        looking = peer in self._upgrading and link is not None and link.is_alive
+        if looking and link is not None and link.path_kind == "relayed" and link.role == "client":
+            return link
+        return None
+
     def _start_relay(self, session: PunchSession, why: str) -> None:
         self._log.info(f"no direct path to {session.peer} ({why}): tunnelling through the broker's relay")
         conn = self.engine.client_connection()
@@ -716,17 +773,8 @@ class Agent:
         self, conn: object, punch: Punch, addr: Endpoint, role: str, *, relayed: bool = False, source: int = 0
     ) -> PeerLink:
         sock = self._socket_for(punch.session_id, source)
-        send: Callable[[list[tuple[bytes, Any]]], None] = sock.send_batch
-        if relayed:
-            key = relay_key(punch.session_id)
-            broker = self.broker  # the relay is the broker this tunnel began with
-
-            def send(datagrams: list[tuple[bytes, Any]]) -> None:
-                for data, _addr in datagrams:
-                    self.sock.sendto(encode_relay(key, data), broker)
-
         link = PeerLink(
-            send=send,
+            send=sock.send_batch,  # a direct path: straight out of the socket
             conn=conn,  # type: ignore[arg-type]
             peer=punch.peer,
             addr=addr,
@@ -738,18 +786,13 @@ class Agent:
             ping_interval=self.config.ping_interval,
             send_buffer_limit=self.config.send_buffer_limit,
         )
+        if role == "client":
+            link.receive_as = (addr.host, addr.port)  # QUIC's peer address, wherever we route
         if relayed:
             link.path_kind = "relayed"
-            self._relay_links[relay_key(punch.session_id)] = link
+            self._use_relay(link, relay_key(punch.session_id), via_relay=role == "client")
             return link
-        session = self._sessions.get(punch.session_id)
-        if addr in punch.peer_locals and addr != punch.peer_public:
-            link.path_kind = "lan"
-        elif session is not None and session.predicting:
-            link.path_kind = "predicted"  # direct, found by the birthday method
-            link.probes = session.probes_sent
-        else:
-            link.path_kind = "direct"
+        link.path_kind, link.probes = self._path_kind(punch, addr)
         if source:
             self._extra_links[(punch.session_id, source)] = link  # its datagrams come on that socket
             return link
@@ -758,6 +801,81 @@ class Agent:
             old.close("replaced by a new tunnel")
         self._links_by_addr[addr] = link
         return link
+
+    def _use_relay(self, link: PeerLink, key: bytes, *, via_relay: bool) -> None:
+        """Let link reach its peer through the broker's relay under session key. A client
+        sends everything there (via_relay); a server follows its QUIC peer address, which
+        is the relay's placeholder or, after the client moved, a real one."""
+        link.relay_key = key
+        link.via_relay = via_relay
+        self._relay_links[key] = link
+        broker = self.broker  # the relay is the broker the session was introduced by
+        relay_path = (RELAY_PATH.host, RELAY_PATH.port)
+
+        def send(datagrams: list[tuple[bytes, Any]]) -> None:
+            direct: list[tuple[bytes, Any]] = []
+            route = link.direct_route
+            for data, addr in datagrams:
+                if link.via_relay or (route is None and tuple(addr[:2]) == relay_path):
+                    self.sock.sendto(encode_relay(key, data), broker)
+                else:
+                    direct.append((data, (route.host, route.port) if route is not None else addr))
+            if direct:
+                self.sock.send_batch(direct)
+
+        link.set_sender(send)
+
+    def _fall_back_to_relay(self, link: PeerLink, punch: Punch) -> None:
+        """Our direct tunnel went silent and a new punch found no path: move the same QUIC
+        connection onto the broker's relay (the session just introduced allows it); the
+        listener finds it there by connection ID. The upgrade loop looks for a path again."""
+        old_kind, old = link.path_kind, link.addr
+        link.direct_route = None
+        link.path_kind = "relayed"
+        self._use_relay(link, relay_key(punch.session_id), via_relay=True)
+        self._log.info(
+            f"path change for {link.peer}: {old_kind} -> relayed",
+            old=str(old),
+            new="relay " + str(self.broker),
+            open_connections=link.open_streams,
+            migrated=True,
+        )
+        link.conn.send_ping(0)
+        link.flush()
+        if self.config.upgrade_interval > 0:
+            self._track(self._loop_create(self._keep_trying_direct(link)))
+
+    def _path_kind(self, punch: Punch, addr: Endpoint) -> tuple[str, int]:
+        """lan, predicted (birthday method, with its probes) or direct; for status and logs."""
+        session = self._sessions.get(punch.session_id)
+        if addr in punch.peer_locals and addr != punch.peer_public:
+            return "lan", 0
+        if session is not None and session.predicting:
+            return "predicted", session.probes_sent
+        return "direct", 0
+
+    def _migrate(self, link: PeerLink, punch: Punch, path: Endpoint) -> None:
+        """The relayed tunnel's client found a direct path: send the same QUIC connection
+        there. The listener sees our packets arrive from a new address, finds the tunnel by
+        connection ID and validates the path (QUIC migration); connections in flight go on."""
+        old_kind = link.path_kind
+        link.direct_route = path
+        link.via_relay = False
+        link.addr = path
+        link.path_kind, link.probes = self._path_kind(punch, path)
+        self._links_by_addr[path] = link
+        self._log.info(
+            f"path change for {link.peer}: {old_kind} -> {link.path_kind}",
+            old="relay " + str(self.broker),
+            new=str(path),
+            open_connections=link.open_streams,
+            migrated=True,
+        )
+        link.conn.send_ping(0)  # something for the listener to see on the new path at once
+        link.flush()
+        waiter = self._waiters.pop(link.peer, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(link)
 
     async def _await_handshake(self, link: PeerLink, punch: Punch) -> None:
         try:
@@ -816,14 +934,24 @@ class Agent:
         """A tunnel that sends but hears nothing back may have lost its NAT mapping: ask the
         broker where it sees us now instead of waiting for the next keepalive."""
         now = self._now()
-        if self.registration is None or now - self._endpoint_checked < PATH_CHECK_INTERVAL:
+        if self.registration is None or self.registration.state is not RegState.REGISTERED:
             return
-        for link in self._links.values():
-            if link.is_alive and link.path_kind != "relayed" and link.silent_for() > PATH_SILENCE:
+        for peer, link in list(self._links.items()):
+            if not link.is_alive or link.path_kind == "relayed" or link.role != "client":
+                continue
+            silent = link.silent_for()
+            if silent > PATH_SILENCE and now - self._endpoint_checked >= PATH_CHECK_INTERVAL:
                 self._endpoint_checked = now
                 self.registration.check_endpoint(now)
                 self._service()
-                return
+            if silent > PATH_DEAD and peer not in self._refreshing and peer not in self._upgrading:
+                # still nothing back, and our endpoint did not move: punch again, and go to
+                # the relay if no path answers
+                self._refreshing.add(peer)
+                self._log.warning(
+                    f"tunnel to {peer} hears nothing back: punching again", silent_s=round(silent, 1)
+                )
+                self._send_connect(peer, "")
 
     async def _keep_trying_direct(self, relayed: PeerLink) -> None:
         """While relayed, punch again now and then; a direct path takes new connections."""
@@ -832,6 +960,8 @@ class Agent:
             await asyncio.sleep(self.config.upgrade_interval)
             if not relayed.is_alive or self._links.get(peer) is not relayed or self._closed:
                 return
+            if relayed.path_kind != "relayed":
+                return  # moved onto a direct path
             self._upgrading.add(peer)
             try:
                 await asyncio.shield(self._start_connect(peer, ""))

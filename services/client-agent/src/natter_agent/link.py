@@ -166,6 +166,13 @@ class PeerLink:
         self._ping_task: asyncio.Task[None] | None = None
         self.last_ping_rtt: float | None = None
         self.path_kind = "direct"  # or "lan", "predicted" (birthday method), "relayed"
+        self.direct_route: Endpoint | None = None  # a relayed client's punched path, once moved
+        # ... whose QUIC connection keeps seeing its one peer address: natter routes, so the
+        # client's QUIC never treats the move as a new, unvalidated path (aioquic would then
+        # limit what it sends to three times what it received there)
+        self.receive_as: tuple[str, int] | None = None
+        self.relay_key: bytes | None = None  # the relay session it may use, if any
+        self.via_relay = False  # a client sending everything through the relay
         self.probes = 0  # for a predicted path: probes it took
         self.started = self.loop.time()
         self.last_heard = self.started  # a datagram from the peer
@@ -205,7 +212,7 @@ class PeerLink:
                 if end == len(inbox) or inbox[end][1] != inbox[start][1]:
                     addr = inbox[start][1]
                     self.conn.receive_datagrams(
-                        [data for data, _ in inbox[start:end]], (addr.host, addr.port), now
+                        [data for data, _ in inbox[start:end]], self.receive_as or (addr.host, addr.port), now
                     )
                     start = end
             self._process_events()
@@ -335,6 +342,10 @@ class PeerLink:
     @property
     def open_streams(self) -> int:
         return len(self._channels)
+
+    def set_sender(self, send: Callable[[list[tuple[bytes, Any]]], None]) -> None:
+        """Where datagrams go from now on (the agent routes a tunnel that changes paths)."""
+        self._send_datagrams = send
 
     def silent_for(self) -> float:
         """How long we have been sending without hearing anything back (0 if we heard last)."""
