@@ -64,6 +64,10 @@ class Config:
     hard_nat_sockets: int = 256
     # while relayed, punch again this often; a direct path takes over (0: never)
     upgrade_interval: float = 45.0
+    # a direct tunnel that sends but hears nothing back this long asks the broker where it
+    # sees us; this long, it punches again and falls back to the relay if nothing answers
+    path_silence: float = 2.0
+    path_dead: float = 4.0
     spray_probes: int = 2048  # 255 mappings x 2048 probes: about 99.97% (1024: 98%)
 
     # the agent's one UDP socket

@@ -101,9 +101,7 @@ IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
 NAT_PROBE_WAIT = 3.0  # how long a first connect waits for the NAT type
 CID_LENGTH = 8  # aioquic's default host connection ID length
 RELAY_PATH = Endpoint("0.0.0.0", 9)  # the QUIC path address of a relayed tunnel (never sent to)
-PATH_SILENCE = 2.0  # a tunnel that sent but heard nothing this long: has our NAT moved us?
-PATH_CHECK_INTERVAL = 5.0  # at most one such check this often
-PATH_DEAD = 4.0  # silent this long: punch again, and fall back to the relay if nothing answers
+PATH_CHECK_INTERVAL = 5.0  # at most one "where do you see us" check this often
 
 
 class Agent:
@@ -739,7 +737,7 @@ class Agent:
             if session.role == "client" and session.peer in self._refreshing:
                 self._refreshing.discard(session.peer)
                 link = self._links.get(session.peer)
-                silent = link is not None and link.is_alive and link.silent_for() > PATH_SILENCE
+                silent = link is not None and link.is_alive and link.silent_for() > self.config.path_silence
                 if silent and link is not None and session.punch.relay and link.path_kind != "relayed":
                     self._fall_back_to_relay(link, session.punch)
             elif session.role == "client" and session.punch.relay and session.peer not in self._upgrading:
@@ -940,11 +938,15 @@ class Agent:
             if not link.is_alive or link.path_kind == "relayed" or link.role != "client":
                 continue
             silent = link.silent_for()
-            if silent > PATH_SILENCE and now - self._endpoint_checked >= PATH_CHECK_INTERVAL:
+            if silent > self.config.path_silence and now - self._endpoint_checked >= PATH_CHECK_INTERVAL:
                 self._endpoint_checked = now
                 self.registration.check_endpoint(now)
                 self._service()
-            if silent > PATH_DEAD and peer not in self._refreshing and peer not in self._upgrading:
+            if (
+                silent > self.config.path_dead
+                and peer not in self._refreshing
+                and peer not in self._upgrading
+            ):
                 # still nothing back, and our endpoint did not move: punch again, and go to
                 # the relay if no path answers
                 self._refreshing.add(peer)
