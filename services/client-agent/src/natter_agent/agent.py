@@ -51,7 +51,7 @@ from natter_proto.registration import (
 from natter_proto.relay import RELAY_PREFIX, RelayFrameError, decode_relay, encode_relay
 from natter_proto.relay import session_key as relay_key
 
-from .engine import QuicEngine, make_engine
+from .engine import QuicEngine, make_engine, warm_up
 from .interfaces import local_ipv4_addresses
 from .keystore import KNOWN_PEERS, KnownPeers, load_identity, state_dir
 from .link import PeerLink, StreamChannel
@@ -190,6 +190,7 @@ class Agent:
         )
         self.registration.start(self._now())
         self._service()
+        warm_up(self.engine)  # while the broker answers: the first tunnel comes up sooner
         self._track(self._loop_create(self._path_watch_loop()))
 
     async def _path_watch_loop(self) -> None:
