@@ -214,6 +214,14 @@ async def parallel_transfers(port: int, count: int, size: int) -> list[float]:
 def many_connections(engine: str) -> None:
     print(f"\n2. 100 parallel connections of 2 MB through one tunnel ({engine})", flush=True)
     sink, sink_port = server("sink", "0")
+    start = time.perf_counter()
+    asyncio.run(parallel_transfers(sink_port, 100, 2 << 20))
+    plain = 100 * (2 << 20) / (time.perf_counter() - start) / 1e6
+    row(
+        "the same 100 connections straight to the sink",
+        f"{plain:.1f} MB/s",
+        "no tunnel: the load's own ceiling",
+    )
     tunnel = Natter(sink_port, engine)
     try:
         start = time.perf_counter()

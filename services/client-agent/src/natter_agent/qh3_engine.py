@@ -205,7 +205,24 @@ class Qh3TunnelConnection(QuicConnection):
 
     def poll_event(self) -> TunnelEvent | None:
         if not self._ready:
+            merging, waiting_parts, credit = self._merging, self._parts, self._receive_credit
             while (event := self.next_event()) is not None:  # the whole batch: see _emit
+                sid = getattr(event, "stream_id", -1)
+                if (
+                    sid in merging
+                    and type(event) is events.StreamDataReceived
+                    and not event.end_stream
+                    and not self._final_sizes
+                ):
+                    # more data for a stream whose event is waiting (per packet, with many
+                    # busy streams): the short way through _translate, _deliver and _emit
+                    try:
+                        credit.received(sid, len(event.data))
+                    except ControlError as exc:
+                        self._protocol_error(str(exc))
+                        continue
+                    waiting_parts[sid].append(event.data)
+                    continue
                 self._translate(event)
             if not self._ready:
                 return None
