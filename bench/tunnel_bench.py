@@ -224,11 +224,17 @@ def many_connections(engine: str) -> None:
     )
     tunnel = Natter(sink_port, engine)
     try:
+        cpu = [cpu_seconds(tunnel.alice.pid), cpu_seconds(tunnel.bob.pid)]
         start = time.perf_counter()
         rates = asyncio.run(parallel_transfers(tunnel.local, 100, 2 << 20))
-        total = 100 * (2 << 20) / (time.perf_counter() - start) / 1e6
+        elapsed = time.perf_counter() - start
+        total = 100 * (2 << 20) / elapsed / 1e6
         fair = total / 100
-        row("total", f"{total:.1f} MB/s")
+        busy = [
+            (cpu_seconds(p) - c) / elapsed
+            for p, c in zip((tunnel.alice.pid, tunnel.bob.pid), cpu, strict=True)
+        ]
+        row("total", f"{total:.1f} MB/s", f"CPU busy: alice {busy[0]:.0%}, bob {busy[1]:.0%}")
         row("fastest / slowest connection", f"{max(rates):.2f} / {min(rates):.2f} MB/s")
         row("slowest / fair share", f"{min(rates) / fair:.0%}", "target >= 50%")
     finally:
