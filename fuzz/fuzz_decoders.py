@@ -17,7 +17,7 @@ import atheris
 with atheris.instrument_imports():
     from natter.specs import SpecError, parse_spec
     from natter_agent.keystore import parse_known_peers
-    from natter_proto import frames, streamhdr
+    from natter_proto import frames, streamhdr, tunnelctl
     from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
     from natter_proto.tokens import TokenList, TokenListError
 
@@ -36,6 +36,9 @@ def one_input(data: bytes) -> None:
                 streamhdr.parse_open(header)
         except streamhdr.StreamHeaderError:
             pass
+    elif selector == 3:
+        with contextlib.suppress(tunnelctl.ControlError):
+            tunnelctl.ControlReader().feed(body)  # the tunnel's control stream (qh3 engine)
     else:
         text = body.decode("utf-8", errors="replace")
         parse_known_peers(text)
@@ -56,7 +59,16 @@ def seeds() -> list[bytes]:
         frames.Punch("r", "s", "alice", e, (e,), "server", peer_key=b"k" * 32),
         frames.ProbeAck("s", "alice", 1, e),
     ]
-    return [b"\x00" + frames.encode(m)[1:] for m in messages] + [b"\x01" + streamhdr.encode_open("h:1")]
+    control = [
+        tunnelctl.Proof(b"k" * 32, b"s" * 64, 1 << 20, 8 << 20),
+        tunnelctl.Credit({0: 5000}, 9000),
+        tunnelctl.Fin(4, 100),
+    ]
+    return (
+        [b"\x00" + frames.encode(m)[1:] for m in messages]
+        + [b"\x01" + streamhdr.encode_open("h:1")]
+        + [b"\x03" + tunnelctl.encode(f) for f in control]
+    )
 
 
 if __name__ == "__main__":

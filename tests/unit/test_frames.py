@@ -146,6 +146,8 @@ MALFORMED = {
     "ext_type": bytes([frames.PREFIX])
     + msgpack.packb({"v": 1, "t": "keepalive", "name": msgpack.ExtType(1, b"x")}),
     "deep_nesting": bytes([frames.PREFIX]) + b"\x91" * 1000 + b"\x00",
+    # found by the atheris harness: unknown keys of both kinds once made sorting them crash
+    "unknown_keys_str_and_bytes": raw({"v": 1, "t": "keepalive", "name": "a", "x": 1, b"y": 2}),
 }
 
 

@@ -300,7 +300,8 @@ def _build(cls: type[Message], body: dict[str, Any], request_id: str | None) -> 
     known = {f.name for f in dataclasses.fields(cls)} | {"v", "t"}
     extra = set(body) - known
     if extra:
-        raise FrameError(ErrorCode.BAD_FRAME, f"{cls.TYPE}: unknown fields {sorted(extra)}", request_id)
+        names = sorted(repr(key)[:40] for key in extra)  # keys may mix str and bytes: no crash
+        raise FrameError(ErrorCode.BAD_FRAME, f"{cls.TYPE}: unknown fields {names[:8]}", request_id)
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name not in body:
