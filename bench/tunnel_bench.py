@@ -71,6 +71,11 @@ def timed_send(port: int, size: int, pids: list[int]) -> tuple[float, float]:
     return size / elapsed / 1e6, cpu / (size / 1e9)
 
 
+def agent(name: str, broker_port: int, engine: str, *args: str) -> Proc:
+    """natter -name NAME -broker 127.0.0.1:PORT -quic-engine ENGINE ARGS..."""
+    return natter("-name", name, "-broker", f"127.0.0.1:{broker_port}", "-quic-engine", engine, *args)
+
+
 class Natter:
     """A broker, bob (listening) and alice (forwarding) as processes."""
 
@@ -79,13 +84,10 @@ class Natter:
         self.local = free_port()
         self.broker = natter("-server", f"127.0.0.1:{self.broker_port}", "-log-level", "warning")
         time.sleep(0.5)  # warning-level logs: no "listening" line to wait for
-        broker = f"127.0.0.1:{self.broker_port}"
-        self.bob = natter("-name", "bob", "-broker", broker, "-quic-engine", engine, "-listen")
+        self.bob = agent("bob", self.broker_port, engine, "-listen")
         self.bob.wait_event("registered as bob")
         self.started = time.monotonic()
-        self.alice = natter(
-            "-name", "alice", "-broker", broker, "-quic-engine", engine, f"{self.local}:bob:{target_port}"
-        )
+        self.alice = agent("alice", self.broker_port, engine, f"{self.local}:bob:{target_port}")
         self.alice.wait_event("direct path up with bob")
 
     def stop(self) -> None:
@@ -279,18 +281,10 @@ def latency(engine: str) -> None:
     broker_port, local = free_port(), free_port()
     broker = natter("-server", f"127.0.0.1:{broker_port}")
     time.sleep(0.5)
-    bob = natter("-name", "bob", "-broker", f"127.0.0.1:{broker_port}", "-quic-engine", engine, "-listen")
+    bob = agent("bob", broker_port, engine, "-listen")
     bob.wait_event("registered as bob")
     start = time.time()
-    alice = natter(
-        "-name",
-        "alice",
-        "-broker",
-        f"127.0.0.1:{broker_port}",
-        "-quic-engine",
-        engine,
-        f"{local}:bob:{echo_port}",
-    )
+    alice = agent("alice", broker_port, engine, f"{local}:bob:{echo_port}")
     try:
         up = log_time(alice, "direct path up")
         cold = asyncio.run(first_byte(local))
@@ -357,20 +351,12 @@ def memory(engine: str) -> None:
     broker_port, local = free_port(), free_port()
     broker = natter("-server", f"127.0.0.1:{broker_port}", "-ip-rate", "1000000")
     time.sleep(0.5)
-    bob = natter("-name", "bob", "-broker", f"127.0.0.1:{broker_port}", "-quic-engine", engine, "-listen")
+    bob = agent("bob", broker_port, engine, "-listen")
     bob.wait_event("registered as bob")
     try:
         time.sleep(1)
         row("agent RSS, idle (registered, listening)", f"{rss_mb(bob.pid):.1f} MB")
-        alice = natter(
-            "-name",
-            "alice",
-            "-broker",
-            f"127.0.0.1:{broker_port}",
-            "-quic-engine",
-            engine,
-            f"{local}:bob:{echo_port}",
-        )
+        alice = agent("alice", broker_port, engine, f"{local}:bob:{echo_port}")
         alice.wait_event("direct path up with bob")
         tool("echo-check", "127.0.0.1", str(local), "100000")
         time.sleep(0.5)

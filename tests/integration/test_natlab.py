@@ -44,6 +44,36 @@ def symmetric_lab() -> Iterator[NatLab]:
         yield built
 
 
+class UdpBetweenNats:
+    """Rules on alice's NAT that drop all UDP to and from bob's NAT; lifted on exit."""
+
+    RULES = (
+        ("FORWARD", "-d", NAT_B_WAN, "-p", "udp", "-j", "DROP"),
+        ("FORWARD", "-s", NAT_B_WAN, "-p", "udp", "-j", "DROP"),
+    )
+
+    def __init__(self, lab: NatLab) -> None:
+        self.lab = lab
+        self.blocked = False
+
+    def block(self) -> None:
+        for rule in self.RULES:
+            self.lab.sh("natA", "iptables", "-I", *rule)
+        self.blocked = True
+
+    def unblock(self) -> None:
+        if self.blocked:
+            for rule in self.RULES:
+                self.lab.sh("natA", "iptables", "-D", *rule)
+            self.blocked = False
+
+    def __enter__(self) -> UdpBetweenNats:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unblock()
+
+
 def test_lab_nats_drop_unsolicited_inbound_udp(lab: NatLab) -> None:
     before = lab.dropped("natA")
     send = (
@@ -232,36 +262,25 @@ def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab, eng
     find the direct path at the next attempt and the same QUIC connection moves onto it
     (migration): a 50 MB transfer begun on the relay completes byte-exact, and new
     connections ride the same tunnel, now direct."""
-    block = [["FORWARD", "-d", NAT_B_WAN, "-p", "udp", "-j", "DROP"],
-             ["FORWARD", "-s", NAT_B_WAN, "-p", "udp", "-j", "DROP"]]  # fmt: skip
-    for rule in block:
-        lab.sh("natA", "iptables", "-I", *rule)
-    blocked = True
-    try:
-        with Scene(lab, engine) as scene:
-            scene.broker(10007)
-            sink_port = scene.service("sink", str(4 << 20))  # slow start
-            bob = scene.agent("bob", "bob", 10007, "-listen")
-            bob.wait_event("registered as bob")
-            alice = scene.agent("alice", "alice", 10007, f"8033:bob:{sink_port}", "-upgrade-interval", "3")
-            alice.wait_event("relayed path up with bob", timeout=40)
-            transfer = scene.send_in_background(8033, 50 << 20)
-            time.sleep(1.0)
-            for rule in block:
-                lab.sh("natA", "iptables", "-D", *rule)
-            blocked = False
-            change = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
-            assert change["open_connections"] >= 1 and change["migrated"]  # the transfer moved along
-            moved = bob.wait_event("path change for alice: relayed -> direct", timeout=30)
-            assert moved["new"].startswith(NAT_A_WAN)
-            transfer.finish()
-            scene.send_checked(8033, 1 << 20)  # a new connection, on the same tunnel
-            assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]
-            assert len([e for e in alice.lines if "path up with bob" in str(e.get("event"))]) == 1
-    finally:
-        if blocked:
-            for rule in block:
-                lab.sh("natA", "iptables", "-D", *rule)
+    with UdpBetweenNats(lab) as udp, Scene(lab, engine) as scene:
+        udp.block()
+        scene.broker(10007)
+        sink_port = scene.service("sink", str(4 << 20))  # slow start
+        bob = scene.agent("bob", "bob", 10007, "-listen")
+        bob.wait_event("registered as bob")
+        alice = scene.agent("alice", "alice", 10007, f"8033:bob:{sink_port}", "-upgrade-interval", "3")
+        alice.wait_event("relayed path up with bob", timeout=40)
+        transfer = scene.send_in_background(8033, 50 << 20)
+        time.sleep(1.0)
+        udp.unblock()
+        change = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
+        assert change["open_connections"] >= 1 and change["migrated"]  # the transfer moved along
+        moved = bob.wait_event("path change for alice: relayed -> direct", timeout=30)
+        assert moved["new"].startswith(NAT_A_WAN)
+        transfer.finish()
+        scene.send_checked(8033, 1 << 20)  # a new connection, on the same tunnel
+        assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]
+        assert len([e for e in alice.lines if "path up with bob" in str(e.get("event"))]) == 1
 
 
 def test_transfer_follows_the_client_when_its_nat_changes_port(engine: str) -> None:
@@ -321,35 +340,23 @@ def test_a_dead_direct_path_falls_back_to_the_relay_and_comes_back(lab: NatLab, 
     punches again, finds no path and moves the same QUIC connection onto the broker's relay;
     unblocked, the next attempt moves it back to a direct path. The transfer in flight
     completes byte-exact through both moves, on one tunnel."""
-    block = [["FORWARD", "-d", NAT_B_WAN, "-p", "udp", "-j", "DROP"],
-             ["FORWARD", "-s", NAT_B_WAN, "-p", "udp", "-j", "DROP"]]  # fmt: skip
-    blocked = False
-    try:
-        with Scene(lab, engine) as scene:
-            scene.broker(10010)
-            sink_port = scene.service("sink", str(2 << 20))  # slow start
-            bob = scene.agent("bob", "bob", 10010, "-listen")
-            bob.wait_event("registered as bob")
-            alice = scene.agent("alice", "alice", 10010, f"8036:bob:{sink_port}", "-upgrade-interval", "3")
-            alice.wait_event("direct path up with bob", timeout=30)
-            transfer = scene.send_in_background(8036, 60 << 20)
-            time.sleep(1.0)
-            for rule in block:
-                lab.sh("natA", "iptables", "-I", *rule)
-            blocked = True
-            down = alice.wait_event("path change for bob: direct -> relayed", timeout=40)
-            assert down["migrated"] and down["open_connections"] >= 1
-            bob.wait_event("path change for alice: direct -> relayed", timeout=20)
-            time.sleep(1.0)
-            for rule in block:
-                lab.sh("natA", "iptables", "-D", *rule)
-            blocked = False
-            up = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
-            assert up["migrated"]
-            transfer.finish()
-            scene.send_checked(8036, 1 << 20)  # a new connection on the same tunnel
-            assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]
-    finally:
-        if blocked:
-            for rule in block:
-                lab.sh("natA", "iptables", "-D", *rule)
+    with UdpBetweenNats(lab) as udp, Scene(lab, engine) as scene:
+        scene.broker(10010)
+        sink_port = scene.service("sink", str(2 << 20))  # slow start
+        bob = scene.agent("bob", "bob", 10010, "-listen")
+        bob.wait_event("registered as bob")
+        alice = scene.agent("alice", "alice", 10010, f"8036:bob:{sink_port}", "-upgrade-interval", "3")
+        alice.wait_event("direct path up with bob", timeout=30)
+        transfer = scene.send_in_background(8036, 60 << 20)
+        time.sleep(1.0)
+        udp.block()
+        down = alice.wait_event("path change for bob: direct -> relayed", timeout=40)
+        assert down["migrated"] and down["open_connections"] >= 1
+        bob.wait_event("path change for alice: direct -> relayed", timeout=20)
+        time.sleep(1.0)
+        udp.unblock()
+        up = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
+        assert up["migrated"]
+        transfer.finish()
+        scene.send_checked(8036, 1 << 20)  # a new connection on the same tunnel
+        assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]

@@ -358,13 +358,7 @@ class Agent:
                 self.stats["dropped_not_initial"] += 1
                 return
             # the client moved this tunnel onto the relay (its direct path died)
-            self._log.info(
-                f"path change for {moved.peer}: {moved.path_kind} -> relayed",
-                old=str(moved.addr),
-                new="relay " + str(self.broker),
-                open_connections=moved.open_streams,
-                migrated=True,
-            )
+            self._log_migration(moved, "relayed", str(moved.addr), "relay " + str(self.broker))
             moved.path_kind = "relayed"
             self._use_relay(moved, key, via_relay=False)
             self.stats["accepted_relay"] += 1
@@ -469,14 +463,8 @@ class Agent:
             # validates the new path itself; we only need to route its datagrams there
             if moved.path_kind == "relayed":
                 # the peer took this relayed tunnel onto a direct path (QUIC migration)
+                self._log_migration(moved, "direct", "relay " + str(self.broker), str(addr))
                 moved.path_kind = "direct"
-                self._log.info(
-                    f"path change for {moved.peer}: relayed -> direct",
-                    old="relay " + str(self.broker),
-                    new=str(addr),
-                    open_connections=moved.open_streams,
-                    migrated=True,
-                )
             else:
                 self._log.info(
                     f"path change for {moved.peer}: peer moved", old=str(moved.addr), new=str(addr)
@@ -805,17 +793,16 @@ class Agent:
         """Let link reach its peer through the broker's relay under session key. A client
         sends everything there (via_relay); a server follows its QUIC peer address, which
         is the relay's placeholder or, after the client moved, a real one."""
-        link.relay_key = key
         link.via_relay = via_relay
         self._relay_links[key] = link
         broker = self.broker  # the relay is the broker the session was introduced by
-        relay_path = (RELAY_PATH.host, RELAY_PATH.port)
+        relay_host, relay_port = RELAY_PATH.host, RELAY_PATH.port
 
         def send(datagrams: list[tuple[bytes, Any]]) -> None:
             direct: list[tuple[bytes, Any]] = []
             route = link.direct_route
             for data, addr in datagrams:
-                if link.via_relay or (route is None and tuple(addr[:2]) == relay_path):
+                if link.via_relay or (route is None and addr[1] == relay_port and addr[0] == relay_host):
                     self.sock.sendto(encode_relay(key, data), broker)
                 else:
                     direct.append((data, (route.host, route.port) if route is not None else addr))
@@ -828,21 +815,24 @@ class Agent:
         """Our direct tunnel went silent and a new punch found no path: move the same QUIC
         connection onto the broker's relay (the session just introduced allows it); the
         listener finds it there by connection ID. The upgrade loop looks for a path again."""
-        old_kind, old = link.path_kind, link.addr
+        self._log_migration(link, "relayed", str(link.addr), "relay " + str(self.broker))
         link.direct_route = None
         link.path_kind = "relayed"
         self._use_relay(link, relay_key(punch.session_id), via_relay=True)
-        self._log.info(
-            f"path change for {link.peer}: {old_kind} -> relayed",
-            old=str(old),
-            new="relay " + str(self.broker),
-            open_connections=link.open_streams,
-            migrated=True,
-        )
         link.conn.send_ping(0)
         link.flush()
         if self.config.upgrade_interval > 0:
             self._track(self._loop_create(self._keep_trying_direct(link)))
+
+    def _log_migration(self, link: PeerLink, new_kind: str, old: str, new: str) -> None:
+        """The one line a tunnel's move gets: the same QUIC connection, another path."""
+        self._log.info(
+            f"path change for {link.peer}: {link.path_kind} -> {new_kind}",
+            old=old,
+            new=new,
+            open_connections=link.open_streams,
+            migrated=True,
+        )
 
     def _path_kind(self, punch: Punch, addr: Endpoint) -> tuple[str, int]:
         """lan, predicted (birthday method, with its probes) or direct; for status and logs."""
@@ -857,19 +847,13 @@ class Agent:
         """The relayed tunnel's client found a direct path: send the same QUIC connection
         there. The listener sees our packets arrive from a new address, finds the tunnel by
         connection ID and validates the path (QUIC migration); connections in flight go on."""
-        old_kind = link.path_kind
+        kind, link.probes = self._path_kind(punch, path)
+        self._log_migration(link, kind, "relay " + str(self.broker), str(path))
         link.direct_route = path
         link.via_relay = False
         link.addr = path
-        link.path_kind, link.probes = self._path_kind(punch, path)
+        link.path_kind = kind
         self._links_by_addr[path] = link
-        self._log.info(
-            f"path change for {link.peer}: {old_kind} -> {link.path_kind}",
-            old="relay " + str(self.broker),
-            new=str(path),
-            open_connections=link.open_streams,
-            migrated=True,
-        )
         link.conn.send_ping(0)  # something for the listener to see on the new path at once
         link.flush()
         waiter = self._waiters.pop(link.peer, None)
@@ -924,10 +908,8 @@ class Agent:
         tunnel, which QUIC moves to the new path (the listener finds it by connection ID)."""
         for peer, link in list(self._links.items()):
             movable = link.is_alive and link.role == "client" and link.path_kind in ("direct", "predicted")
-            if movable and peer not in self._refreshing and peer not in self._upgrading:
-                self._refreshing.add(peer)
-                self._log.info(f"punching to {peer} again: our public endpoint changed")
-                self._send_connect(peer, "")
+            if movable:
+                self._punch_again(peer, f"punching to {peer} again: our public endpoint changed")
 
     def _watch_paths(self) -> None:
         """A tunnel that sends but hears nothing back may have lost its NAT mapping: ask the
@@ -943,18 +925,22 @@ class Agent:
                 self._endpoint_checked = now
                 self.registration.check_endpoint(now)
                 self._service()
-            if (
-                silent > self.config.path_dead
-                and peer not in self._refreshing
-                and peer not in self._upgrading
-            ):
+            if silent > self.config.path_dead:
                 # still nothing back, and our endpoint did not move: punch again, and go to
                 # the relay if no path answers
-                self._refreshing.add(peer)
-                self._log.warning(
-                    f"tunnel to {peer} hears nothing back: punching again", silent_s=round(silent, 1)
+                self._punch_again(
+                    peer,
+                    f"tunnel to {peer} hears nothing back: punching again",
+                    warning=True,
+                    silent_s=round(silent, 1),
                 )
-                self._send_connect(peer, "")
+
+    def _punch_again(self, peer: str, why: str, *, warning: bool = False, **fields: object) -> None:
+        """A new punch for a tunnel we keep: its outcome moves the tunnel (see _on_punch_event)."""
+        if peer not in self._refreshing and peer not in self._upgrading:
+            self._refreshing.add(peer)
+            (self._log.warning if warning else self._log.info)(why, **fields)
+            self._send_connect(peer, "")
 
     async def _keep_trying_direct(self, relayed: PeerLink) -> None:
         """While relayed, punch again now and then; a direct path takes new connections."""

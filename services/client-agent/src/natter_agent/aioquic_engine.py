@@ -26,6 +26,7 @@ from aioquic.quic.stream import QuicStream
 
 from .engine import (
     ALPN,
+    EngineSettings,
     PeerAuthenticated,
     StopSending,
     StreamData,
@@ -33,11 +34,10 @@ from .engine import (
     Terminated,
     TunnelEvent,
 )
-from .tls import Credentials, raw_public_key
+from .tls import raw_public_key
 
 
 class FlowControlledConnection(QuicConnection):
-    join_reads = False  # measured: joined reads made aioquic slower (bench/README.md)
     stream_window: int = 1 << 20
     connection_window: int = 8 << 20
 
@@ -168,23 +168,8 @@ class FlowControlledConnection(QuicConnection):
 assert CONNECTION_LIMIT_FRAME_CAPACITY > 0  # imported to pin the aioquic internals we rely on
 
 
-class AioquicEngine:
+class AioquicEngine(EngineSettings):
     name = "aioquic"
-
-    def __init__(
-        self,
-        credentials: Credentials,
-        *,
-        max_datagram_size: int = 1350,
-        idle_timeout: float = 60.0,
-        stream_window: int = 1 << 20,
-        connection_window: int = 8 << 20,
-    ) -> None:
-        self.credentials = credentials
-        self.max_datagram_size = max_datagram_size
-        self.idle_timeout = idle_timeout
-        self.stream_window = stream_window
-        self.connection_window = connection_window
 
     def _configuration(self, is_client: bool) -> QuicConfiguration:
         cfg = QuicConfiguration(

@@ -9,10 +9,12 @@ handshake with a clear reason instead of misreading each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
 from natter_proto.config import QUIC_ENGINES
+
+from .tls import Credentials
 
 ALPN = "natter/1"  # aioquic: mutual TLS
 ENGINES = QUIC_ENGINES
@@ -52,8 +54,6 @@ TunnelEvent = StreamData | StreamReset | StopSending | PeerAuthenticated | Termi
 class TunnelConnection(Protocol):
     """A sans-IO QUIC connection with receive-side credit under natter's control."""
 
-    join_reads: bool  # hand a stream's queued chunks to the reader joined (measured per engine)
-
     def connect(self, addr: Any, now: float) -> None: ...
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
@@ -89,6 +89,18 @@ class TunnelConnection(Protocol):
         ...
 
     def owns_connection_id(self, cid: bytes) -> bool: ...
+
+
+@dataclass
+class EngineSettings:
+    """What every engine is built from: the agent's key and the tunnel's limits."""
+
+    credentials: Credentials
+    _: KW_ONLY
+    max_datagram_size: int = 1350
+    idle_timeout: float = 60.0
+    stream_window: int = 1 << 20
+    connection_window: int = 8 << 20
 
 
 class QuicEngine(Protocol):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -28,7 +29,15 @@ from qh3.quic.tls_bridge import QuicTlsBridge
 from natter_proto import identity, tunnelctl
 from natter_proto.tunnelctl import Accept, ControlError, Credit, Fin, Proof, ReceiveCredit, SendCredit
 
-from .engine import PeerAuthenticated, StopSending, StreamData, StreamReset, Terminated, TunnelEvent
+from .engine import (
+    EngineSettings,
+    PeerAuthenticated,
+    StopSending,
+    StreamData,
+    StreamReset,
+    Terminated,
+    TunnelEvent,
+)
 from .tls import Credentials, raw_public_key
 
 ALPN_CONTROL = "natter/1-ctl"  # qh3: key proof and credit on the control stream
@@ -49,8 +58,6 @@ class _Pending:
 
 
 class Qh3TunnelConnection(QuicConnection):
-    join_reads = True  # qh3 emits an event per packet with many busy streams: join them
-
     def __init__(
         self, *, credentials: Credentials, stream_window: int, connection_window: int, **kwargs: Any
     ):
@@ -109,9 +116,11 @@ class Qh3TunnelConnection(QuicConnection):
     def accept_peer(self) -> None:
         if self._is_client:
             proof = tunnelctl.proof_message(self._binding())
+            key = raw_public_key(self._credentials.certificate)
+            assert key is not None, "natter credentials always wrap an Ed25519 key (tls.credentials_for)"
             self._control(
                 Proof(
-                    raw_public_key_of(self._credentials),
+                    key,
                     self._credentials.private_key.sign(proof),
                     self._stream_window,
                     self._connection_window,
@@ -408,31 +417,14 @@ class Qh3TunnelConnection(QuicConnection):
         return (stream_id % 2 == 0) == self._is_client
 
 
-def raw_public_key_of(credentials: Credentials) -> bytes:
-    return credentials.private_key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-
-
-class Qh3Engine:
+@dataclass
+class Qh3Engine(EngineSettings):
     name = "qh3"
 
-    def __init__(
-        self,
-        credentials: Credentials,
-        *,
-        max_datagram_size: int = 1350,
-        idle_timeout: float = 60.0,
-        stream_window: int = 1 << 20,
-        connection_window: int = 8 << 20,
-    ) -> None:
-        self.credentials = credentials
-        self.max_datagram_size = max_datagram_size
-        self.idle_timeout = idle_timeout
-        self.stream_window = stream_window
-        self.connection_window = connection_window
-        pem_certificate = credentials.certificate.public_bytes(serialization.Encoding.PEM)
-        pem_key = credentials.private_key.private_bytes(
+    def __post_init__(self) -> None:
+        """qh3 takes its own certificate and key types: convert the agent's once."""
+        pem_certificate = self.credentials.certificate.public_bytes(serialization.Encoding.PEM)
+        pem_key = self.credentials.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         self._certificate = qtls.load_pem_x509_certificates(pem_certificate)[0]
