@@ -200,14 +200,14 @@ def raw_engine(engine: str, size: int) -> float:
 
 
 async def parallel_transfers(port: int, count: int, size: int) -> list[float]:
-    from netcheck import pattern, send_and_get_reply
-
-    data = pattern(size)
+    """count connections at once, each sending size zero bytes the way the single-connection
+    figure's sender does (netcheck blast: 256 KB writes) into the same counting sink."""
+    from netcheck import blast
 
     async def one() -> float:
         start = time.perf_counter()
-        reply = await send_and_get_reply("127.0.0.1", port, data)
-        assert reply.split()[0] == str(size).encode()
+        reply = await blast("127.0.0.1", port, size)
+        assert reply.split()[0] == str(size).encode(), reply
         return size / (time.perf_counter() - start) / 1e6
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
@@ -215,7 +215,7 @@ async def parallel_transfers(port: int, count: int, size: int) -> list[float]:
 
 def many_connections(engine: str) -> None:
     print(f"\n2. 100 parallel connections of 2 MB through one tunnel ({engine})", flush=True)
-    sink, sink_port = server("sink", "0")
+    sink, sink_port = server("count", "0")
     start = time.perf_counter()
     asyncio.run(parallel_transfers(sink_port, 100, 2 << 20))
     plain = 100 * (2 << 20) / (time.perf_counter() - start) / 1e6

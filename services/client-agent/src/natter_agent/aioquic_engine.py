@@ -59,6 +59,19 @@ class FlowControlledConnection(QuicConnection):
         sender = stream.sender
         return sender._buffer_stop - sender._buffer_start
 
+    def unsent(self, stream_id: int) -> int:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return stream.sender._buffer_stop - stream.sender.highest_offset
+
+    def send_credit(self, stream_id: int) -> int:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        stream_left = stream.max_stream_data_remote - stream.sender._buffer_stop
+        return max(0, min(stream_left, self._remote_max_data - self._remote_max_data_used))
+
     def consume(self, stream_id: int, size: int) -> None:
         consumed = self._consumed.get(stream_id, 0) + size
         self._consumed[stream_id] = consumed

@@ -9,7 +9,6 @@ after the bytes were written to the local side and drained.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Protocol
 
 from natter_proto import streamhdr
@@ -27,36 +26,6 @@ class LocalEnd(Protocol):
     def write_eof(self) -> None: ...
     def abort(self) -> None: ...
     async def close(self) -> None: ...
-
-
-class TcpEnd:
-    """A TCP connection as an asyncio reader/writer pair."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def read(self, size: int) -> bytes:
-        return await self.reader.read(size)
-
-    async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    def write_eof(self) -> None:
-        if self.writer.can_write_eof() and not self.writer.is_closing():
-            with contextlib.suppress(OSError, RuntimeError):
-                self.writer.write_eof()
-
-    def abort(self) -> None:
-        transport = self.writer.transport
-        if transport is not None and not transport.is_closing():
-            transport.abort()
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
 
 
 async def read_header(channel: StreamChannel) -> tuple[dict[str, object], bytes]:

@@ -16,9 +16,10 @@ from natter_proto.backoff import Backoff
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 
 from .agent import Agent, NatterError
-from .bridge import TcpEnd, read_header, splice
+from .bridge import read_header, splice
 from .link import StreamChannel, StreamClosed
 from .stdio import StdioEnd
+from .tcpend import TcpEnd, open_tcp
 
 log = structlog.get_logger("natter.forward")
 
@@ -53,7 +54,7 @@ class Listener:
             await _refuse(channel, refusal)
             return
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 10)
+            local = await asyncio.wait_for(open_tcp(address, port), 10)
         except (OSError, TimeoutError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             reason = f"cannot connect to {target}: {why}"
@@ -61,7 +62,6 @@ class Listener:
             await _refuse(channel, reason)
             return
         log.debug("stream opened", peer=peer, target=target, stream=channel.stream_id)
-        local = TcpEnd(reader, writer)
         try:
             await channel.write(streamhdr.encode_reply(True))
         except StreamClosed:
@@ -135,6 +135,7 @@ class Forward:
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
         self._log = log.bind(peer=peer, target=self.target)
         self.stream_timeout = (
             agent.config.connect_timeout + agent.config.punch_timeout + agent.config.handshake_timeout
@@ -142,7 +143,7 @@ class Forward:
 
     async def start(self) -> None:
         host, port = self._bind
-        self._server = await asyncio.start_server(self._on_tcp, host, port)
+        self._server = await asyncio.get_running_loop().create_server(self._accept, host, port)
         sockname = self._server.sockets[0].getsockname()
         self.local = Endpoint(sockname[0], sockname[1])
         self._log.info(f"forwarding {self.local} -> {self.peer}:{self.target}")
@@ -162,12 +163,18 @@ class Forward:
             backoff.reset()
             await link.closed.wait()
 
-    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self) -> TcpEnd:
+        local = TcpEnd()
+        task = asyncio.get_running_loop().create_task(self._on_tcp(local))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+        return local
+
+    async def _on_tcp(self, local: TcpEnd) -> None:
         self.connections += 1
-        local = TcpEnd(reader, writer)
         try:
             channel, rest = await open_tunnel_stream(self.agent, self.peer, self.target, self.stream_timeout)
-        except (NatterError, StreamClosed, TimeoutError) as exc:
+        except (NatterError, ConnectionError, TimeoutError) as exc:
             reason = str(exc) or "timed out waiting for the tunnel"
             self._log.warning("connection dropped", reason=reason)
             local.abort()

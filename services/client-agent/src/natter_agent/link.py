@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from natter_proto.endpoints import Endpoint
+from natter_proto.sendqueue import SendQueue
 
 from .engine import (
     PeerAuthenticated,
@@ -155,6 +156,9 @@ class PeerLink:
         self._send_limit = send_buffer_limit
         self._channels: dict[int, StreamChannel] = {}
         self._blocked: set[StreamChannel] = set()
+        self._queue = SendQueue()  # written, not yet handed to the engine: see flush
+        self._fed: set[int] = set()  # streams the engine may still hold unsent bytes of
+        self._release_when_sent: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -252,6 +256,7 @@ class PeerLink:
                 self._fail_channel(event.stream_id, "peer reset the stream")
             elif isinstance(event, StopSending):
                 self._fail_channel(event.stream_id, "peer stopped reading")
+                self._queue.drop(event.stream_id)
                 self.conn.reset_stream(event.stream_id, ERR_RESET)
             elif isinstance(event, PeerAuthenticated):
                 self.peer_key = self.conn.peer_public_key()
@@ -290,11 +295,21 @@ class PeerLink:
             self._flush_handle = self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        """Hand the engine written bytes one stream's quantum at a time and send what it makes.
+
+        Engines take turns between streams packet by packet; fed one stream at a time, they
+        send runs of packets of one stream, which the receiver takes in few events
+        (natter_proto.sendqueue). The next quantum goes in once the engine has sent the last.
+        """
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         try:
-            datagrams = self.conn.datagrams_to_send(now=self.loop.time())
+            now = self.loop.time()
+            self._feed_engine()
+            datagrams = self.conn.datagrams_to_send(now=now)
+            while self._queue and self._feed_engine():
+                datagrams += self.conn.datagrams_to_send(now=now)
             self._arm_timer()
         except Exception as exc:
             self._engine_failed(exc)
@@ -304,6 +319,24 @@ class PeerLink:
             if self.last_sent <= self.last_heard:
                 self.last_sent = self.loop.time()  # the first send since we last heard
         self._wake_writers()
+
+    def _feed_engine(self) -> bool:
+        """Give the engine the next quantum if it has sent what it had; True if it got one."""
+        conn, fed = self.conn, self._fed
+        for stream_id in list(fed):
+            if conn.unsent(stream_id):
+                return False  # the engine still has bytes to send (congestion window)
+            fed.discard(stream_id)
+        item = self._queue.next_chunk(self.conn.send_credit)
+        if item is None:
+            return False
+        stream_id, data, fin = item
+        conn.send_stream_data(stream_id, data, end_stream=fin)
+        fed.add(stream_id)
+        if stream_id in self._release_when_sent and stream_id not in self._queue:
+            self._release_when_sent.discard(stream_id)
+            conn.release_stream(stream_id)
+        return True
 
     def _arm_timer(self) -> None:
         when = self.conn.get_timer()
@@ -328,7 +361,10 @@ class PeerLink:
     def open_stream(self) -> StreamChannel:
         if not self.is_alive:
             raise StreamClosed(self.close_reason or "tunnel closed")
-        stream_id = self.conn.new_stream_id()
+        try:
+            stream_id = self.conn.new_stream_id()
+        except ConnectionError as exc:  # the engine saw the close before we did
+            raise StreamClosed(str(exc)) from None
         channel = StreamChannel(self, stream_id)
         self._channels[stream_id] = channel
         self.streams_opened += 1
@@ -364,7 +400,7 @@ class PeerLink:
         }
 
     def send_capacity(self, stream_id: int) -> int:
-        return self._send_limit - self.conn.send_buffer_size(stream_id)
+        return self._send_limit - self._queue.size(stream_id) - self.conn.send_buffer_size(stream_id)
 
     def wait_writable(self, channel: StreamChannel) -> None:
         self._blocked.add(channel)
@@ -372,7 +408,7 @@ class PeerLink:
     def send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         if not self.is_alive:
             raise StreamClosed(self.close_reason or "tunnel closed")
-        self.conn.send_stream_data(stream_id, data, end_stream=end_stream)
+        self._queue.push(stream_id, data, end_stream)
         self.bytes_sent += len(data)
         self.schedule_flush()
 
@@ -383,6 +419,8 @@ class PeerLink:
     def abort_stream(self, stream_id: int) -> None:
         if not self.is_alive:
             return
+        self._queue.drop(stream_id)
+        self._release_when_sent.discard(stream_id)
         try:
             self.conn.reset_stream(stream_id, ERR_RESET)
             self.conn.stop_stream(stream_id, ERR_RESET)
@@ -394,7 +432,10 @@ class PeerLink:
         """The application is done with a stream: drop it and return its unread credit."""
         if self._channels.pop(channel.stream_id, None) is not None:
             self._blocked.discard(channel)
-            self.conn.release_stream(channel.stream_id)
+            if channel.stream_id in self._queue:  # its last bytes still go out first
+                self._release_when_sent.add(channel.stream_id)
+            else:
+                self.conn.release_stream(channel.stream_id)
             self.schedule_flush()
 
     def _fail_channel(self, stream_id: int, reason: str) -> None:

@@ -151,6 +151,14 @@ class Qh3TunnelConnection(QuicConnection):
         pending = self._pending.get(stream_id)
         return self.get_send_buffer_size(stream_id) + (pending.size if pending is not None else 0)
 
+    def unsent(self, stream_id: int) -> int:
+        return self.send_buffer_size(stream_id)  # qh3 counts bytes not yet transmitted
+
+    def send_credit(self, stream_id: int) -> int:
+        if self._send_credit is None or stream_id in self._pending:
+            return 0
+        return self._send_credit.available(stream_id)
+
     def send_stream_data(self, stream_id: int, data: Any, end_stream: bool = False) -> None:
         try:
             self._send_credited(stream_id, data, end_stream)
