@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-QUANTUM = 64 * 1024  # one bulk read (natter_agent.bridge.CHUNK): about 48 packets of one stream
+QUANTUM = 256 * 1024  # one bulk read (natter_agent.bridge.CHUNK): about 190 packets of one stream
 
 
 class _StreamQueue:

@@ -15,7 +15,7 @@ from natter_proto import streamhdr
 
 from .link import StreamChannel, StreamClosed
 
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 
 
 class LocalEnd(Protocol):
