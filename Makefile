@@ -12,7 +12,7 @@ help:
 	@echo "make test-c       the C API's error paths and threads, under AddressSanitizer"
 	@echo "make fuzz         coverage-guided fuzzing of every decoder (atheris, 60 s)"
 	@echo "make bench        broker and tunnel benchmarks that print figures (see bench/README.md)"
-	@echo "make bench-lab    NAT-lab figures: path matrix, relay, loss (root)"
+	@echo "make bench-lab    NAT-lab figures: the tunnel beside its anchors, path matrix, relay, loss (root)"
 
 setup:
 	./scripts/setup.sh
@@ -45,6 +45,7 @@ bench:
 
 # the NAT-lab figures (root: network namespaces)
 bench-lab:
+	.venv/bin/python bench/lab_bench.py
 	.venv/bin/python bench/nat_matrix.py
 	.venv/bin/python bench/relay_bench.py
 	.venv/bin/python bench/loss_bench.py

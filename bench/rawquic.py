@@ -1,9 +1,11 @@
 """The raw-engine anchor: one QUIC stream between two processes over UDP, no natter code.
 
-    python bench/rawquic.py server PORT [ENGINE]       # receives one stream, prints "ready PORT"
-    python bench/rawquic.py client PORT SIZE [ENGINE]  # sends SIZE bytes, prints MB/s
+    python bench/rawquic.py server PORT [ENGINE [HOST]]       # receives one stream, prints "ready PORT"
+    python bench/rawquic.py client PORT SIZE [ENGINE [HOST]]  # sends SIZE bytes, prints MB/s
 
-ENGINE is aioquic (default) or qh3: the same code with the other package's imports.
+ENGINE is aioquic (default) or qh3: the same code with the other package's imports. HOST
+is 127.0.0.1 unless given (the server's address to bind, the client's to send to: the NAT
+lab's anchor runs through a port forward).
 
 The same batched sans-IO loop natter uses (read many datagrams per wake-up, transmit once
 per loop turn), as in shared/QUIC-NOTES.md, so the ratio natter/raw shows natter's own cost.
@@ -159,10 +161,10 @@ class Endpoint:
         return 0 if stream is None else stream.sender._buffer_stop - stream.sender._buffer_start
 
 
-async def server(port: int) -> None:
+async def server(port: int, host: str) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.setblocking(False)
     endpoint = Endpoint(sock, False)
     print(f"ready {sock.getsockname()[1]}", flush=True)
@@ -173,14 +175,14 @@ async def server(port: int) -> None:
     print(f"received {endpoint.received} in {elapsed:.3f} s: {rate:.1f} MB/s", flush=True)
 
 
-async def client(port: int, size: int) -> None:
+async def client(port: int, size: int, host: str) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1" if host == "127.0.0.1" else "0.0.0.0", 0))
     sock.setblocking(False)
     endpoint = Endpoint(sock, True)
     endpoint.conn = QuicConnection(configuration=configuration(True))
-    endpoint.conn.connect(("127.0.0.1", port), endpoint.loop.time())
+    endpoint.conn.connect((host, port), endpoint.loop.time())
     endpoint.flush()
     await asyncio.wait_for(endpoint.connected.wait(), 10)
     stream = endpoint.conn.get_next_available_stream_id()
@@ -205,6 +207,7 @@ async def client(port: int, size: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "server":
-        asyncio.run(server(int(sys.argv[2])))
+        asyncio.run(server(int(sys.argv[2]), sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"))
     else:
-        asyncio.run(client(int(sys.argv[2]), int(sys.argv[3])))
+        host = sys.argv[5] if len(sys.argv) > 5 else "127.0.0.1"
+        asyncio.run(client(int(sys.argv[2]), int(sys.argv[3]), host))

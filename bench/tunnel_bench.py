@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from broker_bench import Swarm, register_all  # noqa: E402
 
+from netcheck import request_rtt  # noqa: E402
 from procs import NETCHECK, Proc, free_port, natter, server, tool  # noqa: E402
 
 PY = sys.executable
@@ -60,11 +62,14 @@ def row(what: str, value: str, note: str = "") -> None:
     print(f"  {what:<52} {value:>14}  {note}", flush=True)
 
 
-def timed_send(port: int, size: int, pids: list[int]) -> tuple[float, float]:
-    """Send size bytes to a sink through port; returns (MB/s, CPU s per GB of those pids)."""
+def timed_send(
+    port: int, size: int, pids: list[int], host: str = "127.0.0.1", prefix: Sequence[str] = ()
+) -> tuple[float, float]:
+    """Send size bytes to a sink at host:port (from the namespace prefix runs in); returns
+    (MB/s, CPU s per GB of those pids)."""
     before = sum(cpu_seconds(p) for p in pids)
     start = time.perf_counter()
-    reply = tool("blast", "127.0.0.1", str(port), str(size), timeout=600)
+    reply = tool("blast", host, str(port), str(size), timeout=600, prefix=prefix)
     elapsed = time.perf_counter() - start
     assert reply.split()[0] == str(size), reply
     cpu = sum(cpu_seconds(p) for p in pids) - before
@@ -95,7 +100,19 @@ class Natter:
             proc.stop()
 
 
-def ssh_tunnel(target_port: int, workdir: Path) -> tuple[list[subprocess.Popen[bytes]], int] | None:
+def ssh_tunnel(
+    target_port: int,
+    workdir: Path,
+    *,
+    server_prefix: Sequence[str] = (),
+    client_prefix: Sequence[str] = (),
+    listen: str = "127.0.0.1",
+    connect: str = "127.0.0.1",
+    port: int | None = None,
+) -> tuple[list[subprocess.Popen[bytes]], int] | None:
+    """sshd (in server_prefix's namespace, on listen:port) and ssh -L from client_prefix's
+    namespace through connect:port to the server side's 127.0.0.1:target_port; returns the
+    processes and the local port, or None without OpenSSH."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.path.exists(sshd) or shutil.which("ssh") is None:
         return None
@@ -105,26 +122,28 @@ def ssh_tunnel(target_port: int, workdir: Path) -> tuple[list[subprocess.Popen[b
     authorized = workdir / "authorized_keys"
     authorized.write_text(user_key.with_suffix(".pub").read_text())
     authorized.chmod(0o600)
-    port, local = free_port(), free_port()
+    port, local = port or free_port(), free_port()
     config = workdir / "sshd_config"
     config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {authorized}\n"
+        f"Port {port}\nListenAddress {listen}\nHostKey {host_key}\nAuthorizedKeysFile {authorized}\n"
         "PasswordAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
         f"PidFile {workdir / 'sshd.pid'}\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)
-    daemon = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [*server_prefix, sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL
+    )
     time.sleep(0.5)
     client = subprocess.Popen(
-        ["ssh", "-N", "-i", str(user_key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
+        [*client_prefix, "ssh", "-N", "-i", str(user_key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
          "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-         "-L", f"127.0.0.1:{local}:127.0.0.1:{target_port}", "root@127.0.0.1"],
+         "-L", f"127.0.0.1:{local}:127.0.0.1:{target_port}", f"root@{connect}"],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {local}), 1).close()"
     for _ in range(50):
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", local)) == 0:
-                break
+        if subprocess.run([*client_prefix, PY, "-c", probe], capture_output=True).returncode == 0:
+            break
         time.sleep(0.1)
     return [daemon, client], local
 
@@ -177,16 +196,29 @@ def throughput(size: int, skip_ssh: bool, engines: list[str]) -> None:
         sink.stop()
 
 
-def raw_engine(engine: str, size: int) -> float:
-    """One stream between two bare engine endpoints (bench/rawquic.py); the receiver's MB/s."""
-    port = free_port(socket.SOCK_DGRAM)
-    raw_server = Proc([PY, str(ROOT / "bench" / "rawquic.py"), "server", str(port), engine])
+def raw_engine(
+    engine: str,
+    size: int,
+    *,
+    server_prefix: Sequence[str] = (),
+    client_prefix: Sequence[str] = (),
+    bind: str = "127.0.0.1",
+    connect: str = "127.0.0.1",
+    port: int | None = None,
+) -> float:
+    """One stream between two bare engine endpoints (bench/rawquic.py), the server in
+    server_prefix's namespace on bind:port, the client sending to connect:port from
+    client_prefix's; prints and returns the receiver's MB/s."""
+    port = port or free_port(socket.SOCK_DGRAM)
+    rawquic = [PY, str(ROOT / "bench" / "rawquic.py")]
+    raw_server = Proc([*rawquic, "server", str(port), engine, bind], prefix=server_prefix)
     raw_server.read_line()
     start_cpu = cpu_seconds(raw_server.pid)
     subprocess.run(
-        [PY, str(ROOT / "bench" / "rawquic.py"), "client", str(port), str(size), engine],
+        [*client_prefix, *rawquic, "client", str(port), str(size), engine, connect],
         capture_output=True,
         check=True,
+        timeout=600,
     )
     raw_rate = float(raw_server.read_line().split(": ")[1].split()[0])
     server_cpu = cpu_seconds(raw_server.pid) - start_cpu
@@ -199,26 +231,21 @@ def raw_engine(engine: str, size: int) -> float:
     return raw_rate
 
 
-async def parallel_transfers(port: int, count: int, size: int) -> list[float]:
+def parallel(
+    port: int, count: int, size: int, host: str = "127.0.0.1", prefix: Sequence[str] = ()
+) -> tuple[float, float, float]:
     """count connections at once, each sending size zero bytes the way the single-connection
-    figure's sender does (netcheck blast: 256 KB writes) into the same counting sink."""
-    from netcheck import blast
-
-    async def one() -> float:
-        start = time.perf_counter()
-        reply = await blast("127.0.0.1", port, size)
-        assert reply.split()[0] == str(size).encode(), reply
-        return size / (time.perf_counter() - start) / 1e6
-
-    return list(await asyncio.gather(*(one() for _ in range(count))))
+    figure's sender does (netcheck blast) into the same counting sink; (total, fastest,
+    slowest connection) in MB/s."""
+    out = tool("parallel", host, str(port), str(count), str(size), prefix=prefix, timeout=600)
+    total, fastest, slowest = (float(x) for x in out.split())
+    return total, fastest, slowest
 
 
-def many_connections(engine: str) -> None:
+def many_connections(engine: str, size: int) -> None:
     print(f"\n2. 100 parallel connections of 2 MB through one tunnel ({engine})", flush=True)
     sink, sink_port = server("count", "0")
-    start = time.perf_counter()
-    asyncio.run(parallel_transfers(sink_port, 100, 2 << 20))
-    plain = 100 * (2 << 20) / (time.perf_counter() - start) / 1e6
+    plain, _, _ = parallel(sink_port, 100, 2 << 20)
     row(
         "the same 100 connections straight to the sink",
         f"{plain:.1f} MB/s",
@@ -226,44 +253,32 @@ def many_connections(engine: str) -> None:
     )
     tunnel = Natter(sink_port, engine)
     try:
-        cpu = [cpu_seconds(tunnel.alice.pid), cpu_seconds(tunnel.bob.pid)]
-        start = time.perf_counter()
-        rates = asyncio.run(parallel_transfers(tunnel.local, 100, 2 << 20))
-        elapsed = time.perf_counter() - start
-        total = 100 * (2 << 20) / elapsed / 1e6
-        fair = total / 100
-        busy = [
-            (cpu_seconds(p) - c) / elapsed
-            for p, c in zip((tunnel.alice.pid, tunnel.bob.pid), cpu, strict=True)
-        ]
-        row("total", f"{total:.1f} MB/s", f"CPU busy: alice {busy[0]:.0%}, bob {busy[1]:.0%}")
-        row("fastest / slowest connection", f"{max(rates):.2f} / {min(rates):.2f} MB/s")
-        row("slowest / fair share", f"{min(rates) / fair:.0%}", "target >= 50%")
+        compare_parallel(tunnel.local, [tunnel.alice.pid, tunnel.bob.pid], size)
     finally:
         tunnel.stop()
         sink.stop()
+
+
+def compare_parallel(
+    port: int, pids: list[int], size: int, host: str = "127.0.0.1", prefix: Sequence[str] = ()
+) -> None:
+    """One connection, then 100 at once, through the same tunnel: the ratio is one run's."""
+    tool("blast", host, str(port), str(1 << 20), prefix=prefix)  # the tunnel is up and warm
+    single, single_cpu = timed_send(port, size, pids, host, prefix)
+    row("one connection (the same tunnel)", f"{single:.1f} MB/s", f"{single_cpu:.1f} CPU s/GB (both agents)")
+    cpu = sum(cpu_seconds(p) for p in pids)
+    total, fastest, slowest = parallel(port, 100, 2 << 20, host, prefix)
+    used = (sum(cpu_seconds(p) for p in pids) - cpu) / (100 * (2 << 20) / 1e9)
+    row("100 connections, total", f"{total:.1f} MB/s", f"{used:.1f} CPU s/GB (both agents)")
+    row("total / one connection", f"{total / single:.0%}", "target >= 100%")
+    row("fastest / slowest connection", f"{fastest:.2f} / {slowest:.2f} MB/s")
+    row("slowest / fair share", f"{slowest / (total / 100):.0%}", "target >= 50%")
 
 
 def log_time(proc: Proc, text: str) -> float:
     entry = proc.wait_event(text)
     stamp = str(entry["timestamp"]).replace("Z", "+00:00")
     return datetime.datetime.fromisoformat(stamp).timestamp()
-
-
-async def request_rtt(port: int, rounds: int = 200) -> float:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        writer.write(b"x" * 64)
-        await writer.drain()
-        got = 0
-        while got < 64:
-            got += len(await reader.read(64 - got))
-        samples.append(time.perf_counter() - start)
-    writer.close()
-    samples.sort()
-    return samples[len(samples) // 2]
 
 
 async def first_byte(port: int) -> float:
@@ -322,8 +337,8 @@ def latency(engine: str) -> None:
             f"{warm * 1000:.2f} ms",
             f"raw TCP {raw * 1000:.2f} ms",
         )
-        through = asyncio.run(request_rtt(local))
-        direct = asyncio.run(request_rtt(echo_port))
+        through = asyncio.run(request_rtt("127.0.0.1", local))
+        direct = asyncio.run(request_rtt("127.0.0.1", echo_port))
         row(
             "request/response round trip through the tunnel",
             f"{through * 1000:.2f} ms",
@@ -443,7 +458,7 @@ def main() -> int:
     print(f"tunnel bench on loopback, {os.cpu_count()} cores, engines {', '.join(engines)}", flush=True)
     steps = {
         "throughput": lambda: throughput(args.size_mb << 20, args.skip_ssh, engines),
-        "parallel": lambda: [many_connections(e) for e in engines],
+        "parallel": lambda: [many_connections(e, args.size_mb << 20) for e in engines],
         "latency": lambda: [latency(e) for e in engines],
         "memory": lambda: [memory(e) for e in engines],
         "multicore": lambda: [multi_core(args.size_mb << 20, e) for e in engines],

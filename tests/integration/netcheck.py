@@ -11,14 +11,20 @@
     python netcheck.py blast HOST PORT SIZE      send SIZE zero bytes, half-close, print the reply
     python netcheck.py echo-check HOST PORT SIZE send SIZE bytes to an echo server; print "ok"
                                                  if every byte came back
+    python netcheck.py parallel HOST PORT N SIZE N blasts at once; print "<total MB/s> <fastest>
+                                                 <slowest>" (each connection's MB/s)
+    python netcheck.py rtt HOST PORT [ROUNDS]    64-byte round trips through an echo server;
+                                                 print the median in ms
 
-Servers print "ready PORT" on stdout when they listen.
+Servers print "ready PORT" on stdout when they listen, on NETCHECK_HOST (127.0.0.1 unless
+set: the benchmarks' port forwards need 0.0.0.0 inside a namespace).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import sys
 import time
 
@@ -158,10 +164,41 @@ async def echo_check(host: str, port: int, data: bytes) -> bool:
 
 
 async def _serve(handler, port: int) -> None:  # type: ignore[no-untyped-def]
-    server = await asyncio.start_server(handler, "127.0.0.1", port)
+    server = await asyncio.start_server(handler, os.environ.get("NETCHECK_HOST", "127.0.0.1"), port)
     print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
         await server.serve_forever()
+
+
+async def parallel_blasts(host: str, port: int, count: int, size: int) -> tuple[float, list[float]]:
+    """count blasts at once into a counting sink; (total MB/s, each connection's MB/s)."""
+
+    async def one() -> float:
+        start = time.perf_counter()
+        reply = await blast(host, port, size)
+        assert reply.split()[0] == str(size).encode(), reply
+        return size / (time.perf_counter() - start) / 1e6
+
+    start = time.perf_counter()
+    rates = await asyncio.gather(*(one() for _ in range(count)))
+    return count * size / (time.perf_counter() - start) / 1e6, list(rates)
+
+
+async def request_rtt(host: str, port: int, rounds: int = 200) -> float:
+    """Median seconds for a 64-byte request to come back from an echo server."""
+    reader, writer = await asyncio.open_connection(host, port)
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        writer.write(b"x" * 64)
+        await writer.drain()
+        got = 0
+        while got < 64:
+            got += len(await reader.read(64 - got))
+        samples.append(time.perf_counter() - start)
+    writer.close()
+    samples.sort()
+    return samples[len(samples) // 2]
 
 
 def main(argv: list[str]) -> int:
@@ -189,6 +226,12 @@ def main(argv: list[str]) -> int:
         ok = asyncio.run(echo_check(rest[0], int(rest[1]), pattern(int(rest[2]), seed=3)))
         print("ok" if ok else "MISMATCH")
         return 0 if ok else 1
+    elif cmd == "parallel":
+        total, rates = asyncio.run(parallel_blasts(rest[0], int(rest[1]), int(rest[2]), int(rest[3])))
+        print(f"{total:.2f} {max(rates):.3f} {min(rates):.3f}")
+    elif cmd == "rtt":
+        rounds = int(rest[2]) if len(rest) > 2 else 200
+        print(f"{asyncio.run(request_rtt(rest[0], int(rest[1]), rounds)) * 1000:.3f}")
     else:
         print(__doc__, file=sys.stderr)
         return 2
