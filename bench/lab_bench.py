@@ -12,7 +12,8 @@ would have to set up without natter).
    engine (bench/rawquic.py through the UDP forward), natter over the punched path
 2. 100 parallel connections of 2 MB: straight through the port forward, and through the
    same natter tunnel as 1, beside that tunnel's one-connection figure
-3. the round trip of a 64-byte request: through the port forward and through natter
+3. the round trip of a 64-byte request: through the port forward and through natter, idle
+   and while 100 connections send through the same tunnel
 
 Prints a table; asserts nothing.
 """
@@ -20,8 +21,10 @@ Prints a table; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +43,7 @@ from tunnel_bench import (  # noqa: E402
 
 from labscene import Scene  # noqa: E402
 from natlab import NatLab, unavailable_reason  # noqa: E402
-from procs import server, tool  # noqa: E402
+from procs import NETCHECK, server, tool  # noqa: E402
 
 BOB_WAN = "10.200.0.3"  # bob's NAT on the lab's internet (natlab.NatLab.build)
 BOB_LAN = "192.168.2.2"
@@ -125,7 +128,25 @@ def natter_figures(
         compare_parallel(FORWARD_SINK, pids, size, prefix=alice)
         rtt = float(tool("rtt", "127.0.0.1", str(FORWARD_ECHO), prefix=alice))
         row("request round trip through natter", f"{rtt:.3f} ms", "target <= raw RTT + 2 ms")
+        row(
+            "... while 100 connections send through it",
+            f"{loaded_rtt(alice):.3f} ms",
+            "idle streams go first",
+        )
         return rate
+
+
+def loaded_rtt(alice: list[str]) -> float:
+    """The request round trip through natter while the same tunnel carries 100 bulk sends."""
+    load = subprocess.Popen(
+        [*alice, *NETCHECK, "parallel", "127.0.0.1", str(FORWARD_SINK), "100", str(4 << 20)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)  # the bulk connections are under way
+        return float(tool("rtt", "127.0.0.1", str(FORWARD_ECHO), "100", prefix=alice))
+    finally:
+        load.wait(timeout=600)
 
 
 def main() -> int:

@@ -67,7 +67,7 @@ class FlowControlledConnection(QuicConnection):
 
     def send_credit(self, stream_id: int) -> int:
         stream = self._streams.get(stream_id)
-        if stream is None:
+        if stream is None or stream.is_blocked:
             return 0
         stream_left = stream.max_stream_data_remote - stream.sender._buffer_stop
         return max(0, min(stream_left, self._remote_max_data - self._remote_max_data_used))
@@ -102,6 +102,9 @@ class FlowControlledConnection(QuicConnection):
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         for data in datagrams:
             self.receive_datagram(data, addr, now)
+
+    def stream_slots(self) -> int:
+        return max(0, self._remote_max_streams_bidi - self._local_next_stream_id_bidi // 4)
 
     def new_stream_id(self) -> int:
         stream_id = self.get_next_available_stream_id()

@@ -105,7 +105,13 @@ async def open_tunnel_stream(
 ) -> tuple[StreamChannel, bytes]:
     """Open a stream to peer's target and wait for its answer; returns leftover payload."""
     link = await asyncio.wait_for(agent.connect(peer, target), timeout)
-    channel = link.open_stream()
+    try:
+        channel = await asyncio.wait_for(link.open_stream(), timeout)
+    except TimeoutError:
+        raise NatterError(
+            f"{peer} allows no more connections at once ({link.open_streams} open): none ended"
+            f" within {timeout:.0f} s"
+        ) from None
     await channel.write(streamhdr.encode_open(target))
     try:
         header, rest = await read_header(channel)

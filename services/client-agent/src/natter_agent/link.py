@@ -159,6 +159,7 @@ class PeerLink:
         self._queue = SendQueue()  # written, not yet handed to the engine: see flush
         self._fed: set[int] = set()  # streams the engine may still hold unsent bytes of
         self._release_when_sent: set[int] = set()
+        self._stream_waiters: deque[asyncio.Future[None]] = deque()  # for a stream slot
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -275,7 +276,19 @@ class PeerLink:
                         f" ({self.peer} runs another QUIC engine: both sides need the same --quic-engine)"
                     )
                 self._terminated(f"connection closed by {self.peer}: {reason}")
+        self._wake_stream_waiters()
         self._maybe_ready()
+
+    def _wake_stream_waiters(self) -> None:
+        """The peer's MAX_STREAMS may have let more streams in: wake one waiter per slot."""
+        if not self._stream_waiters:
+            return
+        slots = self.conn.stream_slots() if self.is_alive else len(self._stream_waiters)
+        while slots > 0 and self._stream_waiters:
+            waiter = self._stream_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                slots -= 1
 
     def _maybe_ready(self) -> None:
         """Up once we verified the peer and, as the QUIC client, the server has confirmed the
@@ -358,7 +371,19 @@ class PeerLink:
                 channel._writable.set()
 
     # -- used by channels -------------------------------------------------------
-    def open_stream(self) -> StreamChannel:
+    async def open_stream(self) -> StreamChannel:
+        """A new stream of ours, once the peer allows one more (QUIC limits how many are open
+        at once: qh3 and aioquic allow 100 and 128; an engine asked for more breaks)."""
+        woken = False  # a woken waiter has its slot; a newcomer queues behind earlier ones
+        while self.is_alive and (self.conn.stream_slots() <= 0 or (self._stream_waiters and not woken)):
+            waiter = self.loop.create_future()
+            self._stream_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._stream_waiters:
+                    self._stream_waiters.remove(waiter)
+            woken = True
         if not self.is_alive:
             raise StreamClosed(self.close_reason or "tunnel closed")
         try:
@@ -470,6 +495,7 @@ class PeerLink:
             self.ready.exception()  # mark retrieved: nobody may be waiting
         for channel in list(self._channels.values()):
             channel._fail(reason)
+        self._wake_stream_waiters()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

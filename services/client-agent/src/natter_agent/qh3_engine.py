@@ -147,6 +147,12 @@ class Qh3TunnelConnection(QuicConnection):
         except QuicConnectionError as exc:
             raise ConnectionError(f"tunnel closed: {exc.reason_phrase}") from None
 
+    def stream_slots(self) -> int:
+        if self._core is None:
+            return 0
+        allowed, _uni, opened, _opened_uni = self._core.stream_limits  # both cumulative
+        return max(0, allowed - opened)
+
     def send_buffer_size(self, stream_id: int) -> int:
         pending = self._pending.get(stream_id)
         return self.get_send_buffer_size(stream_id) + (pending.size if pending is not None else 0)
