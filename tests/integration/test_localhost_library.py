@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import struct
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -91,6 +92,32 @@ async def test_more_connections_at_once_than_quic_lets_one_tunnel_open(trio: Tri
     assert await echo_check("127.0.0.1", fwd.local.port, b"after" * 1000)
     link = trio.alice.agent.link_to("bob")
     assert link is not None and link.is_alive and not link._stream_waiters
+
+
+async def test_a_connection_aborted_mid_transfer_leaves_the_others_going(trio: Trio) -> None:
+    """The aborted stream is reset with bytes still queued in natter and in the engine;
+    neither may hold back the tunnel's other streams."""
+    sink = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.sink_port}")
+    assert sink.local is not None
+    data = os.urandom(10 << 20)
+    other = asyncio.ensure_future(send_and_get_reply("127.0.0.1", sink.local.port, data))
+    for _ in range(3):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", sink.local.port)
+        for _ in range(40):
+            writer.write(bytes(64 << 10))
+            await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST with data in flight
+    reply = await asyncio.wait_for(other, 60)
+    assert reply.decode().split() == [str(len(data)), hashlib.sha256(data).hexdigest()]
+    assert await echo_check_via(trio, b"after the resets" * 1000)
+
+
+async def echo_check_via(trio: Trio, payload: bytes) -> bool:
+    fwd = await trio.alice.forward("127.0.0.1:0", "bob", f":{trio.echo_port}")
+    assert fwd.local is not None
+    return await asyncio.wait_for(echo_check("127.0.0.1", fwd.local.port, payload), 30)
 
 
 async def test_fifty_megabytes_and_half_close(trio: Trio) -> None:

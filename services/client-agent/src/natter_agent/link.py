@@ -258,6 +258,7 @@ class PeerLink:
             elif isinstance(event, StopSending):
                 self._fail_channel(event.stream_id, "peer stopped reading")
                 self._queue.drop(event.stream_id)
+                self._fed.discard(event.stream_id)  # reset: what the engine held is dropped
                 self.conn.reset_stream(event.stream_id, ERR_RESET)
             elif isinstance(event, PeerAuthenticated):
                 self.peer_key = self.conn.peer_public_key()
@@ -445,6 +446,7 @@ class PeerLink:
         if not self.is_alive:
             return
         self._queue.drop(stream_id)
+        self._fed.discard(stream_id)  # reset: what the engine held is dropped
         self._release_when_sent.discard(stream_id)
         try:
             self.conn.reset_stream(stream_id, ERR_RESET)
