@@ -15,8 +15,9 @@ from natter_proto.acl import TargetAllowList
 from natter_proto.backoff import Backoff
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 
-from .agent import Agent, NatterError
+from .agent import Agent
 from .bridge import read_header, splice
+from .errors import NatterError
 from .link import StreamChannel, StreamClosed
 from .stdio import StdioEnd
 from .tcpend import TcpEnd, open_tcp
