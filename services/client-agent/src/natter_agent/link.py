@@ -257,9 +257,8 @@ class PeerLink:
                 self._fail_channel(event.stream_id, "peer reset the stream")
             elif isinstance(event, StopSending):
                 self._fail_channel(event.stream_id, "peer stopped reading")
-                self._queue.drop(event.stream_id)
-                self._fed.discard(event.stream_id)  # reset: what the engine held is dropped
                 self.conn.reset_stream(event.stream_id, ERR_RESET)
+                self._drop_unsent(event.stream_id)
             elif isinstance(event, PeerAuthenticated):
                 self.peer_key = self.conn.peer_public_key()
                 refusal = self._verify(self)
@@ -445,15 +444,22 @@ class PeerLink:
     def abort_stream(self, stream_id: int) -> None:
         if not self.is_alive:
             return
-        self._queue.drop(stream_id)
-        self._fed.discard(stream_id)  # reset: what the engine held is dropped
-        self._release_when_sent.discard(stream_id)
         try:
             self.conn.reset_stream(stream_id, ERR_RESET)
             self.conn.stop_stream(stream_id, ERR_RESET)
         except ValueError:
             pass  # the stream is already finished in that direction
+        self._drop_unsent(stream_id)
         self.schedule_flush()
+
+    def _drop_unsent(self, stream_id: int) -> None:
+        """A reset stream: its queued bytes go, what the engine held no longer holds back the
+        feed, and a release that waited for its last bytes happens now."""
+        self._queue.drop(stream_id)
+        self._fed.discard(stream_id)
+        if stream_id in self._release_when_sent:
+            self._release_when_sent.discard(stream_id)
+            self.conn.release_stream(stream_id)
 
     def release(self, channel: StreamChannel) -> None:
         """The application is done with a stream: drop it and return its unread credit."""
