@@ -86,11 +86,10 @@ def run(size: int, skip_ssh: bool, engines: list[str]) -> None:
                     row("ssh -L (OpenSSH)", f"{ssh_rate:.1f} MB/s", f"{cpu:.1f} CPU s/GB (ssh + sshd)")
                     for proc in procs:
                         proc.terminate()
-            rates = {}
             for engine in engines:
                 raw = raw_engine(engine, size, server_prefix=bob, client_prefix=alice,
                                  bind="0.0.0.0", connect=BOB_WAN, port=RAW_PORT)  # fmt: skip
-                rates[engine] = natter_figures(lab, engine, size, sink_port, echo_port, raw, ssh_rate)
+                natter_figures(lab, engine, size, sink_port, echo_port, raw, ssh_rate)
             print("\n   anchors for 2. and 3.", flush=True)
             total, fastest, slowest = parallel(sink_port, 100, 2 << 20, BOB_WAN, alice)
             row("100 connections straight through the port forward", f"{total:.1f} MB/s",
@@ -104,7 +103,7 @@ def run(size: int, skip_ssh: bool, engines: list[str]) -> None:
 
 def natter_figures(
     lab: NatLab, engine: str, size: int, sink_port: int, echo_port: int, raw: float, ssh: float | None
-) -> float:
+) -> None:
     alice = lab.prefix("alice")
     with Scene(lab, engine) as scene:
         scene.broker(10000)
@@ -133,7 +132,6 @@ def natter_figures(
             f"{loaded_rtt(alice):.3f} ms",
             "idle streams go first",
         )
-        return rate
 
 
 def loaded_rtt(alice: list[str]) -> float:

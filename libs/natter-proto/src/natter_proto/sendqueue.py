@@ -28,7 +28,7 @@ class _StreamQueue:
         self.chunks: deque[bytes] = deque()
         self.size = 0
         self.fin = False
-        self.deficit = 0  # bytes this stream may still send in its turn (negative: overdrawn)
+        self.deficit = 0  # bytes this stream may still send in its turn
 
 
 class SendQueue:
@@ -85,13 +85,6 @@ class SendQueue:
                 if stream_id in order:
                     order.remove(stream_id)
 
-    def clear(self) -> None:
-        self._streams.clear()
-        self._new.clear()
-        self._old.clear()
-        self.total = 0
-        self._fins = 0
-
     def next_chunk(self, credit: Callable[[int], int]) -> tuple[int, bytes, bool] | None:
         """The next (stream, bytes, fin) to hand on, or None if nothing may go now.
 
@@ -109,8 +102,7 @@ class SendQueue:
             stream_id = order[0]
             queue = self._streams[stream_id]
             if not queue.size and not queue.fin:  # emptied on its last turn and not refilled
-                order.popleft()
-                del self._streams[stream_id]
+                self._retire(order, stream_id)
                 continue
             if queue.deficit <= 0:
                 queue.deficit = self.quantum  # its turn starts
@@ -121,19 +113,21 @@ class SendQueue:
             data = self._take(queue, allowed)
             queue.deficit -= len(data)
             if not queue.size and queue.fin:
-                order.popleft()
-                del self._streams[stream_id]
+                self._retire(order, stream_id)
                 self._fins -= 1
                 return stream_id, data, True
             if not queue.size and order is self._old:
-                order.popleft()
-                del self._streams[stream_id]  # idle: refilled, it counts as new again
+                self._retire(order, stream_id)  # idle: refilled, it counts as new again
             elif not queue.size or queue.deficit <= 0:
                 # an emptied new stream goes behind the old ones, as in RFC 8290, so that a
                 # bulk stream read faster than it fills never counts as new
                 self._end_turn(order, stream_id, queue)
             return stream_id, data, False
         return None
+
+    def _retire(self, order: deque[int], stream_id: int) -> None:
+        order.popleft()
+        del self._streams[stream_id]
 
     def _end_turn(self, order: deque[int], stream_id: int, queue: _StreamQueue) -> None:
         order.popleft()

@@ -142,7 +142,7 @@ class Forward:
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()  # one per accepted connection
         self._log = log.bind(peer=peer, target=self.target)
         self.stream_timeout = (
             agent.config.connect_timeout + agent.config.punch_timeout + agent.config.handshake_timeout
@@ -173,8 +173,8 @@ class Forward:
     def _accept(self) -> TcpEnd:
         local = TcpEnd()
         task = asyncio.get_running_loop().create_task(self._on_tcp(local))
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         return local
 
     async def _on_tcp(self, local: TcpEnd) -> None:

@@ -23,7 +23,6 @@ class TcpEnd(asyncio.Protocol):
         self._buffered = 0
         self._eof = False
         self._lost: Exception | None = None
-        self._closed = False
         self._paused = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -41,19 +40,18 @@ class TcpEnd(asyncio.Protocol):
         if self._buffered >= READ_LIMIT and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake_reader()
+        _wake(self._read_waiter)
 
     def eof_received(self) -> bool:
         self._eof = True
-        self._wake_reader()
+        _wake(self._read_waiter)
         return True  # keep our direction open: half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
         self._lost = exc
         self._eof = True
-        self._wake_reader()
-        self._wake_drain()
+        _wake(self._read_waiter)
+        _wake(self._drain_waiter)
         if not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
 
@@ -62,7 +60,7 @@ class TcpEnd(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._wake_drain()
+        _wake(self._drain_waiter)
 
     # -- the pipe's local end (natter_agent.bridge.LocalEnd) -------------------------
     async def read(self, size: int) -> bytes:
@@ -88,16 +86,16 @@ class TcpEnd(asyncio.Protocol):
         return data
 
     async def write(self, data: bytes) -> None:
-        if self._closed or self.transport is None or self.transport.is_closing():
+        if self._closed_waiter.done() or self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("connection lost")
         self.transport.write(data)
-        while self._write_paused and not self._closed:
+        while self._write_paused and not self._closed_waiter.done():
             self._drain_waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._drain_waiter
             finally:
                 self._drain_waiter = None
-        if self._closed:
+        if self._closed_waiter.done():
             raise ConnectionResetError("connection lost")
 
     def write_eof(self) -> None:
@@ -116,13 +114,10 @@ class TcpEnd(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 await self._closed_waiter
 
-    def _wake_reader(self) -> None:
-        if self._read_waiter is not None and not self._read_waiter.done():
-            self._read_waiter.set_result(None)
 
-    def _wake_drain(self) -> None:
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 async def open_tcp(host: str, port: int) -> TcpEnd:

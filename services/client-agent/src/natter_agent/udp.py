@@ -149,8 +149,6 @@ class AgentSocket:
         self._on_batch_done()
 
     def _dispatch(self, data: bytes, source: Endpoint) -> None:
-        if not data:
-            return
         if data[0] < 0x40:
             self._on_control(data, source)
         else:
