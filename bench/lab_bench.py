@@ -107,8 +107,7 @@ def natter_figures(
     alice = lab.prefix("alice")
     with Scene(lab, engine) as scene:
         scene.broker(10000)
-        bob = scene.agent("bob", "bob", 10000, "-listen")
-        bob.wait_event("registered as bob", timeout=30)
+        bob = scene.listener(10000, timeout=30)
         forwards = (f"{FORWARD_SINK}:bob:{sink_port}", f"{FORWARD_ECHO}:bob:{echo_port}")
         agent = scene.agent("alice", "alice", 10000, *forwards)
         agent.wait_event("direct path up with bob", timeout=40)

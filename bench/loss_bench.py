@@ -31,8 +31,7 @@ def run(engine: str, loss: float, size: int) -> str:
         with Scene(lab, engine) as scene:
             scene.broker(10000)
             sink_port = scene.service("sink")
-            bob = scene.agent("bob", "bob", 10000, "-listen")
-            bob.wait_event("registered as bob", timeout=30)
+            scene.listener(10000, timeout=30)
             alice = scene.agent("alice", "alice", 10000, f"8000:bob:{sink_port}")
             alice.wait_event("direct path up with bob", timeout=40)
             start = time.perf_counter()

@@ -64,6 +64,12 @@ class Scene:
             )
         )
 
+    def listener(self, broker_port: int, timeout: float = 20.0) -> Proc:
+        """bob, listening behind his NAT, once the broker has registered him."""
+        bob = self.agent("bob", "bob", broker_port, "-listen")
+        bob.wait_event("registered as bob", timeout=timeout)
+        return bob
+
     def send_checked(self, port: int, size: int, on: str = "alice", timeout: float = 120) -> None:
         """Send size bytes through a forward to a sink; every byte must arrive."""
         reply = tool("send", "127.0.0.1", str(port), str(size), prefix=self.lab.prefix(on), timeout=timeout)

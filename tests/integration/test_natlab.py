@@ -124,8 +124,7 @@ def test_fleet_in_the_internet_namespace_introduces_across_replicas(lab: NatLab)
         with Scene(lab) as scene:
             replicas = scene.replicas(redis.url, (10000, 10001))
             sink_port = scene.service("sink")
-            bob = scene.agent("bob", "bob", 10001, "-listen")
-            bob.wait_event("registered as bob")
+            bob = scene.listener(10001)
             scene.agent("alice", "alice", 10000, f"8024:bob:{sink_port}")
             bob_up = bob.wait_event("direct path up with alice", timeout=30)
             assert bob_up["peer_endpoint"].split(":")[0] == NAT_A_WAN
@@ -173,8 +172,7 @@ def test_two_symmetric_nats_fall_back_to_the_relay(engine: str) -> None:
     with NatLab(kind_a="symmetric", kind_b="symmetric") as lab, Scene(lab, engine) as scene:
         scene.broker()
         sink_port = scene.service("sink")
-        bob = scene.agent("bob", "bob", 10000, "-listen")
-        bob.wait_event("registered as bob")
+        scene.listener(10000)
         alice = scene.agent("alice", "alice", 10000, f"8027:bob:{sink_port}")
         alice.wait_event("punch failed", timeout=30)
         up = alice.wait_event("relayed path up with bob", timeout=30)
@@ -193,8 +191,7 @@ def test_relay_across_broker_replicas() -> None:
             with Scene(lab) as scene:
                 scene.replicas(redis.url, (10000, 10001))
                 sink_port = scene.service("sink")
-                bob = scene.agent("bob", "bob", 10001, "-listen")
-                bob.wait_event("registered as bob")
+                scene.listener(10001)
                 alice = scene.agent("alice", "alice", 10000, f"8028:bob:{sink_port}")
                 alice.wait_event("relayed path up with bob", timeout=40)
                 scene.send_checked(8028, 2 << 20)
@@ -229,8 +226,7 @@ def test_two_percent_loss_on_one_nat(lab: NatLab, engine: str) -> None:
         with Scene(lab, engine) as scene:
             scene.broker(10005)
             sink_port = scene.service("sink")
-            bob = scene.agent("bob", "bob", 10005, "-listen")
-            bob.wait_event("registered as bob", timeout=30)
+            scene.listener(10005, timeout=30)
             alice = scene.agent("alice", "alice", 10005, f"8031:bob:{sink_port}")
             alice.wait_event("direct path up with bob", timeout=40)
             scene.send_checked(8031, 5 << 20)
@@ -246,8 +242,7 @@ def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab, engine: 
     with Scene(lab, engine) as scene:
         scene.broker(10006)
         sink_port = scene.service("sink", str(4 << 20))  # slow start
-        bob = scene.agent("bob", "bob", 10006, "-listen")
-        bob.wait_event("registered as bob")
+        scene.listener(10006)
         alice = scene.agent("alice", "alice", 10006, f"8032:bob:{sink_port}")
         alice.wait_event("direct path up with bob", timeout=30)
         transfer = scene.send_in_background(8032, 50 << 20)
@@ -266,8 +261,7 @@ def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab, eng
         udp.block()
         scene.broker(10007)
         sink_port = scene.service("sink", str(4 << 20))  # slow start
-        bob = scene.agent("bob", "bob", 10007, "-listen")
-        bob.wait_event("registered as bob")
+        bob = scene.listener(10007)
         alice = scene.agent("alice", "alice", 10007, f"8033:bob:{sink_port}", "-upgrade-interval", "3")
         alice.wait_event("relayed path up with bob", timeout=40)
         transfer = scene.send_in_background(8033, 50 << 20)
@@ -291,8 +285,7 @@ def test_transfer_follows_the_client_when_its_nat_changes_port(engine: str) -> N
     with NatLab(kind_a="restricted", kind_b="none") as lab, Scene(lab, engine) as scene:
         scene.broker(10008)
         sink_port = scene.service("sink", str(4 << 20))  # slow start
-        bob = scene.agent("bob", "bob", 10008, "-listen")
-        bob.wait_event("registered as bob")
+        bob = scene.listener(10008)
         scene.agent("alice", "alice", 10008, "-udp-port", "40000", f"8034:bob:{sink_port}")
         up = bob.wait_event("direct path up with alice", timeout=30)
         assert up["peer_endpoint"] == f"{NAT_A_WAN}:40000"
@@ -315,8 +308,7 @@ def test_a_moved_client_punches_again_through_a_filtering_listener_nat(engine: s
     with NatLab(kind_a="restricted", kind_b="restricted") as lab, Scene(lab, engine) as scene:
         scene.broker(10009)
         sink_port = scene.service("sink", str(4 << 20))  # slow start
-        bob = scene.agent("bob", "bob", 10009, "-listen")
-        bob.wait_event("registered as bob")
+        bob = scene.listener(10009)
         alice = scene.agent("alice", "alice", 10009, "-udp-port", "40000", f"8035:bob:{sink_port}")
         up = bob.wait_event("direct path up with alice", timeout=30)
         assert up["peer_endpoint"] == f"{NAT_A_WAN}:40000"
@@ -343,8 +335,7 @@ def test_a_dead_direct_path_falls_back_to_the_relay_and_comes_back(lab: NatLab, 
     with UdpBetweenNats(lab) as udp, Scene(lab, engine) as scene:
         scene.broker(10010)
         sink_port = scene.service("sink", str(2 << 20))  # slow start
-        bob = scene.agent("bob", "bob", 10010, "-listen")
-        bob.wait_event("registered as bob")
+        bob = scene.listener(10010)
         alice = scene.agent("alice", "alice", 10010, f"8036:bob:{sink_port}", "-upgrade-interval", "3")
         alice.wait_event("direct path up with bob", timeout=30)
         transfer = scene.send_in_background(8036, 60 << 20)
