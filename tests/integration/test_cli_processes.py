@@ -21,48 +21,25 @@ def echo_server():  # type: ignore[no-untyped-def]
     proc.stop()
 
 
-def test_seed_command_lines_forward_real_bytes(echo_server: int) -> None:
+@pytest.mark.parametrize("engine_flag", [(), ("-quic-engine", "qh3")], ids=["default-engine", "qh3-flag"])
+def test_seed_command_lines_forward_real_bytes(echo_server: int, engine_flag: tuple[str, ...]) -> None:
     bport = free_port()
     lport = free_port()
     broker = natter("-server", f"127.0.0.1:{bport}")
     bob = alice = None
     try:
         broker.wait_event("broker listening")
-        bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
+        bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", *engine_flag, "-listen")
         bob.wait_event("registered as bob")
-        alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{lport}:bob:{echo_server}")
+        alice = natter(
+            "-name", "alice", "-broker", f"127.0.0.1:{bport}", *engine_flag, f"{lport}:bob:{echo_server}"
+        )
         alice.wait_event(f"forwarding 127.0.0.1:{lport}")
         up = alice.wait_event("direct path up with bob")
         assert up["peer_endpoint"].startswith("127.0.0.1:")
         assert "rtt_ms" in up
         assert tool("echo-check", "127.0.0.1", str(lport), str(3 << 20)) == "ok"
         assert tool("echo-check", "127.0.0.1", str(lport), "1") == "ok"
-    finally:
-        for proc in (alice, bob, broker):
-            if proc is not None:
-                assert proc.stop() == 0, "\n".join(proc.raw_err[-20:])
-
-
-def test_seed_command_lines_with_the_qh3_engine(echo_server: int) -> None:
-    bport = free_port()
-    lport = free_port()
-    broker = natter("-server", f"127.0.0.1:{bport}")
-    bob = alice = None
-    try:
-        broker.wait_event("broker listening")
-        bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-quic-engine", "qh3", "-listen")
-        bob.wait_event("registered as bob")
-        alice = natter(
-            "-name",
-            "alice",
-            "-broker",
-            f"127.0.0.1:{bport}",
-            "-quic-engine",
-            "qh3",
-            f"{lport}:bob:{echo_server}",
-        )
-        alice.wait_event("direct path up with bob")
-        assert tool("echo-check", "127.0.0.1", str(lport), str(3 << 20)) == "ok"
     finally:
         for proc in (alice, bob, broker):
             if proc is not None:
