@@ -148,7 +148,7 @@ class _AgentCollector:
         for link in links:
             sent.add_metric([link.peer], link.bytes_sent)
             received.add_metric([link.peer], link.bytes_received)
-            rtt.add_metric([link.peer, link.path_kind], link.rtt)
+            rtt.add_metric([link.peer, link.kind.value], link.rtt)
         frames = CounterMetricFamily("natter_agent_datagrams", "Datagrams by outcome", labels=["outcome"])
         for key, value in sorted(self.client.agent.stats.items()):
             frames.add_metric([key], value)

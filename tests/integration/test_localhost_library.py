@@ -143,7 +143,7 @@ async def test_second_forward_reuses_the_tunnel(trio: Trio) -> None:
     reply = await send_and_get_reply("127.0.0.1", second.local.port, b"y" * 5000)
     assert reply.startswith(b"5000 ")
     assert trio.alice.agent.link_to("bob") is link
-    assert len(trio.bob.agent._links_by_addr) == 1
+    assert len(trio.bob.agent.tunnels) == 1
 
 
 async def test_unknown_and_not_listening_peers_get_clear_errors(trio: Trio) -> None:

@@ -28,6 +28,7 @@ from .engine import (
     ALPN,
     EngineSettings,
     PeerAuthenticated,
+    PingAcked,
     StopSending,
     StreamData,
     StreamReset,
@@ -124,6 +125,8 @@ class FlowControlledConnection(QuicConnection):
                 return StopSending(event.stream_id)
             if isinstance(event, events.HandshakeCompleted):
                 return PeerAuthenticated()
+            if isinstance(event, events.PingAcknowledged):
+                return PingAcked(event.uid)
             if isinstance(event, events.ConnectionTerminated):
                 return Terminated(event.error_code, event.reason_phrase)
         return None

@@ -43,12 +43,19 @@ class PeerAuthenticated:
 
 
 @dataclass(slots=True)
+class PingAcked:
+    """The peer acknowledged our PING ``uid``: the path works both ways."""
+
+    uid: int
+
+
+@dataclass(slots=True)
 class Terminated:
     error_code: int
     reason: str
 
 
-TunnelEvent = StreamData | StreamReset | StopSending | PeerAuthenticated | Terminated
+TunnelEvent = StreamData | StreamReset | StopSending | PeerAuthenticated | PingAcked | Terminated
 
 
 class TunnelConnection(Protocol):

@@ -1,25 +1,27 @@
 """One QUIC connection to one peer, driven from natter's own loop over the shared socket.
 
 A ``PeerLink`` feeds datagrams and timers into the sans-IO connection, sends what it
-produces once per event-loop turn, dispatches its events to ``StreamChannel`` objects and
-keeps the path alive with pings. Channels give the tunnel bounded buffers both ways.
+produces once per event-loop turn and dispatches its events to ``StreamChannel`` objects.
+Channels give the tunnel bounded buffers both ways. Paths are not its business: the
+connection always sees its peer at ``QUIC_PEER`` and the agent sends where the machine
+routes (``route``, ``kind`` are kept here for status).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from natter_proto.endpoints import Endpoint
+from natter_proto.agent.kinds import QUIC_PEER, Path, PathKind, Role
 from natter_proto.sendqueue import SendQueue
 
 from .engine import (
     PeerAuthenticated,
+    PingAcked,
     StopSending,
     StreamData,
     StreamReset,
@@ -30,6 +32,7 @@ from .engine import (
 log = structlog.get_logger("natter.link")
 
 ERR_RESET = 0x1  # application error code used on RESET_STREAM / STOP_SENDING
+QUIC_ADDR = (QUIC_PEER.host, QUIC_PEER.port)
 
 
 class StreamClosed(ConnectionError):
@@ -119,40 +122,43 @@ class StreamChannel:
 class PeerLink:
     """The QUIC tunnel to one peer over one punched path."""
 
-    _uids = itertools.count(1)
-
     def __init__(
         self,
         *,
+        tunnel: int,
         send: Callable[[list[tuple[bytes, Any]]], None],
         conn: TunnelConnection,
         peer: str,
-        addr: Endpoint,
-        role: str,
+        route: Path,
+        kind: PathKind,
+        role: Role,
         on_incoming: Callable[[StreamChannel], None],
+        on_ready: Callable[[PeerLink], None],
+        on_pong: Callable[[PeerLink, int, bool], None],
         on_closed: Callable[[PeerLink], None],
         verify: Callable[[PeerLink], str | None],
         expected_key: bytes | None,
-        ping_interval: float,
         send_buffer_limit: int,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self._send_datagrams = send  # the punched path, or the broker's relay
+        self.tunnel = tunnel  # the machine's number for it
+        self._send_datagrams = send  # the agent sends on the current route
         self.conn = conn
         self.peer = peer
-        self.addr = addr
+        self.route = route
+        self.kind = kind
         self.role = role
-        self.id = next(self._uids)
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.closed = asyncio.Event()
         self.close_reason = ""
         self._on_incoming = on_incoming
+        self._on_ready = on_ready
+        self._on_pong = on_pong
         self._on_closed = on_closed
         self._verify = verify
         self.expected_key = expected_key  # what the broker vouched for
         self.peer_key: bytes | None = None  # what the peer proved in the handshake
         self._verified = False
-        self._ping_interval = ping_interval
         self._send_limit = send_buffer_limit
         self._channels: dict[int, StreamChannel] = {}
         self._blocked: set[StreamChannel] = set()
@@ -163,20 +169,9 @@ class PeerLink:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_handle: asyncio.Handle | None = None
-        self._inbox: list[tuple[bytes, Endpoint]] = []
-        self._ping_task: asyncio.Task[None] | None = None
-        self.last_ping_rtt: float | None = None
-        self.path_kind = "direct"  # or "lan", "predicted" (birthday method), "relayed"
-        self.direct_route: Endpoint | None = None  # a relayed client's punched path, once moved
-        # ... whose QUIC connection keeps seeing its one peer address: natter routes, so the
-        # client's QUIC never treats the move as a new, unvalidated path (aioquic would then
-        # limit what it sends to three times what it received there)
-        self.receive_as: tuple[str, int] | None = None
-        self.via_relay = False  # a client sending everything through the relay
-        self.probes = 0  # for a predicted path: probes it took
+        self._inbox: list[bytes] = []
+        self._moved_at_ping = 0  # bytes both ways when the last ping was acknowledged
         self.started = self.loop.time()
-        self.last_heard = self.started  # a datagram from the peer
-        self.last_sent = self.started  # the first datagram sent after last_heard
         self.bytes_sent = 0  # payload bytes, both ways, over the tunnel's life
         self.bytes_received = 0
         self.streams_opened = 0
@@ -190,31 +185,28 @@ class PeerLink:
         return self.conn.smoothed_rtt()
 
     def start_client(self) -> None:
-        self.conn.connect((self.addr.host, self.addr.port), now=self.loop.time())
+        self.conn.connect(QUIC_ADDR, now=self.loop.time())
         self.flush()
 
+    def ping(self, uid: int) -> None:
+        """A QUIC PING the machine asked for; its acknowledgement goes back as a pong."""
+        if self.is_alive:
+            self.conn.send_ping(uid)
+            self.flush()
+
     # -- input ----------------------------------------------------------------
-    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
+    def datagram_received(self, data: bytes) -> None:
         """Queue a datagram; the socket's whole batch is fed to the engine at once, after it."""
         if not self._inbox:
             self.loop.call_soon(self._drain_inbox)
-        self._inbox.append((data, addr))
+        self._inbox.append(data)
 
     def _drain_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
         if self.closed.is_set():
             return
-        now = self.loop.time()
-        self.last_heard = now
-        start = 0
         try:
-            for end in range(1, len(inbox) + 1):  # runs of datagrams from one address
-                if end == len(inbox) or inbox[end][1] != inbox[start][1]:
-                    addr = inbox[start][1]
-                    self.conn.receive_datagrams(
-                        [data for data, _ in inbox[start:end]], self.receive_as or (addr.host, addr.port), now
-                    )
-                    start = end
+            self.conn.receive_datagrams(inbox, QUIC_ADDR, self.loop.time())
             self._process_events()
         except Exception as exc:  # the engine itself failed: end this tunnel, not the agent
             self._engine_failed(exc)
@@ -267,8 +259,10 @@ class PeerLink:
                     continue
                 self._verified = True
                 self.conn.accept_peer()
-                if self._ping_task is None:
-                    self._ping_task = self.loop.create_task(self._ping_loop())
+            elif isinstance(event, PingAcked):
+                moved = self.bytes_sent + self.bytes_received
+                busy, self._moved_at_ping = moved != self._moved_at_ping, moved
+                self._on_pong(self, event.uid, busy)
             elif isinstance(event, Terminated):
                 reason = event.reason or f"error 0x{event.error_code:x}"
                 if "alpn" in reason.lower():
@@ -293,13 +287,14 @@ class PeerLink:
     def _maybe_ready(self) -> None:
         """Up once we verified the peer and, as the QUIC client, the server has confirmed the
         handshake (HANDSHAKE_DONE): a server that refuses us closes instead of confirming."""
-        confirmed = self.role == "server" or self.conn.handshake_confirmed()
+        confirmed = self.role is Role.SERVER or self.conn.handshake_confirmed()
         if self._verified and confirmed and not self.ready.done() and self.is_alive:
             self.ready.set_result(None)
+            self._on_ready(self)
 
     def _is_local_stream(self, stream_id: int) -> bool:
         client_initiated = stream_id % 2 == 0
-        return client_initiated == (self.role == "client")
+        return client_initiated == (self.role is Role.CLIENT)
 
     # -- output ---------------------------------------------------------------
     def schedule_flush(self) -> None:
@@ -329,8 +324,6 @@ class PeerLink:
             return
         if datagrams:
             self._send_datagrams(datagrams)
-            if self.last_sent <= self.last_heard:
-                self.last_sent = self.loop.time()  # the first send since we last heard
         self._wake_writers()
 
     def _feed_engine(self) -> bool:
@@ -399,23 +392,13 @@ class PeerLink:
     def open_streams(self) -> int:
         return len(self._channels)
 
-    def set_sender(self, send: Callable[[list[tuple[bytes, Any]]], None]) -> None:
-        """Where datagrams go from now on (the agent routes a tunnel that changes paths)."""
-        self._send_datagrams = send
-
-    def silent_for(self) -> float:
-        """How long we have been sending without hearing anything back (0 if we heard last)."""
-        if self.last_sent <= self.last_heard:
-            return 0.0
-        return self.loop.time() - self.last_sent
-
     def status(self) -> dict[str, object]:
         """What `natter status` shows for this tunnel."""
         return {
             "peer": self.peer,
-            "path": self.path_kind,
-            "endpoint": str(self.addr),
-            "role": self.role,
+            "path": self.kind.value,
+            "endpoint": str(self.route),
+            "role": self.role.value,
             "rtt_ms": round(self.rtt * 1000, 2),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
@@ -477,15 +460,7 @@ class PeerLink:
             channel._fail(reason)
 
     # -- lifetime ---------------------------------------------------------------
-    async def _ping_loop(self) -> None:
-        """Keep NAT mappings open and notice a dead peer (QUIC has no keepalive of its own)."""
-        while self.is_alive:
-            await asyncio.sleep(self._ping_interval)
-            if not self.is_alive:
-                break
-            self.conn.send_ping(next(self._uids))
-            self.flush()
-
+    # -- lifetime ---------------------------------------------------------------
     def close(self, reason: str = "closed") -> None:
         if not self.is_alive:
             return
@@ -507,6 +482,4 @@ class PeerLink:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._ping_task is not None and self._ping_task is not asyncio.current_task():
-            self._ping_task.cancel()
         self._on_closed(self)

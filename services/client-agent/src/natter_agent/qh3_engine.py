@@ -32,6 +32,7 @@ from natter_proto.tunnelctl import Accept, ControlError, Credit, Fin, Proof, Rec
 from .engine import (
     EngineSettings,
     PeerAuthenticated,
+    PingAcked,
     StopSending,
     StreamData,
     StreamReset,
@@ -280,6 +281,8 @@ class Qh3TunnelConnection(QuicConnection):
                 self._peer_key = raw_public_key(x509.load_der_x509_certificate(certificate.public_bytes()))
             self._authenticated = True
             self._ready.append(PeerAuthenticated())
+        elif isinstance(event, events.PingAcknowledged):
+            self._ready.append(PingAcked(event.uid))
         elif isinstance(event, events.ConnectionIdIssued):
             self._host_cids.add(event.connection_id)
         elif isinstance(event, events.ConnectionIdRetired):

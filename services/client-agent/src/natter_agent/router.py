@@ -1,0 +1,85 @@
+"""Which tunnel a datagram belongs to: by (socket, address), by relay key, or by the
+destination connection ID of a short-header QUIC packet.
+
+The machine decides where tunnels are (``RouteTunnel``); the router only remembers it, so
+that the steady stream of a tunnel's datagrams never enters the machine. A path a tunnel
+left still delivers to it (stragglers of a move) until another tunnel takes the path.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from natter_proto.agent.kinds import Path
+from natter_proto.endpoints import Endpoint
+from natter_proto.relay import RELAY_PREFIX, RelayFrameError, decode_relay
+
+CID_LENGTH = 8  # the host connection ID length both engines use
+
+
+class OwnsConnectionIds(Protocol):
+    def owns_connection_id(self, cid: bytes) -> bool: ...
+
+
+class Router:
+    def __init__(self) -> None:
+        self._by_addr: dict[tuple[int, Endpoint], tuple[int, Path]] = {}
+        self._by_key: dict[bytes, tuple[int, Path]] = {}
+        self._paths: dict[int, set[Path]] = {}
+        self._conns: dict[int, OwnsConnectionIds] = {}
+        self._cids: dict[bytes, int] = {}
+
+    def add(self, tunnel: int, conn: OwnsConnectionIds) -> None:
+        self._conns[tunnel] = conn
+        self._paths.setdefault(tunnel, set())
+
+    def route(self, tunnel: int, path: Path) -> None:
+        """Datagrams arriving on path are the tunnel's."""
+        entry = (tunnel, path)
+        if path.relayed:
+            self._by_key[path.relay_key] = entry
+        else:
+            self._by_addr[(path.socket, path.addr)] = entry
+        self._paths.setdefault(tunnel, set()).add(path)
+
+    def forget(self, tunnel: int) -> None:
+        for path in self._paths.pop(tunnel, set()):
+            if path.relayed:
+                if self._by_key.get(path.relay_key, (0,))[0] == tunnel:
+                    del self._by_key[path.relay_key]
+            elif self._by_addr.get((path.socket, path.addr), (0,))[0] == tunnel:
+                del self._by_addr[(path.socket, path.addr)]
+        self._conns.pop(tunnel, None)
+        for cid in [cid for cid, owner in self._cids.items() if owner == tunnel]:
+            del self._cids[cid]
+
+    def place(self, socket: int, addr: Endpoint, data: bytes) -> tuple[int, Path, bytes] | None:
+        """(tunnel, the path it came on, the QUIC packet), or None: the machine decides."""
+        if data[0] == RELAY_PREFIX:
+            try:
+                key, packet = decode_relay(data)
+            except RelayFrameError:
+                return None
+            found = self._by_key.get(key)
+            if found is None or found[1].addr != addr or socket != found[1].socket:
+                return None
+            return found[0], found[1], packet
+        if data[0] < 0x40:
+            return None
+        hit = self._by_addr.get((socket, addr))
+        return (hit[0], hit[1], data) if hit is not None else None
+
+    def owner(self, packet: bytes) -> int | None:
+        """The tunnel a short-header packet is addressed to, by connection ID (remembered
+        once found; long headers, handshakes, never move)."""
+        if len(packet) < 1 + CID_LENGTH or packet[0] & 0x80 or packet[0] < 0x40:
+            return None
+        cid = packet[1 : 1 + CID_LENGTH]
+        tunnel = self._cids.get(cid)
+        if tunnel is not None:
+            return tunnel
+        for tunnel, conn in self._conns.items():
+            if conn.owns_connection_id(cid):
+                self._cids[cid] = tunnel
+                return tunnel
+        return None

@@ -1,0 +1,446 @@
+"""A broker and agents on the simulated network, with real QUIC in virtual time.
+
+The broker is natter_proto's BrokerCore with the in-memory registry and relay table; each
+agent is an AgentMachine with the shell's Router, and its tunnels are real sans-IO QUIC
+connections of natter's engines (qh3 by default) fed in virtual time. Nothing here opens
+a socket or reads a clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from simnet import Network, Realm
+
+from natter_agent.engine import (
+    PeerAuthenticated,
+    PingAcked,
+    StreamData,
+    Terminated,
+    TunnelConnection,
+    make_engine,
+)
+from natter_agent.router import Router
+from natter_agent.tls import credentials_for
+from natter_proto import frames
+from natter_proto.agent.actions import (
+    Action,
+    CloseSocket,
+    CloseTunnel,
+    DeliverDatagram,
+    Notice,
+    OpenSockets,
+    PathChanged,
+    PeerReady,
+    PeerUnreachable,
+    PingTunnel,
+    RouteTunnel,
+    SendFrame,
+    StartTunnel,
+    TunnelUp,
+)
+from natter_proto.agent.kinds import QUIC_PEER, Path, PathKind, Role
+from natter_proto.agent.machine import AgentMachine
+from natter_proto.agent.settings import AgentSettings
+from natter_proto.broker import BrokerCore, RecentSessions
+from natter_proto.endpoints import Endpoint
+from natter_proto.frames import ConnectRequest, FrameError, Keepalive, MappingQuery, MappingReply, Register
+from natter_proto.identity import Identity
+from natter_proto.registry import PeerTable
+from natter_proto.relay import (
+    RELAY_PREFIX,
+    RelayFrameError,
+    RelaySession,
+    RelayTable,
+    decode_relay,
+    encode_relay,
+    session_key,
+)
+
+TTL = 60.0
+
+
+class SimBroker:
+    """A single broker (the embedded default), with its probe port and relay."""
+
+    def __init__(self, net: Network, addr: Endpoint, *, relay: bool = True, probe: bool = True) -> None:
+        self.net, self.addr = net, addr
+        self.core = BrokerCore("sim", 20, punch_delay_ms=0)
+        self.core.relay = relay
+        self.table = PeerTable(TTL)
+        self.keys: dict[str, bytes] = {}
+        self.recent = RecentSessions()
+        self.relays = RelayTable(1 << 30, 3600)
+        self.relayed_bytes = 0
+        self.up = True
+        net.internet.bind(addr, self.receive)
+        if probe:
+            self.probe_addr = Endpoint(addr.host, addr.port + 1)
+            self.core.probe_port = self.probe_addr.port
+            net.internet.bind(self.probe_addr, self.probe)
+
+    def send(self, message: frames.Message, to: Endpoint) -> None:
+        self.net.internet.send(self.addr, to, frames.encode(message))
+
+    def probe(self, data: bytes, source: Endpoint) -> None:
+        if self.up and isinstance(frames.decode(data), MappingQuery):
+            self.net.internet.send(self.probe_addr, source, frames.encode(MappingReply(source)))
+
+    def receive(self, data: bytes, source: Endpoint) -> None:
+        if not self.up:
+            return
+        now = self.net.clock.now
+        if data[0] == RELAY_PREFIX:
+            self._relay(data, source)
+            return
+        try:
+            message = frames.decode(data)
+        except FrameError:
+            return
+        admission = self.core.admit(message, source, len(data), now)
+        if not admission.ok:
+            if admission.reply is not None:
+                self.send(admission.reply, source)
+            return
+        if isinstance(message, Register):
+            record, reply = self.core.on_register(message, source, now)
+            if record is not None:
+                owner = self.keys.setdefault(record.name, record.public_key or b"")
+                if owner != record.public_key:
+                    reply = self.core.name_taken(message, owner)
+                else:
+                    self.table.put(record)
+            self.send(reply, source)
+        elif isinstance(message, Keepalive):
+            record = self.table.get(message.name)
+            known = record is not None and record.public == source
+            if record is not None and known:
+                self.table.put(record.seen(now))
+            self.send(self.core.on_keepalive(message, source, known, now), source)
+        elif isinstance(message, ConnectRequest):
+            session = self.recent.session_for(message.peer_from, message.request_id, now)
+            decision = self.core.on_connect(
+                message,
+                source,
+                self.table.get(message.peer_from),
+                self.table.get(message.peer_to),
+                now,
+                TTL,
+                session,
+            )
+            if decision.refusal is not None:
+                self.send(*decision.refusal)
+                return
+            intro = decision.introduction
+            assert intro is not None
+            self.relays.allow(
+                session_key(session), RelaySession(intro.requester.name, intro.target.name, now)
+            )
+            for frame in intro.to_target:
+                self.send(frame, intro.target.public)
+            self.send(intro.to_requester, intro.requester.public)
+
+    def _relay(self, data: bytes, source: Endpoint) -> None:
+        try:
+            key, packet = decode_relay(data)
+        except RelayFrameError:
+            return
+        sender = next((r.name for r in self.table._records.values() if r.public == source), None)
+        if sender is None:
+            return
+        receiver, _ = self.relays.charge(key, sender, len(packet), self.net.clock.now)
+        record = self.table.get(receiver) if receiver is not None else None
+        if record is not None:
+            self.relayed_bytes += len(packet)
+            self.net.internet.send(self.addr, record.public, encode_relay(key, packet))
+
+
+@dataclass
+class SimTunnel:
+    """One tunnel's QUIC connection, driven in virtual time."""
+
+    id: int
+    peer: str
+    role: Role
+    conn: TunnelConnection
+    route: Path
+    kind: PathKind
+    expected_key: bytes | None
+    ready: bool = False
+    closed: str = ""
+    received: dict[int, bytearray] = field(default_factory=lambda: defaultdict(bytearray))
+    fins: set[int] = field(default_factory=set)
+    moved: int = 0  # payload bytes since the last ping
+
+
+class SimAgent:
+    """An AgentMachine on a host of the simulated network, with the shell's duties done
+    here in virtual time: sockets, routing, QUIC."""
+
+    def __init__(
+        self,
+        world: World,
+        name: str,
+        realm: Realm,
+        ip: str,
+        broker: Endpoint,
+        settings: AgentSettings,
+        engine: str,
+    ) -> None:
+        self.world, self.name, self.realm, self.ip = world, name, realm, ip
+        self.identity = Identity.generate()
+        self.engine = make_engine(engine, credentials=credentials_for(self.identity, name))
+        self.main = Endpoint(ip, 40000)
+        self.sockets: dict[int, Endpoint] = {0: self.main}
+        self.machine = AgentMachine(name, self.identity, [broker], (self.main,), settings)
+        self.router = Router()
+        self.tunnels: dict[int, SimTunnel] = {}
+        self.events: list[Action] = []
+        self.times: list[float] = []  # when each event came
+        self.ready: dict[str, int] = {}
+        self.unreachable: dict[str, PeerUnreachable] = {}
+        self._ports = itertools.count(41000)
+        realm.bind(self.main, lambda data, src: self.datagram(0, data, src))
+
+    @property
+    def now(self) -> float:
+        return self.world.net.clock.now
+
+    # -- the shell's duties ----------------------------------------------------------------
+    def datagram(self, socket: int, data: bytes, src: Endpoint) -> None:
+        placed = self.router.place(socket, src, data)
+        if placed is None:
+            owner = self.router.owner(data[9:] if data[0] == RELAY_PREFIX else data)
+            self.machine.handle_datagram(socket, src, data, self.now, owner)
+        else:
+            tunnel_id, path, packet = placed
+            tunnel = self.tunnels.get(tunnel_id)
+            if tunnel is not None:
+                if path != tunnel.route:
+                    self.machine.tunnel_heard_on(tunnel_id, path, self.now)
+                self._feed(tunnel, [packet])
+        self.pump()
+
+    def pump(self) -> None:
+        while (action := self.machine.next_action()) is not None:
+            self.act(action)
+
+    def act(self, action: Action) -> None:
+        if isinstance(action, SendFrame):
+            self._send_on(action.socket, action.addr, action.data)
+        elif isinstance(action, OpenSockets):
+            for socket in action.sockets:
+                addr = Endpoint(self.ip, next(self._ports))
+                self.sockets[socket] = addr
+                self.realm.bind(addr, lambda data, src, s=socket: self.datagram(s, data, src))
+        elif isinstance(action, CloseSocket):
+            addr = self.sockets.pop(action.socket, None)
+            if addr is not None:
+                self.realm.unbind(addr)
+        elif isinstance(action, StartTunnel):
+            self._start(action)
+        elif isinstance(action, RouteTunnel):
+            tunnel = self.tunnels.get(action.tunnel)
+            if tunnel is not None:
+                tunnel.route, tunnel.kind = action.path, action.kind
+                self.router.route(action.tunnel, action.path)
+        elif isinstance(action, DeliverDatagram):
+            tunnel = self.tunnels.get(action.tunnel)
+            if tunnel is not None:
+                self._feed(tunnel, [action.data])
+        elif isinstance(action, PingTunnel):
+            tunnel = self.tunnels.get(action.tunnel)
+            if tunnel is not None and not tunnel.closed:
+                tunnel.conn.send_ping(action.uid)
+                self._flush(tunnel)
+        elif isinstance(action, CloseTunnel):
+            tunnel = self.tunnels.get(action.tunnel)
+            if tunnel is not None and not tunnel.closed:
+                tunnel.conn.close(0, None, action.reason)
+                self._flush(tunnel)
+                self._closed(tunnel, action.reason)
+        elif isinstance(action, PeerReady):
+            self.ready[action.peer] = action.tunnel
+            self.unreachable.pop(action.peer, None)
+        elif isinstance(action, PeerUnreachable):
+            self.unreachable[action.peer] = action
+        if isinstance(action, Notice | TunnelUp | PathChanged | PeerReady | PeerUnreachable):
+            self.events.append(action)
+            self.times.append(self.now)
+
+    def _start(self, action: StartTunnel) -> None:
+        if action.role is Role.CLIENT:
+            conn: TunnelConnection | None = self.engine.client_connection()
+            assert conn is not None
+            conn.connect((QUIC_PEER.host, QUIC_PEER.port), now=self.now)
+        else:
+            conn = self.engine.server_connection(action.initial)
+            if conn is None:
+                self.machine.tunnel_closed(action.tunnel, "not a QUIC Initial", self.now)
+                return
+        tunnel = SimTunnel(
+            action.tunnel, action.peer, action.role, conn, action.path, action.kind, action.expected_key
+        )
+        self.tunnels[tunnel.id] = tunnel
+        self.router.add(tunnel.id, conn)
+        self.router.route(tunnel.id, action.path)
+        if action.initial:
+            self._feed(tunnel, [action.initial])
+        else:
+            self._flush(tunnel)
+
+    def _feed(self, tunnel: SimTunnel, packets: list[bytes]) -> None:
+        if tunnel.closed:
+            return
+        tunnel.conn.receive_datagrams(packets, (QUIC_PEER.host, QUIC_PEER.port), self.now)
+        self._events(tunnel)
+        self._flush(tunnel)
+
+    def _events(self, tunnel: SimTunnel) -> None:
+        while (event := tunnel.conn.poll_event()) is not None:
+            if isinstance(event, PeerAuthenticated):
+                key = tunnel.conn.peer_public_key()
+                if tunnel.expected_key is not None and key != tunnel.expected_key:
+                    tunnel.conn.close(0, None, "wrong key")
+                    self._closed(tunnel, "wrong key")
+                    return
+                tunnel.conn.accept_peer()
+            elif isinstance(event, PingAcked):
+                busy, tunnel.moved = tunnel.moved > 0, 0
+                self.machine.tunnel_pong(tunnel.id, event.uid, busy, self.now)
+            elif isinstance(event, StreamData):
+                tunnel.received[event.stream_id] += event.data
+                tunnel.moved += len(event.data)
+                tunnel.conn.consume(event.stream_id, len(event.data))
+                if event.end_stream:
+                    tunnel.fins.add(event.stream_id)
+            elif isinstance(event, Terminated):
+                self._closed(tunnel, event.reason or "terminated")
+                return
+        confirmed = tunnel.role is Role.SERVER or tunnel.conn.handshake_confirmed()
+        if not tunnel.ready and confirmed and tunnel.conn.peer_public_key() is not None:
+            tunnel.ready = True
+            self.machine.tunnel_ready(tunnel.id, self.now)
+
+    def _flush(self, tunnel: SimTunnel) -> None:
+        if tunnel.closed and tunnel.id not in self.tunnels:
+            return
+        for data, _addr in tunnel.conn.datagrams_to_send(self.now):
+            route = tunnel.route
+            if route.relayed:
+                self._send_on(route.socket, route.addr, encode_relay(route.relay_key, data))
+            else:
+                self._send_on(route.socket, route.addr, data)
+
+    def _send_on(self, socket: int, addr: Endpoint, data: bytes) -> None:
+        src = self.sockets.get(socket)
+        if src is not None:
+            self.realm.send(src, addr, data)
+
+    def _closed(self, tunnel: SimTunnel, reason: str) -> None:
+        if tunnel.closed:
+            return
+        tunnel.closed = reason
+        self.router.forget(tunnel.id)
+        self.tunnels.pop(tunnel.id, None)
+        self.machine.tunnel_closed(tunnel.id, reason, self.now)
+
+    # -- time ------------------------------------------------------------------------------
+    def next_timer(self) -> float | None:
+        times = [self.machine.get_timer()]
+        times += [t.conn.get_timer() for t in self.tunnels.values()]
+        return min((t for t in times if t is not None), default=None)
+
+    def on_timer(self) -> None:
+        now = self.now
+        when = self.machine.get_timer()
+        if when is not None and when <= now:
+            self.machine.handle_timer(now)
+        for tunnel in list(self.tunnels.values()):
+            when = tunnel.conn.get_timer()
+            if when is not None and when <= now:
+                tunnel.conn.handle_timer(now)
+                self._events(tunnel)
+                self._flush(tunnel)
+        self.pump()
+
+    # -- what a test does ------------------------------------------------------------------
+    def move_to(self, realm: Realm, ip: str) -> None:
+        """The host moves to another network (roaming): its sockets get new addresses."""
+        for socket, addr in list(self.sockets.items()):
+            self.realm.unbind(addr)
+            new = Endpoint(ip, addr.port)
+            self.sockets[socket] = new
+            realm.bind(new, lambda data, src, s=socket: self.datagram(s, data, src))
+        self.realm, self.ip = realm, ip
+
+    def tunnel_to(self, peer: str) -> SimTunnel | None:
+        tunnel_id = self.ready.get(peer)
+        tunnel = self.tunnels.get(tunnel_id) if tunnel_id is not None else None
+        return tunnel if tunnel is not None and not tunnel.closed else None
+
+    def send(self, peer: str, data: bytes, *, fin: bool = False, stream: int | None = None) -> int:
+        tunnel = self.tunnel_to(peer)
+        assert tunnel is not None, f"{self.name} has no tunnel to {peer}"
+        stream_id = stream if stream is not None else tunnel.conn.new_stream_id()
+        tunnel.conn.send_stream_data(stream_id, data, end_stream=fin)
+        tunnel.moved += len(data)
+        self.machine.tunnel_activity(tunnel.id, self.now)
+        self._flush(tunnel)
+        return stream_id
+
+    def received_from(self, peer: str) -> bytes:
+        return b"".join(bytes(data) for t in self._all_tunnels(peer) for data in t.received.values())
+
+    def _all_tunnels(self, peer: str) -> list[SimTunnel]:
+        return [t for t in self.tunnels.values() if t.peer == peer]
+
+
+class World:
+    def __init__(
+        self,
+        *,
+        seed: int = 1,
+        latency: float = 0.005,
+        loss: float = 0.0,
+        settings: AgentSettings | None = None,
+        engine: str = "qh3",
+        relay: bool = True,
+    ) -> None:
+        self.net = Network(seed=seed, latency=latency, loss=loss)
+        self.settings = settings or AgentSettings()
+        self.engine = engine
+        self.broker = SimBroker(self.net, Endpoint("198.51.100.1", 10000), relay=relay)
+        self.agents: list[SimAgent] = []
+
+    def agent(self, name: str, realm: Realm, ip: str) -> SimAgent:
+        agent = SimAgent(self, name, realm, ip, self.broker.addr, self.settings, self.engine)
+        self.agents.append(agent)
+        return agent
+
+    def run(self, seconds: float) -> None:
+        end = self.net.clock.now + seconds
+        spins, last = 0, -1.0
+        while True:
+            self.net.clock.run_until(end, self._next_timer)
+            now = self.net.clock.now
+            due = [a for a in self.agents if (t := a.next_timer()) is not None and t <= now]
+            for agent in due:
+                agent.on_timer()
+            spins = spins + 1 if now == last and due else 0
+            last = now
+            assert spins < 10_000, f"a timer at {now} does not move: {[a.name for a in due]}"
+            if now >= end and not due:
+                return
+
+    def _next_timer(self) -> float | None:
+        return min((t for a in self.agents if (t := a.next_timer()) is not None), default=None)
+
+    def start(self, *agents: SimAgent, listen: tuple[SimAgent, ...] = ()) -> None:
+        for agent in agents:
+            if agent in listen:
+                agent.machine.listen(self.net.clock.now)
+            agent.machine.start(self.net.clock.now)
+            agent.pump()
