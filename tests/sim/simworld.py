@@ -84,6 +84,16 @@ class SimBroker:
     def send(self, message: frames.Message, to: Endpoint) -> None:
         self.net.internet.send(self.addr, to, frames.encode(message))
 
+    def restart(self) -> None:
+        """A standalone broker restarts: it forgets every registration and cookie."""
+        relay, probe = self.core.relay, self.core.probe_port
+        self.core = BrokerCore("sim", 20, punch_delay_ms=0)
+        self.core.relay, self.core.probe_port = relay, probe
+        self.table = PeerTable(TTL)
+        self.keys.clear()
+        self.recent = RecentSessions()
+        self.relays = RelayTable(1 << 30, 3600)
+
     def probe(self, data: bytes, source: Endpoint) -> None:
         if self.up and isinstance(frames.decode(data), MappingQuery):
             self.net.internet.send(self.probe_addr, source, frames.encode(MappingReply(source)))
@@ -188,11 +198,13 @@ class SimAgent:
         broker: Endpoint,
         settings: AgentSettings,
         engine: str,
+        identity: Identity | None = None,
+        port: int = 40000,
     ) -> None:
         self.world, self.name, self.realm, self.ip = world, name, realm, ip
-        self.identity = Identity.generate()
+        self.identity = identity or Identity.generate()
         self.engine = make_engine(engine, credentials=credentials_for(self.identity, name))
-        self.main = Endpoint(ip, 40000)
+        self.main = Endpoint(ip, port)
         self.sockets: dict[int, Endpoint] = {0: self.main}
         self.machine = AgentMachine(name, self.identity, [broker], (self.main,), settings)
         self.router = Router()
@@ -284,7 +296,7 @@ class SimAgent:
             action.tunnel, action.peer, action.role, conn, action.path, action.kind, action.expected_key
         )
         self.tunnels[tunnel.id] = tunnel
-        self.router.add(tunnel.id, conn)
+        self.router.add(tunnel.id, conn, action.initial)
         self.router.route(tunnel.id, action.path)
         if action.initial:
             self._feed(tunnel, [action.initial])
@@ -415,10 +427,19 @@ class World:
         self.broker = SimBroker(self.net, Endpoint("198.51.100.1", 10000), relay=relay)
         self.agents: list[SimAgent] = []
 
-    def agent(self, name: str, realm: Realm, ip: str) -> SimAgent:
-        agent = SimAgent(self, name, realm, ip, self.broker.addr, self.settings, self.engine)
+    def agent(
+        self, name: str, realm: Realm, ip: str, *, identity: Identity | None = None, port: int = 40000
+    ) -> SimAgent:
+        agent = SimAgent(self, name, realm, ip, self.broker.addr, self.settings, self.engine, identity, port)
         self.agents.append(agent)
         return agent
+
+    def kill(self, agent: SimAgent) -> None:
+        """kill -9: its sockets close, its state is gone."""
+        for addr in agent.sockets.values():
+            agent.realm.unbind(addr)
+        agent.tunnels.clear()
+        self.agents.remove(agent)
 
     def run(self, seconds: float) -> None:
         end = self.net.clock.now + seconds

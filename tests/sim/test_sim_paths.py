@@ -5,7 +5,7 @@ from __future__ import annotations
 from simnet import Filtering, Mapping
 from simworld import SimAgent, World
 
-from natter_proto.agent.actions import PathChanged, TunnelUp
+from natter_proto.agent.actions import Notice, NoticeKind, PathChanged, TunnelUp
 from natter_proto.agent.kinds import PathKind
 from natter_proto.agent.settings import AgentSettings
 
@@ -157,3 +157,99 @@ def test_nat_rebinding_mid_transfer(who: str) -> None:
     world.run(10.0)
     assert bob.received_from("alice") == bytes(sent) + b"h"
     assert len([e for e in alice.events if isinstance(e, TunnelUp)]) == 1  # the same tunnel
+
+
+def notices(agent: SimAgent, *kinds_: NoticeKind) -> list[Notice]:
+    return [e for e in agent.events if isinstance(e, Notice) and e.kind in kinds_]
+
+
+def test_forward_recovers_when_the_client_re_registers_before_the_listener() -> None:
+    """Seen: after a broker restart alice asked for bob before bob was back, was told
+    'unknown peer', and no connect ever went to the broker again (a re-punch marker that
+    only a punch outcome cleared). Now every outcome ends its own attempt."""
+    world = World()
+    alice, bob = pair(world)
+    connect(world, alice)
+    b_nat = world.net.internet.nats["203.0.113.20"]
+    b_nat.paused = True
+    world.broker.restart()
+    alice.send("bob", b"x" * 1000)
+    world.run(12.0)
+    assert alice.machine.registered
+    assert alice.unreachable.get("bob") is not None  # told, not left waiting
+    b_nat.paused = False
+    world.run(12.0)  # bob notices, re-registers
+    assert bob.machine.registered
+    connect(world, alice, seconds=3.0)  # the forward's next try
+    tunnel = alice.tunnel_to("bob")
+    assert tunnel is not None and tunnel.ready
+    alice.send("bob", b"after", fin=True)
+    world.run(1.0)
+    assert bob.received_from("alice").endswith(b"after")
+
+
+def test_both_ends_agree_on_the_path_after_the_listener_was_stopped() -> None:
+    """Seen: bob stopped for 30 s, both went to the relay; bob resumed, alice said direct
+    while bob kept sending through the relay (and the broker carried 215 MB)."""
+    world = World(settings=AgentSettings(upgrade_interval=10.0))
+    alice, bob = pair(world)
+    connect(world, alice)
+    b_nat = world.net.internet.nats["203.0.113.20"]
+    b_nat.deny.add("203.0.113.10")  # the direct path fails first: the tunnel goes to the relay
+    alice.send("bob", b"x" * 1000)
+    world.run(10.0)
+    b_nat.paused = True  # then bob stops altogether
+    world.run(30.0)
+    b_nat.paused = False  # bob resumes; the direct path still fails
+    world.run(10.0)
+    connect(world, alice, seconds=10.0)  # the forward's retry: a relayed tunnel
+    assert alice.tunnel_to("bob") is not None
+    b_nat.deny.clear()  # now a direct path works: the upgrade takes both ends there
+    world.run(15.0)
+    mine, theirs = alice.tunnel_to("bob"), bob.tunnel_to("alice")
+    assert mine is not None and theirs is not None and mine.id in alice.tunnels
+    assert mine.kind is PathKind.DIRECT and theirs.kind is PathKind.DIRECT
+    relayed = world.broker.relayed_bytes
+    stream = alice.send("bob", b"")
+    for _ in range(20):
+        alice.send("bob", b"z" * 50_000, stream=stream)
+        bob.send("alice", b"w" * 50_000)
+        world.run(0.1)
+    world.run(2.0)
+    assert world.broker.relayed_bytes - relayed < 5_000  # neither side relays any more
+
+
+def test_a_one_way_bulk_transfer_does_not_trip_the_silence_check() -> None:
+    """Seen: 'hears nothing back: punching again' after every bulk upload. Silence is now
+    judged by acknowledged pings, not by gaps in what comes back."""
+    world = World(loss=0.01)
+    alice, bob = pair(world)
+    connect(world, alice)
+    stream = alice.send("bob", b"")
+    for _ in range(200):  # 10 s of sending
+        alice.send("bob", b"u" * 30_000, stream=stream)
+        world.run(0.05)
+    world.run(5.0)  # and the quiet after it
+    for agent in (alice, bob):
+        assert not notices(agent, NoticeKind.SILENT, NoticeKind.REPUNCH), agent.name
+
+
+def test_a_restarted_listener_is_reached_again_within_seconds() -> None:
+    """Seen: after kill -9 and a restart of bob, new connections worked only after 60 s
+    (QUIC's idle timeout) while alice re-punched onto the dead connection."""
+    world = World()
+    alice, bob = pair(world)
+    connect(world, alice)
+    old = alice.tunnel_to("bob")
+    world.kill(bob)
+    bob2 = world.agent("bob", bob.realm, bob.ip, identity=bob.identity, port=40001)
+    world.start(bob2, listen=(bob2,))
+    world.run(1.0)
+    assert bob2.machine.registered
+    start = world.net.clock.now
+    alice.send("bob", b"new connection")  # the stream a new TCP connection opens
+    while world.net.clock.now - start < 10 and (alice.tunnel_to("bob") in (None, old)):
+        world.run(0.1)
+    took = world.net.clock.now - start
+    assert alice.tunnel_to("bob") not in (None, old)
+    assert took < 4.0, took

@@ -318,7 +318,7 @@ class Agent:
             send_buffer_limit=self.config.send_buffer_limit,
         )
         self.tunnels[action.tunnel] = link
-        self.router.add(action.tunnel, conn)
+        self.router.add(action.tunnel, conn, action.initial)
         self.router.route(action.tunnel, action.path)
         if action.role is Role.CLIENT:
             link.start_client()

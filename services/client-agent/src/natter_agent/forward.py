@@ -18,7 +18,7 @@ from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 from .agent import Agent
 from .bridge import read_header, splice
 from .errors import NatterError
-from .link import StreamChannel, StreamClosed
+from .link import PeerLink, StreamChannel, StreamClosed
 from .stdio import StdioEnd
 from .tcpend import TcpEnd, open_tcp
 
@@ -104,8 +104,26 @@ async def _drain_and_release(channel: StreamChannel) -> None:
 async def open_tunnel_stream(
     agent: Agent, peer: str, target: str, timeout: float
 ) -> tuple[StreamChannel, bytes]:
-    """Open a stream to peer's target and wait for its answer; returns leftover payload."""
-    link = await asyncio.wait_for(agent.connect(peer, target), timeout)
+    """Open a stream to peer's target and wait for its answer; returns leftover payload.
+
+    A tunnel that dies before the peer answered the header (the peer restarted and the
+    agent replaced the tunnel) delivered nothing to the service: the stream is opened
+    once more, on the tunnel that took over."""
+    for attempt in range(2):
+        link = await asyncio.wait_for(agent.connect(peer, target), timeout)
+        try:
+            return await _open_on(link, peer, target, timeout)
+        except _TunnelLost:
+            if attempt:
+                raise NatterError(f"{peer} did not accept the stream: the tunnel closed") from None
+    raise AssertionError("unreachable")
+
+
+class _TunnelLost(Exception):
+    """The tunnel closed before the peer answered the stream's header."""
+
+
+async def _open_on(link: PeerLink, peer: str, target: str, timeout: float) -> tuple[StreamChannel, bytes]:
     try:
         channel = await asyncio.wait_for(link.open_stream(), timeout)
     except TimeoutError:
@@ -113,13 +131,17 @@ async def open_tunnel_stream(
             f"{peer} allows no more connections at once ({link.open_streams} open): none ended"
             f" within {timeout:.0f} s"
         ) from None
-    await channel.write(streamhdr.encode_open(target))
+    except StreamClosed:
+        raise _TunnelLost() from None
     try:
+        await channel.write(streamhdr.encode_open(target))
         header, rest = await read_header(channel)
         reply = streamhdr.parse_reply(header)
     except (streamhdr.StreamHeaderError, StreamClosed) as exc:
         channel.reset()
         channel.link.release(channel)
+        if not link.is_alive:
+            raise _TunnelLost() from None
         raise NatterError(f"{peer} did not accept the stream: {exc}") from None
     if not reply.ok:
         channel.reset()

@@ -4,6 +4,8 @@ destination connection ID of a short-header QUIC packet.
 The machine decides where tunnels are (``RouteTunnel``); the router only remembers it, so
 that the steady stream of a tunnel's datagrams never enters the machine. A path a tunnel
 left still delivers to it (stragglers of a move) until another tunnel takes the path.
+Handshake (long-header) packets go by connection ID only: a peer that rebuilds its tunnel
+from the same address must reach the new connection, not the old one.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ class Router:
         self._conns: dict[int, OwnsConnectionIds] = {}
         self._cids: dict[bytes, int] = {}
 
-    def add(self, tunnel: int, conn: OwnsConnectionIds) -> None:
+    def add(self, tunnel: int, conn: OwnsConnectionIds, initial: bytes = b"") -> None:
+        """A new tunnel; a server's also gets the client's Initials by their connection ID."""
         self._conns[tunnel] = conn
         self._paths.setdefault(tunnel, set())
+        if initial and (dcid := long_header_dcid(initial)) is not None:
+            self._cids[dcid] = tunnel
 
     def route(self, tunnel: int, path: Path) -> None:
         """Datagrams arriving on path are the tunnel's."""
@@ -67,14 +72,18 @@ class Router:
         if data[0] < 0x40:
             return None
         hit = self._by_addr.get((socket, addr))
-        return (hit[0], hit[1], data) if hit is not None else None
+        if hit is None or (data[0] & 0x80 and self.owner(data) != hit[0]):
+            return None
+        return hit[0], hit[1], data
 
     def owner(self, packet: bytes) -> int | None:
-        """The tunnel a short-header packet is addressed to, by connection ID (remembered
-        once found; long headers, handshakes, never move)."""
-        if len(packet) < 1 + CID_LENGTH or packet[0] & 0x80 or packet[0] < 0x40:
+        """The tunnel a QUIC packet is addressed to, by its destination connection ID
+        (remembered once found)."""
+        if len(packet) < 1 + CID_LENGTH or packet[0] < 0x40:
             return None
-        cid = packet[1 : 1 + CID_LENGTH]
+        cid = long_header_dcid(packet) if packet[0] & 0x80 else packet[1 : 1 + CID_LENGTH]
+        if cid is None:
+            return None
         tunnel = self._cids.get(cid)
         if tunnel is not None:
             return tunnel
@@ -83,3 +92,13 @@ class Router:
                 self._cids[cid] = tunnel
                 return tunnel
         return None
+
+
+def long_header_dcid(packet: bytes) -> bytes | None:
+    """The destination connection ID of a long-header packet (RFC 9000 17.2)."""
+    if len(packet) < 6 or not packet[0] & 0x80:
+        return None
+    length = packet[5]
+    if length > 20 or len(packet) < 6 + length:
+        return None
+    return packet[6 : 6 + length]

@@ -75,6 +75,8 @@ TRANSITIONS: dict[tuple[Health, Signal], tuple[Health, str]] = {
     (Health.VERIFYING, Signal.QUIET): (Health.CLOSED, "replace"),
     (Health.HEALTHY, Signal.PATH_FOUND): (Health.HEALTHY, "move"),  # our endpoint moved, or an upgrade
     (Health.SUSPECT, Signal.PATH_FOUND): (Health.VERIFYING, "move"),
+    (Health.SUSPECT, Signal.NO_PATH): (Health.DEAD, "fall_back"),
+    (Health.SUSPECT, Signal.REFUSED): (Health.CLOSED, "give_up"),
 }
 for _health in Health:
     TRANSITIONS[(_health, Signal.CLOSED)] = (Health.CLOSED, "closed")
@@ -259,6 +261,8 @@ class PeerPaths:
             if deadline is not None and now >= deadline[0]:
                 self.signal(tunnel, deadline[1], now)
             if tunnel.health not in (Health.HANDSHAKING, Health.CLOSED) and now >= tunnel.next_ping:
+                if tunnel.health in (Health.SUSPECT, Health.DEAD):
+                    self.check_endpoint = True  # still silent: does the broker still know us?
                 self._ping(tunnel, now)
         client = self.client_tunnel()
         if client is not None and client.retry_at is not None and now >= client.retry_at:
@@ -294,7 +298,9 @@ class PeerPaths:
         waits for one threshold, so a deadline that has passed never fires twice)."""
         if tunnel.silent_since is None:
             return None
-        if tunnel.health in (Health.HEALTHY, Health.VERIFYING):
+        if tunnel.health is Health.VERIFYING:  # a path that just answered probes: a pong is due
+            return tunnel.silent_since + self.settings.path_check_interval, Signal.QUIET
+        if tunnel.health is Health.HEALTHY:
             return tunnel.silent_since + self.settings.path_silence, Signal.QUIET
         if tunnel.health is Health.SUSPECT:
             return tunnel.silent_since + self.settings.path_dead, Signal.SILENT
@@ -327,7 +333,16 @@ class PeerPaths:
         self._out.append(PeerReady(self.peer, tunnel.id))
 
     def _on_suspect(self, tunnel: Tunnel, now: float) -> None:
+        """Quiet for path_silence: ask the broker where it sees us and, as the client, punch
+        again at once (a restarted or moved peer is found a punch sooner)."""
         self.check_endpoint = True
+        if tunnel.role is Role.CLIENT and tunnel.id == self.current:
+            self._repair(
+                Purpose.REFRESH,
+                f"tunnel to {self.peer} hears nothing back: punching again",
+                warning=True,
+                silent_s=round(now - (tunnel.silent_since or now), 1),
+            )
         self._note(
             NoticeKind.SILENT,
             Level.INFO,
@@ -378,7 +393,7 @@ class PeerPaths:
             Level.WARNING,
             f"tunnel to {self.peer} is dead (the peer restarted?): building a new one",
         )
-        self._retire(tunnel, "the peer no longer answers on this tunnel")
+        self._retire(tunnel, "the peer no longer answers on this tunnel", drain=False)
         self.wants.append(Purpose.NEW)
 
     def _on_fall_back(self, tunnel: Tunnel, now: float) -> None:
@@ -400,7 +415,7 @@ class PeerPaths:
         tunnel.found = relay
 
     def _on_give_up(self, tunnel: Tunnel, now: float) -> None:
-        self._retire(tunnel, "the broker no longer knows the peer")
+        self._retire(tunnel, "the broker no longer knows the peer", drain=False)
 
     def _on_closed(self, tunnel: Tunnel, now: float) -> None:
         pass
@@ -431,10 +446,12 @@ class PeerPaths:
     def _ping_gap(self, tunnel: Tunnel) -> float:
         return self.settings.path_check_interval if tunnel.busy else self.settings.ping_interval
 
-    def _retire(self, tunnel: Tunnel, reason: str) -> None:
+    def _retire(self, tunnel: Tunnel, reason: str, *, drain: bool = True) -> None:
+        """No new connections on it; it closes once its open ones end (or at once: a tunnel
+        the peer no longer has serves nothing)."""
         if self.current == tunnel.id:
             self.current = None
-        self._out.append(CloseTunnel(tunnel.id, reason, drain=True))
+        self._out.append(CloseTunnel(tunnel.id, reason, drain=drain))
 
     def _repair(self, purpose: Purpose, why: str, *, warning: bool = False, **fields: object) -> None:
         """Ask for one punch for our tunnel; its outcome moves the tunnel."""
