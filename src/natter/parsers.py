@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-from natter_proto.config import QUIC_ENGINES
+from natter_proto.agent.settings import DEFAULTS
+from natter_proto.config import DEFAULT_ENGINE, QUIC_ENGINES
 
 from . import __version__, logs
 
@@ -60,24 +61,24 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         f"{dash}keepalive",
         dest="keepalive",
         type=float,
-        default=20.0,
+        default=DEFAULTS.keepalive_interval,
         metavar="SECONDS",
-        help="seconds between keepalives to the broker (default 20)",
+        help=f"seconds between keepalives to the broker (default {DEFAULTS.keepalive_interval:g})",
     )
     parser.add_argument(
         f"{dash}upgrade-interval",
         dest="upgrade_interval",
         type=float,
-        default=45.0,
+        default=DEFAULTS.upgrade_interval,
         metavar="SECONDS",
-        help="while a tunnel is relayed, look for a direct path this often (default 45)",
+        help=f"while relayed, look for a direct path this often (default {DEFAULTS.upgrade_interval:g})",
     )
     parser.add_argument(
         f"{dash}quic-engine",
         dest="quic_engine",
         choices=QUIC_ENGINES,
-        default="qh3",
-        help="QUIC implementation for tunnels, the same on both peers (default qh3)",
+        default=DEFAULT_ENGINE,
+        help=f"QUIC implementation for tunnels, the same on both peers (default {DEFAULT_ENGINE})",
     )
     _identity_options(parser, dash)
     parser.add_argument(
@@ -249,9 +250,9 @@ def subcommand_parser() -> Parser:
         "--keepalive",
         dest="keepalive",
         type=float,
-        default=20.0,
+        default=DEFAULTS.keepalive_interval,
         metavar="SECONDS",
-        help="keepalive interval suggested to agents (default 20)",
+        help=f"keepalive interval suggested to agents (default {DEFAULTS.keepalive_interval:g})",
     )
     broker.add_argument(
         "--ttl",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .agent.settings import DEFAULTS
+
 
 def broker_list(value: str | list[str]) -> list[str]:
     """``"a:1,b:2"`` or ``["a:1", "b:2"]`` -> ``["a:1", "b:2"]``."""
@@ -12,6 +14,7 @@ def broker_list(value: str | list[str]) -> list[str]:
 
 
 QUIC_ENGINES = ("aioquic", "qh3")
+DEFAULT_ENGINE = "qh3"  # both peers of a tunnel need the same (bench/README.md)
 
 
 @dataclass
@@ -50,35 +53,35 @@ class Config:
     allow_targets: list[str] | None = None  # HOST:PORT, PORT, HOST:* or *; None: loopback
 
     # registration with the broker
-    keepalive_interval: float = 20.0
-    register_timeout: float = 10.0
+    keepalive_interval: float = DEFAULTS.keepalive_interval
+    register_timeout: float = DEFAULTS.register_timeout
     # broker: forget an agent that has been silent this long
     registration_ttl: float = 60.0
 
     # introduction and hole punching
-    connect_timeout: float = 10.0
-    punch_interval: float = 0.075
-    punch_timeout: float = 5.0
-    handshake_timeout: float = 8.0
+    connect_timeout: float = DEFAULTS.connect_timeout
+    punch_interval: float = DEFAULTS.punch_interval
+    punch_timeout: float = DEFAULTS.punch_timeout
+    handshake_timeout: float = DEFAULTS.handshake_timeout
     # against a symmetric NAT (birthday method): sockets on the hard side, probes on the easy
-    hard_nat_sockets: int = 256
+    hard_nat_sockets: int = DEFAULTS.hard_nat_sockets
     # while relayed, punch again this often; a direct path takes over (0: never)
-    upgrade_interval: float = 45.0
+    upgrade_interval: float = DEFAULTS.upgrade_interval
     # a direct tunnel that sends but hears nothing back this long asks the broker where it
     # sees us; this long, it punches again and falls back to the relay if nothing answers
-    path_silence: float = 2.0
-    path_dead: float = 4.0
-    spray_probes: int = 2048  # 255 mappings x 2048 probes: about 99.97% (1024: 98%)
+    path_silence: float = DEFAULTS.path_silence
+    path_dead: float = DEFAULTS.path_dead
+    spray_probes: int = DEFAULTS.spray_probes  # 255 mappings x 2048 probes: about 99.97% (1024: 98%)
 
     # the agent's one UDP socket
     udp_host: str = "0.0.0.0"
     udp_port: int = 0
 
     # QUIC tunnel
-    quic_engine: str = "qh3"  # one of QUIC_ENGINES; both peers of a tunnel need the same (bench/README.md)
+    quic_engine: str = DEFAULT_ENGINE  # one of QUIC_ENGINES
     max_datagram_size: int = 1350
     idle_timeout: float = 60.0
-    ping_interval: float = 15.0
+    ping_interval: float = DEFAULTS.ping_interval
     stream_window: int = 1 << 20
     connection_window: int = 8 << 20
     send_buffer_limit: int = 1 << 20

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket as socketlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -22,14 +21,15 @@ from natter_proto.acl import PeerAllowList, parse_peer_rule
 from natter_proto.agent import actions as act
 from natter_proto.agent.kinds import MAIN_SOCKET, Path, Role
 from natter_proto.agent.machine import AgentMachine
-from natter_proto.agent.settings import AgentSettings
 from natter_proto.config import Config, broker_list
-from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
+from natter_proto.endpoints import AddressError, Endpoint
 from natter_proto.registration import Registration
 from natter_proto.relay import RELAY_PREFIX
 
+from .brokers import agent_settings, resolve_brokers
 from .engine import QuicEngine, make_engine, warm_up
 from .errors import NatterError, PeerUnavailable
+from .eventlog import log_event
 from .interfaces import local_ipv4_addresses
 from .keystore import KNOWN_PEERS, KnownPeers, load_identity, state_dir
 from .link import PeerLink, StreamChannel
@@ -41,34 +41,6 @@ from .udp import AgentSocket
 log = structlog.get_logger("natter.agent")
 
 IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
-
-
-def resolve_brokers(addrs: str | list[str]) -> list[Endpoint]:
-    """Resolve broker HOST:PORTs to IPv4 endpoints (the agent's socket is IPv4).
-
-    A name with several addresses yields each of them: several brokers to fail over between.
-    """
-    found: dict[Endpoint, None] = {}
-    for addr in broker_list(addrs):
-        host, port = split_host_port(addr, default_host="127.0.0.1")
-        if port == 0:
-            raise AddressError(f"broker address {addr!r} needs a port")
-        try:
-            infos = socketlib.getaddrinfo(host, port, socketlib.AF_INET, socketlib.SOCK_DGRAM)
-        except socketlib.gaierror as exc:
-            raise AddressError(f"cannot resolve broker host {host!r}: {exc.strerror}") from None
-        for info in infos:
-            ip, resolved_port = info[4][:2]
-            found.setdefault(endpoint(str(ip), int(resolved_port)), None)
-    if not found:
-        raise AddressError("no broker address given")
-    return list(found)
-
-
-def agent_settings(config: Config) -> AgentSettings:
-    """The protocol's knobs out of the product's Config."""
-    names = AgentSettings.__dataclass_fields__
-    return AgentSettings(**{name: getattr(config, name) for name in names if hasattr(config, name)})
 
 
 class Agent:
@@ -139,13 +111,13 @@ class Agent:
         return [link for peer in self._peers() if (link := self.link_to(peer)) is not None]
 
     def link_to(self, peer: str) -> PeerLink | None:
-        paths = self.machine.peers.get(peer) if self.machine is not None else None
+        paths = self.machine.peers.by_name.get(peer) if self.machine is not None else None
         tunnel = paths.usable() if paths is not None else None
         link = self.tunnels.get(tunnel.id) if tunnel is not None else None
         return link if link is not None and link.is_alive else None
 
     def _peers(self) -> list[str]:
-        return list(self.machine.peers) if self.machine is not None else []
+        return list(self.machine.peers.by_name) if self.machine is not None else []
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -381,34 +353,8 @@ class Agent:
 
     def _tell(self, event: act.Action) -> None:
         """Events become log lines (the machine's words)."""
-        if isinstance(event, act.Notice):
-            getattr(self._log, event.level.value)(event.text, **event.fields)
-        elif isinstance(event, act.TunnelUp):
-            link = self.tunnels.get(event.tunnel)
-            self._log.info(
-                f"{'relayed' if event.path.relayed else 'direct'} path up with {event.peer}",
-                peer_endpoint=str(event.path),
-                path=event.kind.value,
-                probes=event.probes or None,
-                relay=str(event.path.addr) if event.path.relayed else None,
-                rtt_ms=round(link.rtt * 1000, 2) if link is not None else None,
-                role=event.role.value,
-            )
-        elif isinstance(event, act.PathChanged):
-            change = (
-                f"{event.old_kind.value} -> {event.new_kind.value}"
-                if event.old_kind is not event.new_kind
-                else event.reason
-            )
-            link = self.tunnels.get(event.tunnel)
-            self._log.info(
-                f"path change for {event.peer}: {change}",
-                old=str(event.old),
-                new=str(event.new),
-                reason=event.reason,
-                open_connections=link.open_streams if link is not None else 0,
-                migrated=not event.replaced,
-            )
+        tunnel = getattr(event, "tunnel", None)
+        log_event(self._log, event, self.tunnels.get(tunnel) if tunnel is not None else None)
 
     # -- what the tunnels tell ---------------------------------------------------------------
     def _on_link_ready(self, link: PeerLink) -> None:

@@ -12,48 +12,41 @@ router cannot place, and tells the machine what its tunnels did.
 from __future__ import annotations
 
 import itertools
-import secrets
 from collections import Counter, deque
-from dataclasses import dataclass, replace
 
 from .. import frames
-from ..connect import ConnectAnswered, ConnectAttempt, ConnectFailed
+from ..connect import ConnectAnswered
 from ..endpoints import Endpoint
 from ..frames import (
     ConnectOffer,
-    ConnectRequest,
-    Error,
     FrameError,
-    Keepalive,
     MappingReply,
     Message,
     Probe,
     ProbeAck,
     Punch,
-    Register,
 )
 from ..identity import Identity
-from ..punch import PathFound, PunchTimedOut
-from ..registration import PublicEndpointChanged, Registration, RegState
+from ..registration import Registration
 from ..relay import RELAY_PREFIX, RelayFrameError, decode_relay
 from .actions import (
     Action,
-    CloseSocket,
     CloseTunnel,
     DeliverDatagram,
     Level,
     Notice,
     NoticeKind,
-    OpenSockets,
     PeerReady,
     PeerUnreachable,
-    SendFrame,
-    StartTunnel,
 )
-from .kinds import MAIN_SOCKET, NatKind, Path, PathKind, Role, direct_path, relay_path
-from .paths import Health, PeerPaths, Purpose
-from .punching import Session, Sessions
-from .registration_notes import NatNotes, registration_notice
+from .brokerlink import BrokerLink
+from .introductions import Introductions, Outcome
+from .kinds import MAIN_SOCKET, Path, PathKind, Role, direct_path, relay_path
+from .paths import PeerPaths
+from .pathstate import Health, Purpose
+from .peers import Peers
+from .punches import Puncher
+from .registration_notes import NatNotes
 from .settings import AgentSettings
 
 QUIC_MIN_INITIAL = 1200  # RFC 9000 14.1: a client's Initial datagram is at least this big
@@ -62,16 +55,6 @@ QUIC_MIN_INITIAL = 1200  # RFC 9000 14.1: a client's Initial datagram is at leas
 def is_quic_initial(data: bytes) -> bool:
     """A long-header Initial (QUIC v1) big enough to be a client's first datagram."""
     return len(data) >= QUIC_MIN_INITIAL and data[0] & 0xF0 == 0xC0
-
-
-@dataclass
-class Pending:
-    """A punch asked for before we could ask the broker (not registered, NAT unknown)."""
-
-    target: str
-    purpose: Purpose
-    deadline: float  # registered by then, or the connect fails
-    nat_deadline: float  # NAT type known by then, or we ask without it
 
 
 class AgentMachine:
@@ -91,41 +74,38 @@ class AgentMachine:
         self.settings = settings
         self.token = token
         self.listening = False
-        self.registration = Registration(
-            name, local_endpoints, keepalive_interval=settings.keepalive_interval, brokers=len(brokers)
-        )
-        self.nat = NatNotes()
+        self.link = BrokerLink(name, identity, brokers, local_endpoints, settings, token)
         self.stats: Counter[str] = Counter()
-        self.peers: dict[str, PeerPaths] = {}
-        self.sessions = Sessions(settings)
         self._out: deque[Action] = deque()
+        self.peers = Peers(settings, self._out)
+        self.puncher = Puncher(name, settings, self.peers, self._out)
+        self.sessions = self.puncher.sessions
         self._tunnel_ids = itertools.count(1)
-        self._peer_of: dict[int, str] = {}  # tunnel -> peer
-        self._handshakes: dict[int, float] = {}  # tunnel -> deadline
-        self._attempts: dict[str, tuple[ConnectAttempt, Purpose]] = {}
-        self._pending: dict[str, Pending] = {}
-        self._endpoint_checked: float | None = None
+        self.introductions = Introductions(name, settings)
         self._closed = False
 
     # -- state ------------------------------------------------------------------------
     @property
     def broker(self) -> Endpoint:
-        return self.brokers[self.registration.broker_index]
+        return self.link.broker
 
     @property
     def registered(self) -> bool:
-        return self.registration.state is RegState.REGISTERED
+        return self.link.registered
+
+    @property
+    def registration(self) -> Registration:
+        return self.link.registration
+
+    @property
+    def nat(self) -> NatNotes:
+        return self.link.nat
 
     def next_action(self) -> Action | None:
         return self._out.popleft() if self._out else None
 
     def paths(self, peer: str) -> PeerPaths:
-        paths = self.peers.get(peer)
-        if paths is None:
-            paths = self.peers[peer] = PeerPaths(
-                peer, self.settings, self._out, lambda: next(self._tunnel_ids)
-            )
-        return paths
+        return self.peers.get(peer)
 
     # -- commands ---------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -154,29 +134,27 @@ class AgentMachine:
     def close(self, now: float) -> None:
         self._closed = True
         self.registration.stop()
-        for tunnel_id in list(self._peer_of):
+        for tunnel_id in self.peers.tunnels():
             self._out.append(CloseTunnel(tunnel_id, "agent shutting down"))
-        for peer in list(self.peers):
-            if self._building(peer):
-                self._unreachable(peer, "closed", "agent closed")
+        for paths in self.peers:
+            if self._building(paths.peer):
+                self._unreachable(paths.peer, "closed", "agent closed")
 
     # -- what the shell's tunnels did --------------------------------------------------
     def tunnel_ready(self, tunnel_id: int, now: float) -> None:
-        peer = self._peer_of.get(tunnel_id)
-        if peer is None:
-            return
-        self._handshakes.pop(tunnel_id, None)
-        self.paths(peer).ready(tunnel_id, now)
-        self._service(now)
+        paths = self.peers.of(tunnel_id)
+        if paths is not None:
+            self.peers.handshake_done(tunnel_id)
+            paths.ready(tunnel_id, now)
+            self._service(now)
 
     def tunnel_closed(self, tunnel_id: int, reason: str, now: float) -> None:
-        peer = self._peer_of.pop(tunnel_id, None)
-        if peer is None:
+        removed = self.peers.remove(tunnel_id)
+        if removed is None:
             return
-        paths = self.paths(peer)
-        tunnel = paths.tunnels.get(tunnel_id)
-        was_current = paths.current == tunnel_id
-        if self._handshakes.pop(tunnel_id, None) is not None and tunnel is not None:
+        paths, tunnel, handshaking = removed
+        peer = paths.peer
+        if handshaking and tunnel is not None:
             self._note(
                 NoticeKind.TUNNEL_FAILED,
                 Level.WARNING,
@@ -187,29 +165,28 @@ class AgentMachine:
             )
             if tunnel.role is Role.CLIENT:
                 self._unreachable(peer, "handshake_failed", reason)
-        elif was_current and not self._closed:
+        elif paths.current == tunnel_id and not self._closed:
             self._note(NoticeKind.TUNNEL_CLOSED, Level.WARNING, "tunnel closed", peer=peer, reason=reason)
         paths.closed(tunnel_id, now)
-        self._release_socket(tunnel.route if tunnel is not None else None)
+        self.puncher.release_socket(tunnel.route if tunnel is not None else None)
         self._service(now)
 
     def tunnel_pong(self, tunnel_id: int, uid: int, busy: bool, now: float) -> None:
-        peer = self._peer_of.get(tunnel_id)
-        if peer is not None:
-            self.paths(peer).pong(tunnel_id, uid, busy, now)
+        paths = self.peers.of(tunnel_id)
+        if paths is not None:
+            paths.pong(tunnel_id, uid, busy, now)
             self._service(now)
 
     def tunnel_activity(self, tunnel_id: int, now: float) -> None:
-        peer = self._peer_of.get(tunnel_id)
-        if peer is not None:
-            self.paths(peer).activity(tunnel_id, now)
+        paths = self.peers.of(tunnel_id)
+        if paths is not None:
+            paths.activity(tunnel_id, now)
 
     def tunnel_heard_on(self, tunnel_id: int, path: Path, now: float) -> None:
         """The router placed a datagram on a path that is not the tunnel's route."""
-        peer = self._peer_of.get(tunnel_id)
-        if peer is not None:
-            kind = PathKind.RELAYED if path.relayed else PathKind.DIRECT
-            self.paths(peer).heard_on(tunnel_id, path, kind, now)
+        paths = self.peers.of(tunnel_id)
+        if paths is not None:
+            paths.heard_on(tunnel_id, path, PathKind.RELAYED if path.relayed else PathKind.DIRECT, now)
             self._service(now)
 
     # -- datagrams the router could not place -------------------------------------------
@@ -246,7 +223,7 @@ class AgentMachine:
             self.stats["dropped_unknown_session"] += 1
             return
         if isinstance(message, MappingReply):
-            if not self.nat.receive(message, addr):
+            if not self.link.receive_mapping(message, addr):
                 self.stats["dropped_not_from_broker"] += 1
                 return
             self.stats["accepted_broker"] += 1
@@ -260,9 +237,9 @@ class AgentMachine:
     def _on_broker_message(self, message: Message, now: float) -> None:
         if self.registration.receive(message, now):
             return
-        if isinstance(message, Punch | Error) and message.request_id in self._attempts:
-            self._attempts[message.request_id][0].receive(message)
-        elif isinstance(message, Punch) and message.role == Role.SERVER.value:
+        if self.introductions.receive(message):
+            return
+        if isinstance(message, Punch) and message.role == Role.SERVER.value:
             self._start_punch(message, Purpose.NEW, now)
         elif isinstance(message, ConnectOffer):
             if self.listening:
@@ -293,7 +270,7 @@ class AgentMachine:
             self.stats["dropped_relay_bad_frame"] += 1
             return
         path = relay_path(addr, key)
-        if owner is not None and owner in self._peer_of:
+        if owner is not None and self.peers.of(owner) is not None:
             self.stats["accepted_relay"] += 1
             self.tunnel_heard_on(owner, path, now)  # the client moved this tunnel onto the relay
             self._out.append(DeliverDatagram(owner, packet))
@@ -304,10 +281,10 @@ class AgentMachine:
             return
         self.stats["accepted_relay"] += 1
         session.punch.succeed(addr)
-        self._start_tunnel(session, Role.SERVER, path, PathKind.RELAYED, 0, now, initial=packet)
+        self.puncher.start_tunnel(session, Role.SERVER, path, PathKind.RELAYED, 0, now, initial=packet)
 
     def _on_quic(self, socket: int, addr: Endpoint, data: bytes, now: float, owner: int | None) -> None:
-        if owner is not None and owner in self._peer_of:
+        if owner is not None and self.peers.of(owner) is not None:
             # the peer's NAT gave it a new port, or its client moved the tunnel: QUIC's keys
             # tell the packet is the peer's; the tunnel follows (see PeerPaths.heard_on)
             self.stats["accepted_quic"] += 1
@@ -325,74 +302,40 @@ class AgentMachine:
         session.punch.succeed(addr, source)
         self.stats["accepted_quic"] += 1
         kind, probes = session.kind(addr)
-        self._start_tunnel(session, Role.SERVER, session.path(addr, source), kind, probes, now, initial=data)
+        self.puncher.start_tunnel(
+            session, Role.SERVER, session.path(addr, source), kind, probes, now, initial=data
+        )
 
     # -- time -------------------------------------------------------------------------
     def get_timer(self) -> float | None:
-        times = [self.registration.get_timer(), self.nat.get_timer(), self.sessions.next_timer()]
-        times += [attempt.get_timer() for attempt, _ in self._attempts.values()]
-        times += [paths.get_timer() for paths in self.peers.values()]
-        times += list(self._handshakes.values())
-        times += [p.nat_deadline if self.registered else p.deadline for p in self._pending.values()]
+        times = [*self.link.get_timer(), self.sessions.next_timer()]
+        times += self.introductions.timers(registered=self.registered)
+        times += self.peers.timers()
         return min((t for t in times if t is not None), default=None)
 
     def handle_timer(self, now: float) -> None:
-        self.registration.handle_timer(now)
-        self.nat.handle_timer(now)
-        for attempt, _ in list(self._attempts.values()):
-            attempt.handle_timer(now)
-        for session in list(self.sessions.by_id.values()):
-            session.punch.handle_timer(now)
-        for session in self.sessions.expired(now):
-            self._end_session(session)
-        for paths in list(self.peers.values()):
+        self.link.handle_timer(now)
+        self.introductions.handle_timer(now)
+        self.puncher.handle_timer(now)
+        for paths in self.peers:
             paths.handle_timer(now)
-        for tunnel_id, deadline in list(self._handshakes.items()):
-            if now >= deadline:
-                self._out.append(CloseTunnel(tunnel_id, "QUIC handshake timed out"))
-                self.tunnel_closed(tunnel_id, "QUIC handshake timed out", now)
-        for peer, pending in list(self._pending.items()):
-            if not self.registered and now >= pending.deadline:
-                del self._pending[peer]
-                self._fail_purpose(
-                    peer,
-                    pending.purpose,
-                    "timeout",
-                    f"broker {self.broker} did not answer within {self.settings.register_timeout:g} s",
-                    now,
-                )
+        for tunnel_id in self.peers.handshakes_overdue(now):
+            self._out.append(CloseTunnel(tunnel_id, "QUIC handshake timed out"))
+            self.tunnel_closed(tunnel_id, "QUIC handshake timed out", now)
+        for peer, pending in self.introductions.expired(now, registered=self.registered):
+            text = f"broker {self.broker} did not answer within {self.settings.register_timeout:g} s"
+            self._fail_purpose(peer, pending.purpose, "timeout", text, now)
         self._service(now)
 
     # -- asking the broker ---------------------------------------------------------------
     def _ask(self, peer: str, target: str, purpose: Purpose, now: float) -> None:
-        s = self.settings
-        if self.registered and not self.nat.pending:
-            self._send_connect(peer, target, purpose, now)
-        elif peer not in self._pending:
-            self._pending[peer] = Pending(target, purpose, now + s.register_timeout, now + s.nat_probe_wait)
+        can_ask = self.registered and not self.nat.pending
+        note = self.introductions.ask(peer, target, purpose, now, can_ask=can_ask)
+        if note is not None:
+            self._out.append(note)
 
-    def _send_connect(self, peer: str, target: str, purpose: Purpose, now: float) -> None:
-        request_id = secrets.token_hex(6)
-        attempt = ConnectAttempt(
-            request_id, self.name, peer, target, now, deadline=self.settings.connect_timeout
-        )
-        self._attempts[request_id] = (attempt, purpose)
-        self._note(
-            NoticeKind.ASKING_BROKER,
-            Level.INFO,
-            "asking broker for peer",
-            peer=peer,
-            request_id=request_id,
-            purpose=purpose.value,
-        )
-
-    def _flush_pending(self, now: float) -> None:
-        if not self.registered:
-            return
-        for peer, pending in list(self._pending.items()):
-            if not self.nat.pending or now >= pending.nat_deadline:
-                del self._pending[peer]
-                self._send_connect(peer, pending.target, pending.purpose, now)
+    def _start_punch(self, punch: Punch, purpose: Purpose, now: float) -> None:
+        self.puncher.start(punch, purpose, self.nat.kind, self.broker, self.listening, now)
 
     def _fail_purpose(self, peer: str, purpose: Purpose, code: str, message: str, now: float) -> None:
         if purpose is Purpose.NEW:
@@ -403,21 +346,11 @@ class AgentMachine:
     def _building(self, peer: str) -> bool:
         """Is a new tunnel to peer on its way? Read off the parts, never a flag of its own
         (a flag that an outcome forgets to clear would swallow every later connect)."""
-        if (pending := self._pending.get(peer)) is not None and pending.purpose is Purpose.NEW:
+        if self.introductions.building(peer):
             return True
-        for attempt, purpose in self._attempts.values():
-            if purpose is Purpose.NEW and attempt.request.peer_to == peer:
-                return True
-        for session in self.sessions.by_id.values():
-            punch = session.punch
-            if (
-                session.purpose is Purpose.NEW
-                and session.role is Role.CLIENT
-                and punch.peer == peer
-                and punch.state.value == "probing"
-            ):
-                return True
-        paths = self.peers.get(peer)
+        if self.puncher.building(peer):
+            return True
+        paths = self.peers.by_name.get(peer)
         return paths is not None and any(
             t.health is Health.HANDSHAKING and t.role is Role.CLIENT for t in paths.tunnels.values()
         )
@@ -426,202 +359,44 @@ class AgentMachine:
         self._out.append(PeerUnreachable(peer, code, message))
 
     # -- punching -------------------------------------------------------------------------
-    def _start_punch(self, punch: Punch, purpose: Purpose, now: float) -> None:
-        if punch.role == Role.SERVER.value and not self.listening:
-            self._note(NoticeKind.IGNORED, Level.WARNING, "ignoring punch: not listening", peer=punch.peer)
-            return
-        if punch.session_id in self.sessions.by_id:
-            return  # a repeated instruction for a session already under way
-        self._note(
-            NoticeKind.PUNCHING,
-            Level.INFO,
-            f"punching to {punch.peer}",
-            peer_nat=punch.peer_nat or "unknown",
-            role=punch.role,
-            public=str(punch.peer_public),
-            candidates=len(punch.peer_locals) + 1,
-            session=punch.session_id,
-            request_id=punch.request_id,
-        )
-        session = self.sessions.start(self.name, punch, purpose, self.nat.kind, self.broker, now)
-        if session.sockets or session.punch.predicting:
-            self._note(
-                NoticeKind.BIRTHDAY,
-                Level.INFO,
-                "peer behind a symmetric NAT: birthday punching",
-                sockets=len(session.sockets) + 1,
-                spray=self.settings.spray_probes if not session.sockets else 0,
-            )
-        if session.sockets:
-            self._out.append(OpenSockets(tuple(session.sockets)))
-        hard = NatKind.HARD
-        if (
-            session.role is Role.CLIENT
-            and punch.relay
-            and purpose is Purpose.NEW
-            and self.nat.kind is hard
-            and NatKind.parse(punch.peer_nat) is hard
-        ):
-            # two symmetric NATs: no probe can meet a mapping, so do not wait for the punch
-            session.punch.succeed(self.broker)
-            self._relay_tunnel(session, "both NATs are symmetric", now)
-
-    def _on_punch_event(self, session: Session, event: PathFound | PunchTimedOut, now: float) -> None:
-        peer = session.punch.peer
-        if isinstance(event, PathFound):
-            self._note(
-                NoticeKind.PUNCH_ANSWERED,
-                Level.INFO,
-                "punch answered",
-                peer=peer,
-                path=str(event.path),
-                probe_rtt_ms=round(event.rtt * 1000, 2),
-            )
-            if session.role is not Role.CLIENT:
-                return
-            path = session.path(event.path, event.source)
-            kind, probes = session.kind(event.path)
-            paths = self.paths(peer)
-            if session.purpose is not Purpose.NEW and paths.client_tunnel() is not None:
-                paths.punch_found(session.purpose, path, kind, probes, now)
-            else:
-                self._start_tunnel(session, Role.CLIENT, path, kind, probes, now)
-            return
-        tried = ", ".join(str(c) for c in event.tried)
-        self._note(NoticeKind.PUNCH_FAILED, Level.WARNING, "punch failed: no answer", peer=peer, tried=tried)
-        if session.role is not Role.CLIENT:
-            return
-        relay = session.relay() if session.punch.punch.relay else None
-        if session.purpose is not Purpose.NEW and self.paths(peer).client_tunnel() is not None:
-            self.paths(peer).punch_failed(session.purpose, relay, now)
-        elif relay is not None:
-            self._relay_tunnel(session, "no probe was answered", now)
-        else:
-            self._unreachable(peer, "punch_failed", f"no direct path to {peer} (tried {tried})")
-
-    def _relay_tunnel(self, session: Session, why: str, now: float) -> None:
-        peer = session.punch.peer
-        self._note(
-            NoticeKind.RELAY_FALLBACK,
-            Level.INFO,
-            f"no direct path to {peer} ({why}): tunnelling through the broker's relay",
-        )
-        self._start_tunnel(session, Role.CLIENT, session.relay(), PathKind.RELAYED, 0, now)
-
-    def _start_tunnel(
-        self,
-        session: Session,
-        role: Role,
-        path: Path,
-        kind: PathKind,
-        probes: int,
-        now: float,
-        *,
-        initial: bytes = b"",
-    ) -> None:
-        punch = session.punch.punch
-        tunnel = self.paths(punch.peer).add(role, path, kind, now, probes)
-        self._peer_of[tunnel.id] = punch.peer
-        self._handshakes[tunnel.id] = now + self.settings.handshake_timeout
-        self._out.append(StartTunnel(tunnel.id, punch.peer, role, path, kind, punch.peer_key, initial))
-
-    def _end_session(self, session: Session) -> None:
-        """Its linger is over: close its extra sockets but those a tunnel uses."""
-        in_use = self._sockets_in_use()
-        for socket in session.sockets:
-            if socket not in in_use:
-                self._out.append(CloseSocket(socket))
-
-    def _release_socket(self, route: Path | None) -> None:
-        if route is None or route.socket == MAIN_SOCKET:
-            return
-        if self.sessions.for_socket(route.socket) is None and route.socket not in self._sockets_in_use():
-            self._out.append(CloseSocket(route.socket))
-
-    def _sockets_in_use(self) -> set[int]:
-        return {
-            t.route.socket
-            for paths in self.peers.values()
-            for t in paths.tunnels.values()
-            if t.health is not Health.CLOSED
-        }
-
     # -- draining the parts ----------------------------------------------------------------
     def _service(self, now: float) -> None:
         """Send what the parts want sent and act on what they report."""
         if self._closed:
             return
-        reg = self.registration
-        for message in self.nat.frames_to_send():
-            self._out.append(SendFrame(MAIN_SOCKET, self.nat.target, frames.encode(message)))
-        learned = self.nat.learned()
-        if learned is not None:
-            self._out.append(learned)
-            if reg.nat != self.nat.kind.value:
-                reg.update(nat=self.nat.kind.value, now=now)
-        for message in reg.frames_to_send():
-            self._send_broker(message)
-        while (event := reg.next_event()) is not None:
-            self._out.append(registration_notice(event, self.name, self.broker, self.brokers, self.listening))
-            self.nat.on_registration(event, reg, self.broker, now)
-            if isinstance(event, PublicEndpointChanged):
-                for paths in self.peers.values():
-                    paths.endpoint_moved(now)
-        self._flush_pending(now)
-        for rid, (attempt, purpose) in list(self._attempts.items()):
-            for message in attempt.frames_to_send():
-                self._send_broker(message)
-            while (cevent := attempt.next_event()) is not None:
-                del self._attempts[rid]
-                peer = attempt.request.peer_to
-                if isinstance(cevent, ConnectAnswered):
-                    self._start_punch(cevent.punch, purpose, now)
-                elif isinstance(cevent, ConnectFailed):
-                    self._note(
-                        NoticeKind.INTRODUCTION_FAILED,
-                        Level.WARNING,
-                        "broker could not introduce us",
-                        peer=peer,
-                        broker=str(self.broker),
-                        reason=cevent.message,
-                    )
-                    self._fail_purpose(peer, purpose, cevent.code, cevent.message, now)
-        for session in list(self.sessions.by_id.values()):
-            for message, addr, source in session.punch.frames_to_send():
-                self._out.append(SendFrame(session.socket_of(source), addr, frames.encode(message)))
-            while (pevent := session.punch.next_event()) is not None:
-                self._on_punch_event(session, pevent, now)
-        for peer, paths in self.peers.items():
+        actions, moved = self.link.service(now, listening=self.listening)
+        self._out.extend(actions)
+        if moved:
+            for paths in self.peers:
+                paths.endpoint_moved(now)
+        self._out.extend(
+            self.introductions.flush(now, registered=self.registered, nat_pending=self.nat.pending)
+        )
+        for item in self.introductions.frames_and_outcomes():
+            if not isinstance(item, Outcome):
+                self._send_broker(item)
+            elif isinstance(item.event, ConnectAnswered):
+                self._start_punch(item.event.punch, item.purpose, now)
+            else:
+                self._note(
+                    NoticeKind.INTRODUCTION_FAILED,
+                    Level.WARNING,
+                    "broker could not introduce us",
+                    peer=item.peer,
+                    broker=str(self.broker),
+                    reason=item.event.message,
+                )
+                self._fail_purpose(item.peer, item.purpose, item.event.code, item.event.message, now)
+        self.puncher.service(now)
+        for paths in self.peers:
             while paths.wants:
-                self._ask(peer, "", paths.wants.popleft(), now)
+                self._ask(paths.peer, "", paths.wants.popleft(), now)
             if paths.check_endpoint:
                 paths.check_endpoint = False
-                self._check_endpoint(now)
-
-    def _check_endpoint(self, now: float) -> None:
-        """Ask the broker where it sees us (a tunnel went quiet), at most this often."""
-        last = self._endpoint_checked
-        if self.registered and (last is None or now - last >= self.settings.endpoint_check_interval):
-            self._endpoint_checked = now
-            self.registration.check_endpoint(now)
-            for message in self.registration.frames_to_send():
-                self._send_broker(message)
+                self.link.check_endpoint(now)
 
     def _send_broker(self, message: Message) -> None:
-        self._out.append(SendFrame(MAIN_SOCKET, self.broker, frames.encode(self._stamp(message))))
-
-    def _stamp(self, message: Message) -> Message:
-        """Frames to the broker carry its latest cookie; a register also carries our key,
-        the token and a signature over all of it."""
-        cookie = self.registration.cookie
-        if isinstance(message, Register):
-            message = replace(
-                message, public_key=self.identity.public_key, cookie=cookie, token=self.token or None
-            )
-            return replace(message, signature=self.identity.sign_register(message))
-        if isinstance(message, Keepalive | ConnectRequest):
-            return replace(message, cookie=cookie)
-        return message
+        self._out.append(self.link.frame(message))
 
     def _note(self, kind: NoticeKind, level: Level, text: str, **fields: object) -> None:
         self._out.append(Notice(kind, level, text, fields))

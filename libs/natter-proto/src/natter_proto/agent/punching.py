@@ -16,7 +16,7 @@ from ..frames import Punch
 from ..punch import PunchSession
 from ..relay import session_key
 from .kinds import MAIN_SOCKET, NatKind, Path, PathKind, Role, direct_path, relay_path
-from .paths import Purpose
+from .pathstate import Purpose
 from .settings import AgentSettings
 
 

@@ -1,0 +1,38 @@
+"""The machine's events as log lines: the words people read and the NAT lab waits for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from natter_proto.agent import actions as act
+
+from .link import PeerLink
+
+
+def log_event(log: Any, event: act.Action, link: PeerLink | None) -> None:
+    if isinstance(event, act.Notice):
+        getattr(log, event.level.value)(event.text, **event.fields)
+    elif isinstance(event, act.TunnelUp):
+        log.info(
+            f"{'relayed' if event.path.relayed else 'direct'} path up with {event.peer}",
+            peer_endpoint=str(event.path),
+            path=event.kind.value,
+            probes=event.probes or None,
+            relay=str(event.path.addr) if event.path.relayed else None,
+            rtt_ms=round(link.rtt * 1000, 2) if link is not None else None,
+            role=event.role.value,
+        )
+    elif isinstance(event, act.PathChanged):
+        change = (
+            f"{event.old_kind.value} -> {event.new_kind.value}"
+            if event.old_kind is not event.new_kind
+            else event.reason
+        )
+        log.info(
+            f"path change for {event.peer}: {change}",
+            old=str(event.old),
+            new=str(event.new),
+            reason=event.reason,
+            open_connections=link.open_streams if link is not None else 0,
+            migrated=not event.replaced,
+        )
