@@ -40,6 +40,7 @@ class Proc:
     ) -> None:
         # each process gets its own state directory (identity key, known peers) unless told
         home = home or tempfile.mkdtemp(prefix="natter-home-")
+        self.home = home
         env = dict(os.environ, PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=home)
         self.argv = list(prefix) + list(argv)
         self.popen = subprocess.Popen(

@@ -122,7 +122,7 @@ class PeerPaths:
             return
         if path in tunnel.routes and now - tunnel.route_since < self.settings.path_settle:
             return
-        reason = "the peer moved" if not path.relayed else "the peer moved to the relay"
+        reason = "peer moved" if not path.relayed else "peer moved to the relay"
         self._route(tunnel, path, kind, now, reason)
 
     def endpoint_moved(self, now: float) -> None:
@@ -130,7 +130,7 @@ class PeerPaths:
         in only once it has sent to it, so punch again (the tunnel stays, and moves)."""
         tunnel = self.client_tunnel()
         if tunnel is not None and tunnel.usable and not tunnel.route.relayed:
-            self._repair(Purpose.REFRESH, "our public endpoint changed")
+            self._repair(Purpose.REFRESH, f"punching to {self.peer} again: our public endpoint changed")
 
     def punch_found(self, purpose: Purpose, path: Path, kind: PathKind, probes: int, now: float) -> None:
         """A re-punch (refresh or upgrade) found a path for the current tunnel."""
