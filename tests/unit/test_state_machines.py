@@ -501,3 +501,27 @@ def test_a_moved_address_is_reported_after_the_cookie_challenge_too() -> None:
     assert isinstance(reg.next_event(), RegistrationUp)
     event = reg.next_event()
     assert isinstance(event, PublicEndpointChanged) and event.old == PUB and event.new == moved
+
+
+def test_a_listener_without_a_tunnel_says_so_once_and_the_client_hears_it() -> None:
+    """NoTunnel: a restarted listener answers a re-punch's first probe with it (once per
+    session); the client's session reports it, only from a path it knows."""
+    from natter_proto.frames import NoTunnel, decode
+    from natter_proto.punch import PeerLostTunnel
+
+    a, b = Endpoint("203.0.113.1", 4000), Endpoint("203.0.113.2", 5000)
+    server = PunchSession(
+        "bob", Punch("r", "0123456789abcdef", "alice", a, (), "server"), 0.0, no_tunnel=True
+    )
+    client = PunchSession("alice", Punch("r", "0123456789abcdef", "bob", b, (), "client"), 0.0)
+    for nonce in (1, 2):
+        server.receive(Probe("0123456789abcdef", "alice", nonce), a, 0.1)
+    sent = [m for m, _, _ in server.frames_to_send()]
+    assert [type(m).__name__ for m in sent] == ["ProbeAck", "NoTunnel", "ProbeAck"]
+    told = decode(encode(sent[1]))
+    assert told == NoTunnel("0123456789abcdef", "bob")
+    client.receive(told, Endpoint("198.51.100.9", 1), 0.2)  # from nowhere it probed: ignored
+    assert client.next_event() is None
+    client.receive(told, b, 0.2)
+    client.receive(told, b, 0.3)
+    assert client.next_event() == PeerLostTunnel() and client.next_event() is None

@@ -166,6 +166,17 @@ class ProbeAck(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class NoTunnel(Message):
+    """Listener -> agent, once per punch session: I have no tunnel with you (I restarted).
+    An agent whose tunnel has gone quiet builds a new one at once instead of waiting for
+    pings that can never be answered. Agents before it drop the unknown type."""
+
+    TYPE: ClassVar[str] = "no_tunnel"
+    session_id: str
+    sender: str
+
+
+@dataclasses.dataclass(frozen=True)
 class MappingQuery(Message):
     """Agent -> the broker's probe port: where do you see me? Padded, so that the answer is
     never larger than the question."""
@@ -228,6 +239,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Error,
         Probe,
         ProbeAck,
+        NoTunnel,
         Goaway,
         Challenge,
         MappingQuery,

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .endpoints import Endpoint
-from .frames import Message, Probe, ProbeAck, Punch
+from .frames import Message, NoTunnel, Probe, ProbeAck, Punch
 
 MAX_ACKS_PER_SOURCE = 100  # more than a whole punch of probes from one candidate
 MAX_CANDIDATES = 16
@@ -48,7 +48,12 @@ class PunchTimedOut:
     tried: tuple[Endpoint, ...]
 
 
-PunchEvent = PathFound | PunchTimedOut
+@dataclass(frozen=True)
+class PeerLostTunnel:
+    """The peer answered that it has no tunnel with us (it restarted)."""
+
+
+PunchEvent = PathFound | PunchTimedOut | PeerLostTunnel
 
 
 def candidate_endpoints(punch: Punch) -> tuple[Endpoint, ...]:
@@ -72,6 +77,7 @@ class PunchSession:
         spray: int = 0,
         spray_per_tick: int = 48,
         rng: random.Random | None = None,
+        no_tunnel: bool = False,
     ) -> None:
         self.me = me
         self.punch = punch
@@ -97,6 +103,8 @@ class PunchSession:
         self._acks_sent: dict[Endpoint, int] = {}
         self._outbox: list[tuple[Message, Endpoint, int]] = []
         self._events: deque[PunchEvent] = deque()
+        self._tell_no_tunnel = no_tunnel  # a listener without a tunnel to this peer says so, once
+        self._lost_heard = False
 
     @property
     def session_id(self) -> str:
@@ -127,6 +135,14 @@ class PunchSession:
                 self.candidates.append(addr)
             ack = ProbeAck(self.session_id, sender=self.me, nonce=message.nonce, observed=addr)
             self._outbox.append((ack, addr, source))
+            if self._tell_no_tunnel:
+                self._tell_no_tunnel = False
+                self._outbox.append((NoTunnel(self.session_id, sender=self.me), addr, source))
+        elif isinstance(message, NoTunnel) and message.sender == self.peer:
+            known = (addr, source) in self.heard_from or addr in self.candidates
+            if known and not self._lost_heard:
+                self._lost_heard = True
+                self._events.append(PeerLostTunnel())
         elif isinstance(message, ProbeAck) and message.sender == self.peer:
             sent = self._sent_at.get(message.nonce)
             if sent is None:

@@ -32,8 +32,9 @@ from .errors import NatterError, PeerUnavailable
 from .eventlog import log_event
 from .interfaces import local_ipv4_addresses
 from .keystore import KNOWN_PEERS, KnownPeers, load_identity, state_dir
-from .link import PeerLink, StreamChannel
+from .link import PeerLink
 from .router import Router
+from .stream import StreamChannel
 from .tls import credentials_for
 from .trust import PeerTrust
 from .udp import AgentSocket

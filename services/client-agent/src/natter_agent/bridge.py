@@ -13,7 +13,7 @@ from typing import Protocol
 
 from natter_proto import streamhdr
 
-from .link import StreamChannel, StreamClosed
+from .stream import StreamChannel, StreamClosed
 
 CHUNK = 256 * 1024
 

@@ -18,8 +18,9 @@ from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 from .agent import Agent
 from .bridge import read_header, splice
 from .errors import NatterError
-from .link import PeerLink, StreamChannel, StreamClosed
+from .link import PeerLink
 from .stdio import StdioEnd
+from .stream import StreamChannel, StreamClosed
 from .tcpend import TcpEnd, open_tcp
 
 log = structlog.get_logger("natter.forward")

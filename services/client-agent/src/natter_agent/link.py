@@ -28,95 +28,12 @@ from .engine import (
     Terminated,
     TunnelConnection,
 )
+from .stream import StreamChannel, StreamClosed
 
 log = structlog.get_logger("natter.link")
 
 ERR_RESET = 0x1  # application error code used on RESET_STREAM / STOP_SENDING
 QUIC_ADDR = (QUIC_PEER.host, QUIC_PEER.port)
-
-
-class StreamClosed(ConnectionError):
-    """The stream or the whole tunnel went away."""
-
-
-class StreamChannel:
-    """One QUIC bidirectional stream with bounded buffering in both directions."""
-
-    def __init__(self, link: PeerLink, stream_id: int) -> None:
-        self.link = link
-        self.stream_id = stream_id
-        self._chunks: deque[bytes] = deque()
-        self._eof = False
-        self._error: str | None = None
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._write_closed = False
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-    # -- reading (peer -> us) ---------------------------------------------------
-    async def read(self) -> bytes:
-        """Next chunk from the peer; b"" at end of stream. Raises StreamClosed on reset.
-
-        Chunks are not joined here: it made aioquic a third slower, and qh3's engine already
-        joins a stream's data per batch (bench/README.md)."""
-        while not self._chunks:
-            if self._error is not None:
-                raise StreamClosed(self._error)
-            if self._eof:
-                return b""
-            self._readable.clear()
-            await self._readable.wait()
-        return self._chunks.popleft()
-
-    def consumed(self, size: int) -> None:
-        """The application handed ``size`` bytes on: grant the peer that much more credit."""
-        self.link.consume(self.stream_id, size)
-
-    # -- writing (us -> peer) ----------------------------------------------------
-    async def write(self, data: bytes) -> None:
-        """Queue data on the stream, waiting while the unacknowledged backlog is full."""
-        while True:
-            if self._error is not None:
-                raise StreamClosed(self._error)
-            if self.link.send_capacity(self.stream_id) > 0:
-                break
-            self._writable.clear()
-            self.link.wait_writable(self)
-            await self._writable.wait()
-        self.link.send(self.stream_id, data, end_stream=False)
-        self.bytes_out += len(data)
-
-    def write_eof(self) -> None:
-        if not self._write_closed and self._error is None:
-            self._write_closed = True
-            self.link.send(self.stream_id, b"", end_stream=True)
-
-    def reset(self) -> None:
-        """Abort both directions (the local side failed)."""
-        if self._error is None:
-            self._error = "reset locally"
-            self.link.abort_stream(self.stream_id)
-        self._wake()
-
-    # -- fed by the link ---------------------------------------------------------
-    def _feed(self, data: bytes, end_stream: bool) -> None:
-        if data:
-            self._chunks.append(data)
-            self.bytes_in += len(data)
-        if end_stream:
-            self._eof = True
-        self._readable.set()
-
-    def _fail(self, reason: str) -> None:
-        if self._error is None:
-            self._error = reason
-        self._wake()
-
-    def _wake(self) -> None:
-        self._readable.set()
-        self._writable.set()
 
 
 class PeerLink:

@@ -22,6 +22,7 @@ from ..frames import (
     FrameError,
     MappingReply,
     Message,
+    NoTunnel,
     Probe,
     ProbeAck,
     Punch,
@@ -210,7 +211,7 @@ class AgentMachine:
         except FrameError as exc:
             self.stats[f"dropped_{exc.code}"] += 1
             return
-        if isinstance(message, Probe | ProbeAck):
+        if isinstance(message, Probe | ProbeAck | NoTunnel):
             session = self.sessions.by_id.get(message.session_id)
             source = session.source_of(socket) if session is not None else None
             if session is None or source is None:

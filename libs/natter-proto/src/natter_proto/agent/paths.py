@@ -164,6 +164,13 @@ class PeerPaths:
         tunnel.found = relay
         self.signal(tunnel, Signal.NO_PATH, now)
 
+    def peer_lost_tunnel(self, now: float) -> None:
+        """The peer, answering our re-punch, says it has no tunnel with us: a quiet tunnel is
+        dead (an answer about a healthy one is ignored: it is not authenticated)."""
+        tunnel = self.client_tunnel()
+        if tunnel is not None:
+            self.signal(tunnel, Signal.LOST, now)
+
     def refused(self, purpose: Purpose, message: str, now: float) -> None:
         """The broker could not introduce us again (the peer is gone, or unknown to it)."""
         self.repairing = None
@@ -220,8 +227,8 @@ class PeerPaths:
         waits for one threshold, so a deadline that has passed never fires twice)."""
         if tunnel.silent_since is None:
             return None
-        if tunnel.health is Health.VERIFYING:  # a path that just answered probes: a pong is due
-            return tunnel.silent_since + self.settings.path_check_interval, Signal.QUIET
+        if tunnel.health is Health.VERIFYING:  # a path that answers probes: a pong is due
+            return tunnel.silent_since + self.settings.path_dead, Signal.QUIET
         if tunnel.health is Health.HEALTHY:
             return tunnel.silent_since + self.settings.path_silence, Signal.QUIET
         if tunnel.health is Health.SUSPECT:
@@ -333,8 +340,7 @@ class PeerPaths:
             self._out.append(PeerUnreachable(self.peer, "punch_failed", f"no path to {self.peer} answers"))
             return
         self._route(tunnel, relay, PathKind.RELAYED, now, "no direct path answers")
-        tunnel.health = Health.VERIFYING
-        tunnel.found = relay
+        tunnel.health = Health.HEALTHY  # judged afresh there, by the ordinary silence rules
 
     def _on_give_up(self, tunnel: Tunnel, now: float) -> None:
         self._retire(tunnel, "the broker no longer knows the peer", drain=False)

@@ -27,6 +27,7 @@ class Signal(enum.Enum):
     PATH_FOUND = "path_found"  # a re-punch found a path
     NO_PATH = "no_path"  # a re-punch found none
     REFUSED = "refused"  # the broker could not introduce us again
+    LOST = "lost"  # the peer says it has no tunnel with us
     CLOSED = "closed"
 
 
@@ -50,6 +51,9 @@ TRANSITIONS: dict[tuple[Health, Signal], tuple[Health, str]] = {
     (Health.DEAD, Signal.REFUSED): (Health.CLOSED, "give_up"),
     (Health.VERIFYING, Signal.PONG): (Health.HEALTHY, "refreshed"),
     (Health.VERIFYING, Signal.QUIET): (Health.CLOSED, "replace"),
+    (Health.SUSPECT, Signal.LOST): (Health.CLOSED, "replace"),
+    (Health.DEAD, Signal.LOST): (Health.CLOSED, "replace"),
+    (Health.VERIFYING, Signal.LOST): (Health.CLOSED, "replace"),
     (Health.HEALTHY, Signal.PATH_FOUND): (Health.HEALTHY, "move"),  # our endpoint moved, or an upgrade
     (Health.SUSPECT, Signal.PATH_FOUND): (Health.VERIFYING, "move"),
     (Health.SUSPECT, Signal.NO_PATH): (Health.DEAD, "fall_back"),

@@ -10,7 +10,7 @@ from collections import deque
 
 from ..endpoints import Endpoint
 from ..frames import Punch, encode
-from ..punch import PathFound, PunchState, PunchTimedOut
+from ..punch import PathFound, PeerLostTunnel, PunchEvent, PunchState
 from .actions import (
     Action,
     CloseSocket,
@@ -23,7 +23,7 @@ from .actions import (
     StartTunnel,
 )
 from .kinds import MAIN_SOCKET, NatKind, Path, PathKind, Role
-from .pathstate import Purpose
+from .pathstate import Health, Purpose
 from .peers import Peers
 from .punching import Session, Sessions
 from .settings import AgentSettings
@@ -84,7 +84,10 @@ class Puncher:
             session=punch.session_id,
             request_id=punch.request_id,
         )
-        session = self.sessions.start(self.name, punch, purpose, nat, broker, now)
+        paths = self.peers.by_name.get(punch.peer)
+        alive = paths is not None and any(t.health is not Health.CLOSED for t in paths.tunnels.values())
+        no_tunnel = punch.role == Role.SERVER.value and not alive
+        session = self.sessions.start(self.name, punch, purpose, nat, broker, now, no_tunnel=no_tunnel)
         if session.sockets or session.punch.predicting:
             self._note(
                 NoticeKind.BIRTHDAY,
@@ -107,8 +110,12 @@ class Puncher:
             session.punch.succeed(broker)
             self._relay_tunnel(session, "both NATs are symmetric", now)
 
-    def _outcome(self, session: Session, event: PathFound | PunchTimedOut, now: float) -> None:
+    def _outcome(self, session: Session, event: PunchEvent, now: float) -> None:
         peer = session.punch.peer
+        if isinstance(event, PeerLostTunnel):
+            if session.role is Role.CLIENT and session.purpose is not Purpose.NEW:
+                self.peers.get(peer).peer_lost_tunnel(now)
+            return
         if isinstance(event, PathFound):
             self._note(
                 NoticeKind.PUNCH_ANSWERED,

@@ -74,7 +74,15 @@ class Sessions:
         self._socket_ids = itertools.count(MAIN_SOCKET + 1)
 
     def start(
-        self, me: str, punch: Punch, purpose: Purpose, nat: NatKind, broker: Endpoint, now: float
+        self,
+        me: str,
+        punch: Punch,
+        purpose: Purpose,
+        nat: NatKind,
+        broker: Endpoint,
+        now: float,
+        *,
+        no_tunnel: bool = False,
     ) -> Session:
         sources, spray = birthday(nat, NatKind.parse(punch.peer_nat), self.settings)
         s = self.settings
@@ -88,6 +96,7 @@ class Sessions:
                 timeout=s.punch_timeout,
                 sources=sources,
                 spray=spray,
+                no_tunnel=no_tunnel,
             ),
             purpose,
             broker,
