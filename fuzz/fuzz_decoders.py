@@ -17,7 +17,7 @@ import atheris
 with atheris.instrument_imports():
     from natter.specs import SpecError, parse_spec
     from natter_agent.keystore import parse_known_peers
-    from natter_proto import frames, streamhdr, tunnelctl
+    from natter_proto import bus, frames, streamhdr, tunnelctl
     from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
     from natter_proto.tokens import TokenList, TokenListError
 
@@ -25,7 +25,7 @@ with atheris.instrument_imports():
 def one_input(data: bytes) -> None:
     if not data:
         return
-    selector, body = data[0] % 4, data[1:]
+    selector, body = data[0] % 5, data[1:]
     if selector == 0:
         with contextlib.suppress(frames.FrameError):
             frames.decode(bytes([frames.PREFIX]) + body)
@@ -39,6 +39,9 @@ def one_input(data: bytes) -> None:
     elif selector == 3:
         with contextlib.suppress(tunnelctl.ControlError):
             tunnelctl.ControlReader().feed(body)  # the tunnel's control stream (qh3 engine)
+    elif selector == 4:
+        with contextlib.suppress(bus.BusError):
+            bus.decode(body)  # what another broker replica says over Redis
     else:
         text = body.decode("utf-8", errors="replace")
         parse_known_peers(text)
@@ -59,6 +62,11 @@ def seeds() -> list[bytes]:
         frames.Punch("r", "s", "alice", e, (e,), "server", peer_key=b"k" * 32),
         frames.ProbeAck("s", "alice", 1, e),
     ]
+    bus_messages: list[bus.BusMessage] = [
+        bus.Introduce("r1", "alice", "rid", e, (frames.encode(messages[1]),), "0123456789abcdef", "bob"),
+        bus.Ack("alice", "rid"),
+        bus.RelayBatch((bus.RelayItem("bob", b"k" * 8, b"q" * 1200),)),
+    ]
     control = [
         tunnelctl.Proof(b"k" * 32, b"s" * 64, 1 << 20, 8 << 20),
         tunnelctl.Credit({0: 5000}, 9000),
@@ -68,6 +76,7 @@ def seeds() -> list[bytes]:
         [b"\x00" + frames.encode(m)[1:] for m in messages]
         + [b"\x01" + streamhdr.encode_open("h:1")]
         + [b"\x03" + tunnelctl.encode(f) for f in control]
+        + [b"\x04" + bus.encode(m) for m in bus_messages]
     )
 
 

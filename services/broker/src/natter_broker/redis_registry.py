@@ -30,13 +30,14 @@ import structlog
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import NoScriptError, RedisError
 
+from natter_proto import bus
 from natter_proto.backoff import Backoff
+from natter_proto.bus import BusMessage
 from natter_proto.endpoints import AddressError, Endpoint, endpoint
 from natter_proto.registry import PeerRecord
 
 from .metrics import BrokerMetrics
 from .registry import BusHandler, ConnectFound, ConnectLookup
-from .relaying import RELAY_BATCH
 
 log = structlog.get_logger("natter.redis")
 
@@ -84,7 +85,6 @@ return out
 """
 
 OWNER_TTL = 90 * 24 * 3600
-MAX_BUS_MESSAGE = 64 * 1024  # a batch of relayed packets at most
 REQUEST_TTL = 30
 REPLICA_TTL = 10
 HEARTBEAT = 3.0
@@ -245,22 +245,16 @@ class RedisRegistry:
             await asyncio.sleep(backoff.next_delay())
 
     async def _deliver(self, data: object) -> None:
-        if not isinstance(data, bytes) or len(data) > MAX_BUS_MESSAGE:
-            self.metrics.redis_received.labels("invalid").inc()
-            return
         try:
-            message = msgpack.unpackb(data, raw=False, strict_map_key=True, max_array_len=RELAY_BATCH)
-        except Exception:
-            self.metrics.redis_received.labels("invalid").inc()
-            return
-        if not isinstance(message, dict):
+            message = bus.decode(data)  # type: ignore[arg-type]
+        except bus.BusError:
             self.metrics.redis_received.labels("invalid").inc()
             return
         if self.drop_incoming > 0:
             self.drop_incoming -= 1
             self.metrics.redis_received.labels("dropped_by_test").inc()
             return
-        self.metrics.redis_received.labels(str(message.get("kind", "?"))[:16]).inc()
+        self.metrics.redis_received.labels(message.KIND).inc()
         if self._handler is not None:
             await self._handler(message)
 
@@ -318,8 +312,8 @@ class RedisRegistry:
     async def expire(self, now: float) -> list[str]:
         return []  # Redis expires peer keys by their TTL
 
-    async def publish(self, broker_id: str, message: dict[str, Any]) -> int:
-        data = msgpack.packb(message, use_bin_type=True)
+    async def publish(self, broker_id: str, message: BusMessage) -> int:
+        data = bus.encode(message)
         receivers = int(await self._timed("publish", self.client.publish(bus_channel(broker_id), data)))
         self.metrics.redis_published.inc()
         if receivers == 0:

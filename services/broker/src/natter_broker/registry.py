@@ -8,13 +8,14 @@ Redis round trip.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from natter_proto.broker import RecentSessions
+from natter_proto.bus import BusMessage
 from natter_proto.endpoints import Endpoint
 from natter_proto.registry import PeerRecord, PeerTable
 
-BusHandler = Callable[[dict[str, Any]], Awaitable[None]]
+BusHandler = Callable[[BusMessage], Awaitable[None]]
 ConnectLookup = tuple[str, str, str, str]  # peer_from, peer_to, request_id, candidate session id
 ConnectFound = tuple[PeerRecord | None, PeerRecord | None, str]
 
@@ -40,7 +41,7 @@ class Registry(Protocol):
         ...
 
     async def expire(self, now: float) -> list[str]: ...
-    async def publish(self, broker_id: str, message: dict[str, Any]) -> int:
+    async def publish(self, broker_id: str, message: BusMessage) -> int:
         """Send to another replica; returns how many received it (0: it is gone)."""
         ...
 
@@ -92,5 +93,5 @@ class MemoryRegistry:
     async def expire(self, now: float) -> list[str]:
         return self.table.expire(now)
 
-    async def publish(self, broker_id: str, message: dict[str, Any]) -> int:
+    async def publish(self, broker_id: str, message: BusMessage) -> int:
         return 0

@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
+from natter_proto.bus import RELAY_BATCH, RelayBatch, RelayItem
 from natter_proto.endpoints import Endpoint
 from natter_proto.relay import (
     RelayFrameError,
@@ -27,7 +27,6 @@ from .registry import Registry
 
 log = structlog.get_logger("natter.relay")
 
-RELAY_BATCH = 40  # packets per PUBLISH to another replica (about 60 KB)
 
 Heard = dict[str, tuple[Endpoint, float]]
 
@@ -51,7 +50,7 @@ class Relayer:
         self._by_addr: dict[Endpoint, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # packets for other replicas, gathered over one event-loop turn and published together
-        self._outgoing: dict[str, list[list[object]]] = {}
+        self._outgoing: dict[str, list[RelayItem]] = {}
         self._flush_scheduled = False
 
     def allow(self, session_id: str, requester: str, target: str, replicas: tuple[str, str]) -> None:
@@ -84,7 +83,7 @@ class Relayer:
         if not replica or replica == self.broker_id:
             self.metrics.dropped.labels("relay_peer_gone").inc()
             return
-        self._outgoing.setdefault(replica, []).append([receiver, key, packet])
+        self._outgoing.setdefault(replica, []).append(RelayItem(receiver, key, packet))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -96,38 +95,27 @@ class Relayer:
         loop = asyncio.get_running_loop()
         for replica, items in outgoing.items():
             for start in range(0, len(items), RELAY_BATCH):
-                message = {"kind": "relay", "items": items[start : start + RELAY_BATCH]}
+                message = RelayBatch(tuple(items[start : start + RELAY_BATCH]))
                 task = loop.create_task(self._publish(replica, message))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, replica: str, message: dict[str, Any]) -> None:
+    async def _publish(self, replica: str, message: RelayBatch) -> None:
         try:
             if await self.registry.publish(replica, message) == 0:
                 self.metrics.dropped.labels("relay_peer_gone").inc()
         except Exception:
             self.metrics.dropped.labels("relay_publish_failed").inc()
 
-    def on_bus(self, message: dict[str, Any]) -> None:
-        """Packets another replica relayed for agents of ours."""
-        items = message.get("items")
-        if not isinstance(items, list):
-            self.metrics.dropped.labels("bad_bus_message").inc()
-            return
-        for item in items:
-            if not (isinstance(item, list) and len(item) == 3):
-                self.metrics.dropped.labels("bad_bus_message").inc()
-                continue
-            to, key, packet = item
-            if not (isinstance(to, str) and isinstance(key, bytes) and isinstance(packet, bytes)):
-                self.metrics.dropped.labels("bad_bus_message").inc()
-                continue
-            local = self.heard.get(to)
-            if local is None or len(key) != 8 or len(packet) > 1500:
+    def on_bus(self, batch: RelayBatch) -> None:
+        """Packets another replica relayed for agents of ours (checked by bus.decode)."""
+        for item in batch.items:
+            local = self.heard.get(item.to)
+            if local is None:
                 self.metrics.dropped.labels("relay_peer_gone").inc()
                 continue
-            self.metrics.relayed_bytes.inc(len(packet))
-            self.sendto(encode_relay(key, packet), local[0])
+            self.metrics.relayed_bytes.inc(len(item.packet))
+            self.sendto(encode_relay(item.key, item.packet), local[0])
 
     def _name_at(self, source: Endpoint) -> str | None:
         name = self._by_addr.get(source)

@@ -13,7 +13,6 @@ import contextlib
 import secrets
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import structlog
 
 from natter_proto import frames
-from natter_proto.broker import BrokerCore, Introduction, new_session_id
+from natter_proto.broker import BrokerCore, new_session_id
 from natter_proto.config import Config
 from natter_proto.cookies import CookieJar
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
@@ -48,11 +47,10 @@ from .http import HealthServer
 from .metrics import BrokerMetrics
 from .registry import MemoryRegistry, Registry
 from .relaying import Relayer
+from .replicas import ReplicaIntroductions
 from .udp import BrokerSocket
 
 log = structlog.get_logger("natter.broker")
-
-PENDING_TTL = 15.0
 
 
 def load_tokens(path: str) -> TokenList:
@@ -113,7 +111,13 @@ class Broker:
             self.registry,
             self.metrics,
         )
-        self._awaiting: OrderedDict[tuple[str, str], tuple[bytes, Endpoint, float]] = OrderedDict()
+        self.replicas = ReplicaIntroductions(
+            self.broker_id,
+            self.registry,
+            self.relayer,
+            self.metrics,
+            lambda data, addr: self._sendto(data, addr),
+        )
         self._stopped = asyncio.Event()
         self._closing = False
         self._log = log.bind(broker_id=self.broker_id)
@@ -145,7 +149,7 @@ class Broker:
                 raise AddressError(f"cannot listen on {self.config.probe_addr}: {exc.strerror}") from None
             self.probe_address = Endpoint(bound[0], bound[1])
             self.core.probe_port = bound[1]
-        await self.registry.start(self.broker_id, self._on_bus_message)
+        await self.registry.start(self.broker_id, self.replicas.on_bus)
         self._registers = Batcher(lambda batch: self._guard(self._on_registers(batch), "register"))
         self._keepalives = Batcher(lambda batch: self._guard(self._on_keepalives(batch), "keepalive"))
         self._connects = Batcher(lambda batch: self._guard(self._on_connects(batch), "connect"))
@@ -387,92 +391,7 @@ class Broker:
             self.metrics.connects.labels("introduced").inc()
             rlog.info("connect introduced", session=session)
             return None
-        return self._introduce_remote(intro, owner, message.request_id, rlog)
-
-    async def _introduce_remote(self, intro: Introduction, owner: str, request_id: str, rlog: Any) -> None:
-        """The target talks to another replica: that replica must send its instruction (its
-        NAT only answers that replica's address), and the requester gets hers on its ack."""
-        key = (intro.requester.name, request_id)
-        self._awaiting[key] = (
-            frames.encode(intro.to_requester),
-            intro.requester.public,
-            time.time(),
-        )
-        target = intro.target.public
-        receivers = await self.registry.publish(
-            owner,
-            {
-                "kind": "introduce",
-                "origin": self.broker_id,
-                "requester": intro.requester.name,
-                "request_id": request_id,
-                "to": [target.host, target.port],
-                "frames": [frames.encode(m) for m in intro.to_target],
-                "session": intro.session_id,
-                "target": intro.target.name,
-            },
-        )
-        if receivers == 0:
-            self._awaiting.pop(key, None)
-            self.metrics.connects.labels(ErrorCode.PEER_UNREACHABLE).inc()
-            text = (
-                f"peer {intro.target.name!r} is registered with broker replica {owner}, which is gone; "
-                "it will re-register with another replica shortly"
-            )
-            rlog.warning("connect: owner replica gone", owner=owner)
-            self._send(Error(ErrorCode.PEER_UNREACHABLE, text, request_id), intro.requester.public)
-            return
-        rlog.info("connect relayed to owner replica", owner=owner, session=intro.session_id)
-
-    async def _on_bus_message(self, message: dict[str, Any]) -> None:
-        kind = message.get("kind")
-        if kind == "relay":
-            self.relayer.on_bus(message)
-        elif kind == "introduce":
-            await self._on_bus_introduce(message)
-        elif kind == "ack":
-            key = (message.get("requester"), message.get("request_id"))
-            pending = self._awaiting.pop(key, None)  # type: ignore[arg-type]
-            if pending is not None:
-                data, addr, _ = pending
-                self._sendto(data, addr)
-                self.metrics.punches.inc()
-                self.metrics.connects.labels("introduced").inc()
-                self._log.info("connect introduced across replicas", request_id=key[1], peer_from=key[0])
-
-    async def _on_bus_introduce(self, message: dict[str, Any]) -> None:
-        to, datagrams, origin = message.get("to"), message.get("frames"), message.get("origin")
-        valid = (
-            isinstance(to, list)
-            and len(to) == 2
-            and isinstance(origin, str)
-            and isinstance(datagrams, list)
-            and all(isinstance(d, bytes) and 0 < len(d) <= frames.MAX_FRAME_SIZE for d in datagrams)
-        )
-        if not valid:
-            self.metrics.dropped.labels("bad_bus_message").inc()
-            return
-        try:
-            addr = endpoint(str(to[0]), int(to[1]))  # type: ignore[index]
-        except (AddressError, ValueError, TypeError):
-            self.metrics.dropped.labels("bad_bus_message").inc()
-            return
-        self._introduce_target(addr, datagrams)  # type: ignore[arg-type]
-        session, requester, target = message.get("session"), message.get("requester"), message.get("target")
-        if isinstance(session, str) and isinstance(requester, str) and isinstance(target, str):
-            with contextlib.suppress(ValueError):
-                self.relayer.allow(session, requester, target, (str(origin), self.broker_id))
-        self.metrics.punches.inc()
-        self._log.info("introduced on behalf of replica", origin=origin, request_id=message.get("request_id"))
-        with contextlib.suppress(Exception):
-            await self.registry.publish(
-                str(origin),
-                {
-                    "kind": "ack",
-                    "requester": message.get("requester"),
-                    "request_id": message.get("request_id"),
-                },
-            )
+        return self.replicas.introduce(intro, owner, message.request_id, rlog)
 
     def _introduce_target(self, addr: Endpoint, datagrams: list[bytes]) -> None:
         for data in datagrams:
@@ -498,8 +417,7 @@ class Broker:
             ttl = self.config.registration_ttl
             for name in [n for n, (_, seen) in self._heard.items() if now - seen > ttl]:
                 del self._heard[name]
-            while self._awaiting and now - next(iter(self._awaiting.values()))[2] > PENDING_TTL:
-                self._awaiting.popitem(last=False)
+            self.replicas.expire(now)
             with contextlib.suppress(Exception):
                 for name in await self.registry.expire(now):
                     self._log.info("forgot silent agent", name=name)
