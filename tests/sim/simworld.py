@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 from simnet import Network, Realm
 
-from natter_agent.engine import (
+from natter_agent.engines import make_engine
+from natter_agent.engines.base import (
     PeerAuthenticated,
     PingAcked,
     StreamData,
     Terminated,
     TunnelConnection,
-    make_engine,
 )
 from natter_agent.router import Router
 from natter_agent.tls import credentials_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from natter_agent.engine import TunnelConnection, make_engine, warm_up
+from natter_agent.engines import TunnelConnection, make_engine, warm_up
 from natter_agent.tls import credentials_for
 from natter_proto.identity import Identity
 

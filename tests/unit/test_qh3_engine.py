@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from natter_agent.engine import PeerAuthenticated, StreamData, Terminated, TunnelEvent
-from natter_agent.qh3_engine import Qh3Engine, Qh3TunnelConnection
+from natter_agent.engines.base import PeerAuthenticated, StreamData, Terminated, TunnelEvent
+from natter_agent.engines.qh3 import Qh3Engine, Qh3TunnelConnection
 from natter_agent.tls import credentials_for
 from natter_proto import tunnelctl
 from natter_proto.identity import Identity
@@ -190,7 +190,7 @@ def test_the_control_stream_fin_ends_a_stream_whose_quic_fin_never_came() -> Non
     pair.client.send_stream_data(stream, b"q" * 100, False)
     pair.pump()
     QuicSend(pair.server, stream, b"r" * 1000)  # the reply, without QUIC's FIN ...
-    pair.server._control(tunnelctl.Fin(stream, 1000))  # ... but with natter's
+    pair.server._write_control(tunnelctl.encode(tunnelctl.Fin(stream, 1000)))  # ... but with natter's
     pair.pump()
     assert ends(pair.client_events, stream) == 1
     assert sum(len(e.data) for e in pair.client_events if isinstance(e, StreamData)) == 1000

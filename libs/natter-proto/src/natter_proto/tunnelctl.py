@@ -220,11 +220,18 @@ class SendCredit:
             self.connection_limit = credit.connection
 
 
+def moved_limit(consumed: int, window: int, limit: int) -> int | None:
+    """The receive rule both engines follow: the peer may send ``window`` bytes beyond what
+    the application consumed; the limit is re-announced (this new value) only once it can
+    move by a quarter window, so a steady reader costs one small frame per quarter window."""
+    target = consumed + window
+    return target if target - limit >= window // 4 else None
+
+
 class ReceiveCredit:
     """What we let the peer send: credit follows what the application consumed.
 
-    A limit is re-announced once it can move by a quarter window, as natter's aioquic engine
-    does, so a steady reader costs one small frame per quarter window.
+    Limits move by ``moved_limit``, the rule natter's aioquic engine follows too.
     """
 
     def __init__(self, stream_window: int, connection_window: int) -> None:
@@ -267,7 +274,7 @@ class ReceiveCredit:
         self._connection_returned += size
         if stream_id not in self._finished:
             limit = self._limits.get(stream_id, self.stream_window)
-            if self._consumed[stream_id] + self.stream_window - limit >= self.stream_window // 4:
+            if moved_limit(self._consumed[stream_id], self.stream_window, limit) is not None:
                 self._due.add(stream_id)
 
     def finished(self, stream_id: int) -> None:
@@ -295,10 +302,9 @@ class ReceiveCredit:
             self._due.discard(stream_id)
             streams[stream_id] = self._consumed.get(stream_id, 0) + self.stream_window
             self._limits[stream_id] = streams[stream_id]
-        connection: int | None = None
-        target = self._connection_returned + self.connection_window
-        if target - self.connection_limit >= self.connection_window // 4:
-            self.connection_limit = connection = target
+        connection = moved_limit(self._connection_returned, self.connection_window, self.connection_limit)
+        if connection is not None:
+            self.connection_limit = connection
         if not streams and connection is None:
             return None
         return Credit(streams, connection)

@@ -27,7 +27,7 @@ from natter_proto.registration import Registration
 from natter_proto.relay import RELAY_PREFIX
 
 from .brokers import agent_settings, resolve_brokers
-from .engine import QuicEngine, make_engine, warm_up
+from .engines import QuicEngine, make_engine, warm_up
 from .errors import NatterError, PeerUnavailable
 from .eventlog import log_event
 from .interfaces import local_ipv4_addresses

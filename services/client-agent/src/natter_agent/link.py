@@ -19,7 +19,7 @@ import structlog
 from natter_proto.agent.kinds import QUIC_PEER, Path, PathKind, Role
 from natter_proto.sendqueue import SendQueue
 
-from .engine import (
+from .engines.base import (
     PeerAuthenticated,
     PingAcked,
     StopSending,

@@ -24,7 +24,10 @@ from aioquic.quic.packet import QuicFrameType, QuicPacketType, pull_quic_header
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.stream import QuicStream
 
-from .engine import (
+from natter_proto.tunnelctl import moved_limit
+
+from ..tls import raw_public_key
+from .base import (
     ALPN,
     EngineSettings,
     PeerAuthenticated,
@@ -35,7 +38,6 @@ from .engine import (
     Terminated,
     TunnelEvent,
 )
-from .tls import raw_public_key
 
 
 class FlowControlledConnection(QuicConnection):
@@ -79,7 +81,7 @@ class FlowControlledConnection(QuicConnection):
         self._total_consumed += size
         stream = self._streams.get(stream_id)
         granted = stream.max_stream_data_local if stream is not None else 0
-        if granted and consumed + self.stream_window - granted >= self.stream_window // 4:
+        if granted and moved_limit(consumed, self.stream_window, granted) is not None:
             self._credit_due.add(stream_id)
 
     def release_stream(self, stream_id: int) -> None:
@@ -145,10 +147,9 @@ class FlowControlledConnection(QuicConnection):
     # -- credit that follows consumption, not arrival -----------------------------
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: Any) -> None:
         limit = self._local_max_data
-        consumed = self._total_consumed + self._released
-        target = consumed + self.connection_window
-        if target - limit.value >= self.connection_window // 4:
-            limit.value = target
+        moved = moved_limit(self._total_consumed + self._released, self.connection_window, limit.value)
+        if moved is not None:
+            limit.value = moved
         saved_used, limit.used = limit.used, 0  # keeps aioquic from doubling the window
         try:
             super()._write_connection_limits(builder, space)
@@ -166,9 +167,10 @@ class FlowControlledConnection(QuicConnection):
         if not stream.max_stream_data_local or stream.receiver.is_finished:
             self._credit_due.discard(stream.stream_id)  # FIN received: no more credit needed
             return
-        target = self._consumed.get(stream.stream_id, 0) + self.stream_window
-        if target - stream.max_stream_data_local >= self.stream_window // 4:
-            stream.max_stream_data_local = target
+        consumed = self._consumed.get(stream.stream_id, 0)
+        moved = moved_limit(consumed, self.stream_window, stream.max_stream_data_local)
+        if moved is not None:
+            stream.max_stream_data_local = moved
         if stream.max_stream_data_local_sent == stream.max_stream_data_local:
             self._credit_due.discard(stream.stream_id)
             return

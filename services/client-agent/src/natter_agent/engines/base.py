@@ -13,49 +13,20 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
 from natter_proto.config import QUIC_ENGINES
+from natter_proto.tunnelevents import (  # the engines' vocabulary, re-exported for the shell
+    PeerAuthenticated as PeerAuthenticated,
+)
+from natter_proto.tunnelevents import PingAcked as PingAcked
+from natter_proto.tunnelevents import StopSending as StopSending
+from natter_proto.tunnelevents import StreamData as StreamData
+from natter_proto.tunnelevents import StreamReset as StreamReset
+from natter_proto.tunnelevents import Terminated as Terminated
+from natter_proto.tunnelevents import TunnelEvent as TunnelEvent
 
-from .tls import Credentials
+from ..tls import Credentials
 
 ALPN = "natter/1"  # aioquic: mutual TLS
 ENGINES = QUIC_ENGINES
-
-
-@dataclass(slots=True)
-class StreamData:
-    stream_id: int
-    data: bytes
-    end_stream: bool
-
-
-@dataclass(slots=True)
-class StreamReset:
-    stream_id: int
-
-
-@dataclass(slots=True)
-class StopSending:
-    stream_id: int
-
-
-@dataclass(slots=True)
-class PeerAuthenticated:
-    """The peer proved a key (``peer_public_key``); the link now checks it is the right one."""
-
-
-@dataclass(slots=True)
-class PingAcked:
-    """The peer acknowledged our PING ``uid``: the path works both ways."""
-
-    uid: int
-
-
-@dataclass(slots=True)
-class Terminated:
-    error_code: int
-    reason: str
-
-
-TunnelEvent = StreamData | StreamReset | StopSending | PeerAuthenticated | PingAcked | Terminated
 
 
 class TunnelConnection(Protocol):
@@ -130,39 +101,3 @@ class QuicEngine(Protocol):
     def server_connection(self, initial: bytes) -> TunnelConnection | None:
         """Accept a client's first datagram, or return None if it is not a valid Initial."""
         ...
-
-
-def make_engine(name: str, **settings: Any) -> QuicEngine:
-    if name == "aioquic":
-        from .aioquic_engine import AioquicEngine
-
-        return AioquicEngine(**settings)
-    if name == "qh3":
-        from .qh3_engine import Qh3Engine
-
-        return Qh3Engine(**settings)
-    raise ValueError(f"unknown QUIC engine {name!r} (available: {', '.join(ENGINES)})")
-
-
-def warm_up(engine: QuicEngine, now: float = 0.0) -> None:
-    """One handshake between two in-memory connections of this engine, at agent start: a
-    QUIC library's first handshake in a process pays its one-time costs (measured: qh3 26
-    ms, then 2 ms), which would otherwise land on the first tunnel. No socket is used."""
-    client = engine.client_connection()
-    client.connect(("127.0.0.1", 9), now)
-    server: TunnelConnection | None = None
-    for _ in range(10):
-        for data, _addr in client.datagrams_to_send(now):
-            server = server or engine.server_connection(data)
-            if server is not None:
-                server.receive_datagram(data, ("127.0.0.1", 10), now)
-        for conn in (client, server):
-            while conn is not None and (event := conn.poll_event()) is not None:
-                if isinstance(event, PeerAuthenticated):
-                    conn.accept_peer()
-        if server is not None:
-            for data, _addr in server.datagrams_to_send(now):
-                client.receive_datagram(data, ("127.0.0.1", 9), now)
-        if client.handshake_confirmed():
-            break
-        now += 0.01  # a pacer with a frozen clock would hold the last flight back
