@@ -16,6 +16,8 @@ from simnet import Network, Realm
 
 from natter_agent.engines import make_engine
 from natter_agent.engines.base import (
+    CidIssued,
+    CidRetired,
     PeerAuthenticated,
     PingAcked,
     StreamData,
@@ -319,6 +321,8 @@ class SimAgent:
                     self._closed(tunnel, "wrong key")
                     return
                 tunnel.conn.accept_peer()
+            elif isinstance(event, CidIssued | CidRetired):
+                self.router.connection_id(tunnel.id, event.cid, issued=isinstance(event, CidIssued))
             elif isinstance(event, PingAcked):
                 busy, tunnel.moved = tunnel.moved > 0, 0
                 self.machine.tunnel_pong(tunnel.id, event.uid, busy, self.now)

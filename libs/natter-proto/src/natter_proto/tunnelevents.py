@@ -35,9 +35,30 @@ class PingAcked:
 
 
 @dataclass(slots=True)
+class CidIssued:
+    """We gave the peer a connection ID to send to: datagrams carrying it are this tunnel's."""
+
+    cid: bytes
+
+
+@dataclass(slots=True)
+class CidRetired:
+    cid: bytes
+
+
+@dataclass(slots=True)
 class Terminated:
     error_code: int
     reason: str
 
 
-TunnelEvent = StreamData | StreamReset | StopSending | PeerAuthenticated | PingAcked | Terminated
+TunnelEvent = (
+    StreamData
+    | StreamReset
+    | StopSending
+    | PeerAuthenticated
+    | PingAcked
+    | CidIssued
+    | CidRetired
+    | Terminated
+)

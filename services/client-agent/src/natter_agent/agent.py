@@ -285,6 +285,7 @@ class Agent:
             on_incoming=self._on_incoming_stream,
             on_ready=self._on_link_ready,
             on_pong=self._on_link_pong,
+            on_cid=lambda link, cid, issued: self.router.connection_id(link.tunnel, cid, issued=issued),
             on_closed=self._on_link_closed,
             verify=self._verify_peer,
             expected_key=action.expected_key,

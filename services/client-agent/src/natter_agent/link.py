@@ -20,6 +20,8 @@ from natter_proto.agent.kinds import QUIC_PEER, Path, PathKind, Role
 from natter_proto.sendqueue import SendQueue
 
 from .engines.base import (
+    CidIssued,
+    CidRetired,
     PeerAuthenticated,
     PingAcked,
     StopSending,
@@ -52,6 +54,7 @@ class PeerLink:
         on_incoming: Callable[[StreamChannel], None],
         on_ready: Callable[[PeerLink], None],
         on_pong: Callable[[PeerLink, int, bool], None],
+        on_cid: Callable[[PeerLink, bytes, bool], None],
         on_closed: Callable[[PeerLink], None],
         verify: Callable[[PeerLink], str | None],
         expected_key: bytes | None,
@@ -71,6 +74,7 @@ class PeerLink:
         self._on_incoming = on_incoming
         self._on_ready = on_ready
         self._on_pong = on_pong
+        self._on_cid = on_cid
         self._on_closed = on_closed
         self._verify = verify
         self.expected_key = expected_key  # what the broker vouched for
@@ -176,6 +180,8 @@ class PeerLink:
                     continue
                 self._verified = True
                 self.conn.accept_peer()
+            elif isinstance(event, CidIssued | CidRetired):
+                self._on_cid(self, event.cid, isinstance(event, CidIssued))
             elif isinstance(event, PingAcked):
                 moved = self.bytes_sent + self.bytes_received
                 busy, self._moved_at_ping = moved != self._moved_at_ping, moved

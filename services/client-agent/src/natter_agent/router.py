@@ -2,7 +2,8 @@
 destination connection ID of a short-header QUIC packet.
 
 The machine decides where tunnels are (``RouteTunnel``); the router only remembers it, so
-that the steady stream of a tunnel's datagrams never enters the machine. A path a tunnel
+that the steady stream of a tunnel's datagrams never enters the machine. Connection IDs
+come from the engines' issued and retired events, as aioquic's own server routes them. A path a tunnel
 left still delivers to it (stragglers of a move) until another tunnel takes the path.
 Handshake (long-header) packets go by connection ID only: a peer that rebuilds its tunnel
 from the same address must reach the new connection, not the old one.
@@ -19,8 +20,8 @@ from natter_proto.relay import RELAY_PREFIX, RelayFrameError, decode_relay
 CID_LENGTH = 8  # the host connection ID length both engines use
 
 
-class OwnsConnectionIds(Protocol):
-    def owns_connection_id(self, cid: bytes) -> bool: ...
+class HasConnectionId(Protocol):
+    def host_connection_id(self) -> bytes: ...
 
 
 class Router:
@@ -28,15 +29,21 @@ class Router:
         self._by_addr: dict[tuple[int, Endpoint], tuple[int, Path]] = {}
         self._by_key: dict[bytes, tuple[int, Path]] = {}
         self._paths: dict[int, set[Path]] = {}
-        self._conns: dict[int, OwnsConnectionIds] = {}
         self._cids: dict[bytes, int] = {}
 
-    def add(self, tunnel: int, conn: OwnsConnectionIds, initial: bytes = b"") -> None:
+    def add(self, tunnel: int, conn: HasConnectionId, initial: bytes = b"") -> None:
         """A new tunnel; a server's also gets the client's Initials by their connection ID."""
-        self._conns[tunnel] = conn
         self._paths.setdefault(tunnel, set())
+        self._cids[conn.host_connection_id()] = tunnel
         if initial and (dcid := long_header_dcid(initial)) is not None:
             self._cids[dcid] = tunnel
+
+    def connection_id(self, tunnel: int, cid: bytes, *, issued: bool) -> None:
+        """The engine issued (or retired) a connection ID of this tunnel."""
+        if issued:
+            self._cids[cid] = tunnel
+        elif self._cids.get(cid) == tunnel:
+            del self._cids[cid]
 
     def route(self, tunnel: int, path: Path) -> None:
         """Datagrams arriving on path are the tunnel's."""
@@ -54,7 +61,6 @@ class Router:
                     del self._by_key[path.relay_key]
             elif self._by_addr.get((path.socket, path.addr), (0,))[0] == tunnel:
                 del self._by_addr[(path.socket, path.addr)]
-        self._conns.pop(tunnel, None)
         for cid in [cid for cid, owner in self._cids.items() if owner == tunnel]:
             del self._cids[cid]
 
@@ -77,21 +83,13 @@ class Router:
         return hit[0], hit[1], data
 
     def owner(self, packet: bytes) -> int | None:
-        """The tunnel a QUIC packet is addressed to, by its destination connection ID
-        (remembered once found)."""
+        """The tunnel a QUIC packet is addressed to, by its destination connection ID."""
         if len(packet) < 1 + CID_LENGTH or packet[0] < 0x40:
             return None
         cid = long_header_dcid(packet) if packet[0] & 0x80 else packet[1 : 1 + CID_LENGTH]
         if cid is None:
             return None
-        tunnel = self._cids.get(cid)
-        if tunnel is not None:
-            return tunnel
-        for tunnel, conn in self._conns.items():
-            if conn.owns_connection_id(cid):
-                self._cids[cid] = tunnel
-                return tunnel
-        return None
+        return self._cids.get(cid)
 
 
 def long_header_dcid(packet: bytes) -> bytes | None:

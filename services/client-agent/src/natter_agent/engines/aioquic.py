@@ -29,6 +29,8 @@ from natter_proto.tunnelctl import moved_limit
 from ..tls import raw_public_key
 from .base import (
     ALPN,
+    CidIssued,
+    CidRetired,
     EngineSettings,
     PeerAuthenticated,
     PingAcked,
@@ -129,13 +131,16 @@ class FlowControlledConnection(QuicConnection):
                 return PeerAuthenticated()
             if isinstance(event, events.PingAcknowledged):
                 return PingAcked(event.uid)
+            if isinstance(event, events.ConnectionIdIssued):
+                return CidIssued(event.connection_id)
+            if isinstance(event, events.ConnectionIdRetired):
+                return CidRetired(event.connection_id)
             if isinstance(event, events.ConnectionTerminated):
                 return Terminated(event.error_code, event.reason_phrase)
         return None
 
-    def owns_connection_id(self, cid: bytes) -> bool:
-        """True if cid is one of the connection IDs this side issued (the peer sends to them)."""
-        return any(host.cid == cid for host in self._host_cids)
+    def host_connection_id(self) -> bytes:
+        return bytes(self.host_cid)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)

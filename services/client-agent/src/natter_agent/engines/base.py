@@ -13,6 +13,8 @@ from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
 from natter_proto.config import QUIC_ENGINES
+from natter_proto.tunnelevents import CidIssued as CidIssued
+from natter_proto.tunnelevents import CidRetired as CidRetired
 from natter_proto.tunnelevents import (  # the engines' vocabulary, re-exported for the shell
     PeerAuthenticated as PeerAuthenticated,
 )
@@ -78,7 +80,9 @@ class TunnelConnection(Protocol):
         """The link checked the peer's key and ACLs: tell the peer it may go ahead."""
         ...
 
-    def owns_connection_id(self, cid: bytes) -> bool: ...
+    def host_connection_id(self) -> bytes:
+        """Our first connection ID (those issued later come as ``CidIssued`` events)."""
+        ...
 
 
 @dataclass

@@ -31,6 +31,8 @@ from natter_proto.tunnelctl import ControlError
 
 from ..tls import Credentials, raw_public_key
 from .base import (
+    CidIssued,
+    CidRetired,
     EngineSettings,
     PingAcked,
     StreamData,
@@ -66,7 +68,6 @@ class Qh3TunnelConnection(QuicConnection):
         )
         self._merging: dict[int, StreamData] = {}  # a stream's event still waiting in _ready
         self._parts: dict[int, list[bytes]] = {}  # ... and the data that joined it
-        self._host_cids: set[bytes] = {self.host_cid}
 
     # -- TLS session binding --------------------------------------------------------
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
@@ -109,8 +110,8 @@ class Qh3TunnelConnection(QuicConnection):
         rtt = self._core.smoothed_rtt if self._core is not None else None
         return float(rtt) if rtt is not None else 0.0
 
-    def owns_connection_id(self, cid: bytes) -> bool:
-        return cid in self._host_cids
+    def host_connection_id(self) -> bytes:
+        return bytes(self.host_cid)
 
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         self.receive_many_datagrams(datagrams, addr, now)
@@ -225,9 +226,9 @@ class Qh3TunnelConnection(QuicConnection):
             elif isinstance(event, events.PingAcknowledged):
                 self._ready.append(PingAcked(event.uid))
             elif isinstance(event, events.ConnectionIdIssued):
-                self._host_cids.add(event.connection_id)
+                self._ready.append(CidIssued(event.connection_id))
             elif isinstance(event, events.ConnectionIdRetired):
-                self._host_cids.discard(event.connection_id)
+                self._ready.append(CidRetired(event.connection_id))
             elif isinstance(event, events.ConnectionTerminated):
                 ctl.terminated()
                 self._ready.append(Terminated(event.error_code, event.reason_phrase))
