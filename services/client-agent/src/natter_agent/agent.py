@@ -23,10 +23,11 @@ from natter_proto.agent.kinds import MAIN_SOCKET, Path, Role
 from natter_proto.agent.machine import AgentMachine
 from natter_proto.config import Config, broker_list
 from natter_proto.endpoints import AddressError, Endpoint
+from natter_proto.identity import Identity
 from natter_proto.registration import Registration
 from natter_proto.relay import RELAY_PREFIX
 
-from .brokers import agent_settings, resolve_brokers
+from .brokers import agent_settings, broker_addresses, resolve_brokers
 from .engines import QuicEngine, make_engine, warm_up
 from .errors import NatterError, PeerUnavailable
 from .eventlog import log_event
@@ -52,25 +53,10 @@ class Agent:
             raise AddressError(f"invalid name {config.client_user!r}: use letters, digits, '.', '_' or '-'")
         self.config = config
         self.name = config.client_user
-        self.brokers = resolve_brokers(config.broker_addr)
-        directory = state_dir(config.state_dir)
-        self.identity, self.identity_created = load_identity(directory)
-        self.trust = PeerTrust(
-            pinned=dict(config.pinned_peers),
-            known=KnownPeers(directory / KNOWN_PEERS),
-            allow=PeerAllowList(
-                [parse_peer_rule(r) for r in config.allow_peers] if config.allow_peers is not None else None
-            ),
-            me=self.name,
-        )
-        self.engine = engine or make_engine(
-            config.quic_engine,
-            credentials=credentials_for(self.identity, self.name),
-            max_datagram_size=config.max_datagram_size,
-            idle_timeout=config.idle_timeout,
-            stream_window=config.stream_window,
-            connection_window=config.connection_window,
-        )
+        broker_addresses(config.broker_addr)  # a malformed address fails here, the lookup at start
+        self.brokers: list[Endpoint] = []
+        self._engine = engine
+        self.identity_created = False
         self.settings = agent_settings(config)
         self.sock = self._new_socket(MAIN_SOCKET)
         self.sockets: dict[int, AgentSocket] = {MAIN_SOCKET: self.sock}
@@ -96,7 +82,9 @@ class Agent:
     @property
     def broker(self) -> Endpoint:
         """The broker this agent talks to now."""
-        return self.machine.broker if self.machine is not None else self.brokers[0]
+        if self.machine is not None:
+            return self.machine.broker
+        return self.brokers[0] if self.brokers else Endpoint("0.0.0.0", 0)
 
     @property
     def nat(self) -> str:
@@ -120,10 +108,39 @@ class Agent:
     def _peers(self) -> list[str]:
         return list(self.machine.peers.by_name) if self.machine is not None else []
 
+    # the agent's key, the peers it trusts and its QUIC engine, set by start()
+    identity: Identity
+    trust: PeerTrust
+    engine: QuicEngine
+
+    def _load(self) -> None:
+        """The blocking part of starting: DNS, the key file and known peers."""
+        config = self.config
+        self.brokers = resolve_brokers(config.broker_addr)
+        directory = state_dir(config.state_dir)
+        self.identity, self.identity_created = load_identity(directory)
+        self.trust = PeerTrust(
+            pinned=dict(config.pinned_peers),
+            known=KnownPeers(directory / KNOWN_PEERS),
+            allow=PeerAllowList(
+                [parse_peer_rule(r) for r in config.allow_peers] if config.allow_peers is not None else None
+            ),
+            me=self.name,
+        )
+        self.engine = self._engine or make_engine(
+            config.quic_engine,
+            credentials=credentials_for(self.identity, self.name),
+            max_datagram_size=config.max_datagram_size,
+            idle_timeout=config.idle_timeout,
+            stream_window=config.stream_window,
+            connection_window=config.connection_window,
+        )
+
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self.machine is not None:
             return
+        self._load()
         self._loop = asyncio.get_running_loop()
         bound = self.sock.bind(self.config.udp_host, self.config.udp_port)
         locals_ = tuple(Endpoint(ip, bound.port) for ip in local_ipv4_addresses())
