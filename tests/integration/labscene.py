@@ -70,6 +70,18 @@ class Scene:
         bob.wait_event("registered as bob", timeout=timeout)
         return bob
 
+    def forward_to_bob(
+        self, broker_port: int, local_port: int, service: str = "echo"
+    ) -> tuple[Proc, Proc, Proc]:
+        """A broker, bob listening with a netcheck service, alice forwarding local_port to it
+        over a direct path: (broker, bob, alice), once the path is up."""
+        broker = self.broker(broker_port)
+        service_port = self.service(service)
+        bob = self.listener(broker_port)
+        alice = self.agent("alice", "alice", broker_port, f"{local_port}:bob:{service_port}")
+        alice.wait_event("direct path up with bob", timeout=30)
+        return broker, bob, alice
+
     def send_checked(self, port: int, size: int, on: str = "alice", timeout: float = 120) -> None:
         """Send size bytes through a forward to a sink; every byte must arrive."""
         reply = tool("send", "127.0.0.1", str(port), str(size), prefix=self.lab.prefix(on), timeout=timeout)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from labscene import Scene
-from natlab import NatLab, remove_stale_namespaces, require_lab
+from natlab import NatLab, require_lab
 from procs import tool
 from redis_server import RedisProcess
 
@@ -21,14 +21,6 @@ pytestmark = [pytest.mark.natlab, pytest.mark.timeout(240)]
 
 NAT_A_WAN = "10.200.0.2"
 NAT_B_WAN = "10.200.0.3"
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[NatLab]:
-    require_lab()
-    remove_stale_namespaces()
-    with NatLab() as built:
-        yield built
 
 
 @pytest.fixture(params=["aioquic", "qh3"])

@@ -8,24 +8,15 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from labscene import Scene
-from natlab import NatLab, remove_stale_namespaces, require_lab
+from natlab import NatLab
 from procs import NATTER, NETCHECK, Proc, natter
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(240)]
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[NatLab]:
-    require_lab()
-    remove_stale_namespaces()
-    with NatLab() as built:
-        yield built
 
 
 def status(proc: Proc) -> dict[str, object]:
@@ -87,11 +78,7 @@ def test_a_restarted_listener_is_reached_again_within_seconds(lab: NatLab) -> No
     the tunnel dead, a new one is built, and the connection goes through it: no 60 s wait
     for QUIC's idle timeout."""
     with Scene(lab) as scene:
-        scene.broker(10021)
-        echo_port = scene.service("echo")
-        bob = scene.listener(10021)
-        alice = scene.agent("alice", "alice", 10021, f"8041:bob:{echo_port}")
-        alice.wait_event("direct path up with bob", timeout=30)
+        _, bob, alice = scene.forward_to_bob(10021, 8041)
         assert echo_works(scene, 8041)
         bob.popen.send_signal(signal.SIGKILL)
         bob.popen.wait()
@@ -121,11 +108,7 @@ def test_a_forward_recovers_when_the_client_is_back_before_the_listener(lab: Nat
     and is told bob is unknown. Once bob is back, alice's forward works again by itself
     (it used to be stuck until alice was restarted)."""
     with Scene(lab) as scene:
-        broker = scene.broker(10022)
-        echo_port = scene.service("echo")
-        bob = scene.listener(10022)
-        alice = scene.agent("alice", "alice", 10022, f"8042:bob:{echo_port}")
-        alice.wait_event("direct path up with bob", timeout=30)
+        broker, bob, alice = scene.forward_to_bob(10022, 8042)
         bob.popen.send_signal(signal.SIGSTOP)
         try:
             broker.stop()
@@ -149,11 +132,7 @@ def test_both_ends_agree_and_the_tunnel_outlives_the_broker_after_a_stop(lab: Na
     """bob is stopped long enough for the tunnel to give up, then resumes: the tunnel that
     comes back is direct on both ends (what each status says), so it survives the broker."""
     with Scene(lab) as scene:
-        broker = scene.broker(10023)
-        echo_port = scene.service("echo")
-        bob = scene.listener(10023)
-        alice = scene.agent("alice", "alice", 10023, f"8043:bob:{echo_port}")
-        alice.wait_event("direct path up with bob", timeout=30)
+        broker, bob, alice = scene.forward_to_bob(10023, 8043)
         bob.popen.send_signal(signal.SIGSTOP)
         time.sleep(12.0)
         bob.popen.send_signal(signal.SIGCONT)
@@ -169,11 +148,7 @@ def test_a_bulk_upload_does_not_trip_the_silence_check(lab: NatLab) -> None:
     """Seen: 'hears nothing back: punching again' after every bulk upload. Pings the peer
     acknowledges decide now: a 100 MB upload and the quiet after it raise no alarm."""
     with Scene(lab) as scene:
-        scene.broker(10024)
-        sink_port = scene.service("sink")
-        scene.listener(10024)
-        alice = scene.agent("alice", "alice", 10024, f"8044:bob:{sink_port}")
-        alice.wait_event("direct path up with bob", timeout=30)
+        _, _, alice = scene.forward_to_bob(10024, 8044, "sink")
         scene.send_checked(8044, 100 << 20)
         time.sleep(6.0)
         alarms = [e for e in alice.lines if "hears nothing back" in str(e.get("event"))]
