@@ -7,7 +7,7 @@ import threading
 
 from natlab import INET_IP, NatLab
 from netcheck import digest_of_pattern
-from procs import Proc, natter, server, tool
+from procs import Proc, direct, natter, server, tool
 
 
 class Scene:
@@ -67,7 +67,7 @@ class Scene:
     def listener(self, broker_port: int, timeout: float = 20.0) -> Proc:
         """bob, listening behind his NAT, once the broker has registered him."""
         bob = self.agent("bob", "bob", broker_port, "-listen")
-        bob.wait_event("registered as bob", timeout=timeout)
+        bob.wait_kind("registered", name="bob", timeout=timeout)
         return bob
 
     def forward_to_bob(
@@ -79,7 +79,7 @@ class Scene:
         service_port = self.service(service)
         bob = self.listener(broker_port)
         alice = self.agent("alice", "alice", broker_port, f"{local_port}:bob:{service_port}")
-        alice.wait_event("direct path up with bob", timeout=30)
+        alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
         return broker, bob, alice
 
     def send_checked(self, port: int, size: int, on: str = "alice", timeout: float = 120) -> None:

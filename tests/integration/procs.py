@@ -21,6 +21,11 @@ NATTER = str(Path(sys.executable).parent / "natter")
 NETCHECK = [sys.executable, str(HERE / "netcheck.py")]
 
 
+def direct(path: object) -> bool:
+    """A tunnel_up's path that is not the relay: direct, lan or predicted."""
+    return path in ("direct", "lan", "predicted")
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
@@ -100,6 +105,18 @@ class Proc:
 
     def _more_soon(self) -> bool:
         return False
+
+    def wait_kind(self, kind: str, timeout: float = 20.0, since: int = 0, **fields: object) -> dict[str, Any]:
+        """An agent event of this kind (natter_proto.agent's vocabulary) with these fields (a
+        field's value, or a test of it)."""
+
+        def matches(entry: dict[str, Any]) -> bool:
+            return entry.get("kind") == kind and all(
+                want(entry.get(key)) if callable(want) else entry.get(key) == want
+                for key, want in fields.items()
+            )
+
+        return self.wait_log(matches, timeout, since)
 
     def wait_event(self, text: str, timeout: float = 20.0, since: int = 0) -> dict[str, Any]:
         return self.wait_log(lambda e: text in str(e.get("event", "")), timeout, since)

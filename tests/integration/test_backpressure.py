@@ -14,7 +14,7 @@ import time
 import pytest
 
 from netcheck import digest_of_pattern
-from procs import Proc, free_port, natter, server, tool
+from procs import Proc, direct, free_port, natter, server, tool
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,7 +53,7 @@ def tunnel():  # type: ignore[no-untyped-def]
     broker = natter("-server", f"127.0.0.1:{bport}")
     broker.wait_event("broker listening")
     bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
-    bob.wait_event("registered as bob")
+    bob.wait_kind("registered", name="bob")
     alice = natter(
         "-name",
         "alice",
@@ -62,7 +62,7 @@ def tunnel():  # type: ignore[no-untyped-def]
         f"{up_port}:bob:{sink_port}",
         f"{down_port}:bob:{source_port}",
     )
-    alice.wait_event("direct path up with bob")
+    alice.wait_kind("tunnel_up", peer="bob", path=direct)
     # warm up both paths so that the baseline includes imports, TLS and first buffers
     tool("send", "127.0.0.1", str(up_port), str(4 << 20))
     yield alice, bob, up_port, down_port

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from netcheck import digest_of_pattern, pattern
-from procs import NATTER, free_port, isolated_env, natter, server, tool
+from procs import NATTER, direct, free_port, isolated_env, natter, server, tool
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,12 +30,12 @@ def test_seed_command_lines_forward_real_bytes(echo_server: int, engine_flag: tu
     try:
         broker.wait_event("broker listening")
         bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", *engine_flag, "-listen")
-        bob.wait_event("registered as bob")
+        bob.wait_kind("registered", name="bob")
         alice = natter(
             "-name", "alice", "-broker", f"127.0.0.1:{bport}", *engine_flag, f"{lport}:bob:{echo_server}"
         )
         alice.wait_event(f"forwarding 127.0.0.1:{lport}")
-        up = alice.wait_event("direct path up with bob")
+        up = alice.wait_kind("tunnel_up", peer="bob", path=direct)
         assert up["peer_endpoint"].startswith("127.0.0.1:")
         assert "rtt_ms" in up
         assert tool("echo-check", "127.0.0.1", str(lport), str(3 << 20)) == "ok"
@@ -53,7 +53,7 @@ def test_subcommands_and_stdio_mode(echo_server: int) -> None:
     try:
         broker.wait_event("broker listening")
         bob = natter("listen", "--name", "bob", "--broker", f"127.0.0.1:{bport}")
-        bob.wait_event("registered as bob")
+        bob.wait_kind("registered", name="bob")
         data = pattern(2 << 20, seed=5)
         # stdio mode, as ssh's ProxyCommand runs it: bytes in on stdin, out on stdout
         result = subprocess.run(
@@ -90,7 +90,7 @@ def test_stdio_mode_carries_bytes_both_ways_with_a_sink() -> None:
     try:
         broker.wait_event("broker listening")
         bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
-        bob.wait_event("registered as bob")
+        bob.wait_kind("registered", name="bob")
         size = 5 << 20
         result = subprocess.run(
             [NATTER, "-name", "alice", "-broker", f"127.0.0.1:{bport}", f":bob:{sink_port}"],
@@ -115,7 +115,7 @@ def test_unknown_peer_is_named_and_the_forward_keeps_retrying() -> None:
     try:
         broker.wait_event("broker listening")
         alice = natter("-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{free_port()}:nobody:22")
-        failed = alice.wait_event("broker could not introduce us")
+        failed = alice.wait_kind("introduction_failed")
         assert "nobody" in failed["reason"] and failed["broker"] == f"127.0.0.1:{bport}"
         alice.wait_event("cannot reach nobody, retrying")
         assert alice.popen.poll() is None  # still running, still trying

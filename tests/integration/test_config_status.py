@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import NATTER, free_port, natter, server, tool
+from procs import NATTER, direct, free_port, natter, server, tool
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,7 +56,7 @@ def test_config_file_equals_flags(style: str) -> None:
                 f"127.0.0.1:{l1}:bob:127.0.0.1:{allowed}", f"{l2}:bob:127.0.0.1:{other}",
             )  # fmt: skip
         procs += [bob, alice]
-        alice.wait_event("direct path up with bob", timeout=30)
+        alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
         reply = tool("send", "127.0.0.1", str(l1), "100000")
         assert reply.split()[0] == "100000"
         with pytest.raises(AssertionError):
@@ -111,12 +111,12 @@ def test_status_reports_a_real_tunnel() -> None:
         broker.wait_event("broker listening")
         bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
         procs.append(bob)
-        bob.wait_event("registered as bob")
+        bob.wait_kind("registered", name="bob")
         alice = natter(
             "-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{local}:bob:{sink_port}", home=home
         )
         procs.append(alice)
-        alice.wait_event("direct path up with bob")
+        alice.wait_kind("tunnel_up", peer="bob", path=direct)
         size = 3_000_000
         assert tool("send", "127.0.0.1", str(local), str(size)).split()[0] == str(size)
         env = dict(os.environ, XDG_CONFIG_HOME=home)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from netcheck import digest_of_pattern
-from procs import Proc, free_port, natter, server, tool
+from procs import Proc, direct, free_port, natter, server, tool
 from redis_server import RedisContainer, RedisProcess, start_redis
 
 pytestmark = pytest.mark.timeout(180)
@@ -105,7 +105,7 @@ def test_replica_killed_agents_move_and_tunnel_keeps_flowing(
         alice = fleet.agent(
             "forward", "--name", "alice", "--broker", fleet.addr(0), f"{up_port}:bob:{sink_port}"
         )
-        alice.wait_event("direct path up with bob")
+        alice.wait_kind("tunnel_up", peer="bob", path=direct)
         size = 24 << 20
         thread, result = background(tool, "send", "127.0.0.1", str(up_port), str(size))
         time.sleep(1.0)
@@ -123,7 +123,7 @@ def test_replica_killed_agents_move_and_tunnel_keeps_flowing(
         dave = fleet.agent(
             "forward", "--name", "dave", "--broker", fleet.addr(0), f"{new_port}:bob:{echo_port}"
         )
-        dave.wait_event("direct path up with bob")
+        dave.wait_kind("tunnel_up", peer="bob", path=direct)
         assert tool("echo-check", "127.0.0.1", str(new_port), str(1 << 20)) == "ok"
     finally:
         fleet.close()
@@ -144,7 +144,7 @@ def test_graceful_shutdown_sends_goaway_and_no_forward_fails(
         alice = fleet.agent(
             "forward", "--name", "alice", "--broker", fleet.addr(0), f"{port}:bob:{echo_port}"
         )
-        alice.wait_event("direct path up with bob")
+        alice.wait_kind("tunnel_up", peer="bob", path=direct)
 
         def many_checks() -> list[str]:
             return [tool("echo-check", "127.0.0.1", str(port), str(256 << 10)) for _ in range(12)]
@@ -174,12 +174,12 @@ def test_redis_restart_readiness_and_recovery(services: tuple[int, int]) -> None
         fleet.wait_ready(0, 200)
         fleet.wait_ready(1, 200)
         bob = fleet.agent("listen", "--name", "bob", "--broker", fleet.addr(1))
-        bob.wait_event("registered as bob")
+        bob.wait_kind("registered", name="bob")
         port = free_port()
         alice = fleet.agent(
             "forward", "--name", "alice", "--broker", fleet.addr(0), f"{port}:bob:{echo_port}"
         )
-        alice.wait_event("direct path up with bob")
+        alice.wait_kind("tunnel_up", peer="bob", path=direct)
         redis.stop()
         fleet.wait_ready(0, 503)
         fleet.wait_ready(1, 503)
@@ -189,12 +189,12 @@ def test_redis_restart_readiness_and_recovery(services: tuple[int, int]) -> None
         fleet.wait_ready(0, 200)
         fleet.wait_ready(1, 200)
         # Redis lost every key: bob's next keepalive is refused and bob registers again
-        bob.wait_event("registered as bob", timeout=15, since=mark)
+        bob.wait_kind("registered", name="bob", timeout=15, since=mark)
         new_port = free_port()
         dave = fleet.agent(
             "forward", "--name", "dave", "--broker", fleet.addr(0), f"{new_port}:bob:{echo_port}"
         )
-        dave.wait_event("direct path up with bob", timeout=30)
+        dave.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
         assert tool("echo-check", "127.0.0.1", str(new_port), str(1 << 20)) == "ok"
     finally:
         fleet.close()

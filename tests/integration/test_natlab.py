@@ -14,7 +14,7 @@ import pytest
 
 from labscene import Scene
 from natlab import NatLab, require_lab
-from procs import tool
+from procs import direct, tool
 from redis_server import RedisProcess
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(240)]
@@ -87,11 +87,11 @@ def test_forward_crosses_two_nats_on_a_direct_path_and_outlives_the_broker(lab: 
         sink_port = scene.service("sink")
         broker = scene.broker()
         bob = scene.agent("bob", "bob", 10000, "-listen")
-        registered = bob.wait_event("registered as bob")
+        registered = bob.wait_kind("registered", name="bob")
         assert registered["public_endpoint"].startswith(f"{NAT_B_WAN}:")  # seen through natB
         alice = scene.agent("alice", "alice", 10000, f"8022:bob:{echo_port}", f"8023:bob:{sink_port}")
-        alice_up = alice.wait_event("direct path up with bob", timeout=30)
-        bob_up = bob.wait_event("direct path up with alice", timeout=30)
+        alice_up = alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
+        bob_up = bob.wait_kind("tunnel_up", peer="alice", path=direct, timeout=30)
         # direct: each side's QUIC peer is the other's NAT, not the broker and not a LAN address
         assert bob_up["peer_endpoint"].split(":")[0] == NAT_A_WAN
         assert alice_up["peer_endpoint"].split(":")[0] == NAT_B_WAN
@@ -118,7 +118,7 @@ def test_fleet_in_the_internet_namespace_introduces_across_replicas(lab: NatLab)
             sink_port = scene.service("sink")
             bob = scene.listener(10001)
             scene.agent("alice", "alice", 10000, f"8024:bob:{sink_port}")
-            bob_up = bob.wait_event("direct path up with alice", timeout=30)
+            bob_up = bob.wait_kind("tunnel_up", peer="alice", path=direct, timeout=30)
             assert bob_up["peer_endpoint"].split(":")[0] == NAT_A_WAN
             replicas[1].wait_event("introduced on behalf of replica")
             scene.send_checked(8024, 10 << 20)
@@ -132,9 +132,9 @@ def test_two_clients_behind_one_nat_connect_over_the_lan(lab: NatLab) -> None:
         scene.broker(10002)
         echo_port = scene.service("echo", on="alice")
         alice = scene.agent("alice", "alice", 10002, "-listen")
-        alice.wait_event("registered as alice")
+        alice.wait_kind("registered", name="alice")
         carol = scene.agent("carol", "carol", 10002, f"8025:alice:{echo_port}")
-        up = carol.wait_event("direct path up with alice", timeout=30)
+        up = carol.wait_kind("tunnel_up", peer="alice", path=direct, timeout=30)
         assert up["path"] == "lan" and up["peer_endpoint"].startswith("192.168.1.2:")
         assert tool("echo-check", "127.0.0.1", "8025", str(2 << 20), prefix=lab.prefix("carol")) == "ok"
 
@@ -166,8 +166,8 @@ def test_two_symmetric_nats_fall_back_to_the_relay(engine: str) -> None:
         sink_port = scene.service("sink")
         scene.listener(10000)
         alice = scene.agent("alice", "alice", 10000, f"8027:bob:{sink_port}")
-        alice.wait_event("punch failed", timeout=30)
-        up = alice.wait_event("relayed path up with bob", timeout=30)
+        alice.wait_kind("punch_failed", timeout=30)
+        up = alice.wait_kind("tunnel_up", peer="bob", path="relayed", timeout=30)
         assert up["path"] == "relayed"
         scene.send_checked(8027, 3 << 20)
 
@@ -185,7 +185,7 @@ def test_relay_across_broker_replicas() -> None:
                 sink_port = scene.service("sink")
                 scene.listener(10001)
                 alice = scene.agent("alice", "alice", 10000, f"8028:bob:{sink_port}")
-                alice.wait_event("relayed path up with bob", timeout=40)
+                alice.wait_kind("tunnel_up", peer="bob", path="relayed", timeout=40)
                 scene.send_checked(8028, 2 << 20)
         finally:
             redis.close()
@@ -205,7 +205,7 @@ def test_one_symmetric_nat_is_punched_with_the_birthday_method(symmetric_lab: Na
         up = alice.wait_log(lambda e: "path up with bob" in str(e.get("event")), timeout=40)
         assert up["path"] == "predicted" and up["probes"] > 0, up
         assert up["peer_endpoint"].split(":")[0] == NAT_B_WAN
-        bob.wait_event("birthday punching")
+        bob.wait_kind("birthday")
         scene.send_checked(8029, 2 << 20)
 
 
@@ -220,7 +220,7 @@ def test_two_percent_loss_on_one_nat(lab: NatLab, engine: str) -> None:
             sink_port = scene.service("sink")
             scene.listener(10005, timeout=30)
             alice = scene.agent("alice", "alice", 10005, f"8031:bob:{sink_port}")
-            alice.wait_event("direct path up with bob", timeout=40)
+            alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=40)
             scene.send_checked(8031, 5 << 20)
             dropped = lab.sh("natA", "iptables", "-L", "FORWARD", "-v", "-n", "-x").stdout
             assert "statistic mode random probability 0.02" in dropped
@@ -236,7 +236,7 @@ def test_transfer_survives_a_conntrack_flush_on_alices_nat(lab: NatLab, engine: 
         sink_port = scene.service("sink", str(4 << 20))  # slow start
         scene.listener(10006)
         alice = scene.agent("alice", "alice", 10006, f"8032:bob:{sink_port}")
-        alice.wait_event("direct path up with bob", timeout=30)
+        alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
         transfer = scene.send_in_background(8032, 50 << 20)
         time.sleep(2.0)  # in the sink's slow phase: the transfer is in flight
         flushed = subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=False)
@@ -255,17 +255,19 @@ def test_relayed_tunnel_moves_to_a_direct_path_when_one_appears(lab: NatLab, eng
         sink_port = scene.service("sink", str(4 << 20))  # slow start
         bob = scene.listener(10007)
         alice = scene.agent("alice", "alice", 10007, f"8033:bob:{sink_port}", "-upgrade-interval", "3")
-        alice.wait_event("relayed path up with bob", timeout=40)
+        alice.wait_kind("tunnel_up", peer="bob", path="relayed", timeout=40)
         transfer = scene.send_in_background(8033, 50 << 20)
         time.sleep(1.0)
         udp.unblock()
-        change = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
+        change = alice.wait_kind(
+            "path_changed", peer="bob", old_kind="relayed", new_kind="direct", timeout=30
+        )
         assert change["open_connections"] >= 1 and change["migrated"]  # the transfer moved along
-        moved = bob.wait_event("path change for alice: relayed -> direct", timeout=30)
+        moved = bob.wait_kind("path_changed", peer="alice", old_kind="relayed", new_kind="direct", timeout=30)
         assert moved["new"].startswith(NAT_A_WAN)
         transfer.finish()
         scene.send_checked(8033, 1 << 20)  # a new connection, on the same tunnel
-        assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]
+        assert not [e for e in alice.lines if e.get("kind") in ("tunnel_closed", "tunnel_failed")]
         assert len([e for e in alice.lines if "path up with bob" in str(e.get("event"))]) == 1
 
 
@@ -279,14 +281,14 @@ def test_transfer_follows_the_client_when_its_nat_changes_port(engine: str) -> N
         sink_port = scene.service("sink", str(4 << 20))  # slow start
         bob = scene.listener(10008)
         scene.agent("alice", "alice", 10008, "-udp-port", "40000", f"8034:bob:{sink_port}")
-        up = bob.wait_event("direct path up with alice", timeout=30)
+        up = bob.wait_kind("tunnel_up", peer="alice", path=direct, timeout=30)
         assert up["peer_endpoint"] == f"{NAT_A_WAN}:40000"
         transfer = scene.send_in_background(8034, 40 << 20)
         time.sleep(2.0)
         lab.sh("natA", "iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
                "-j", "MASQUERADE", "--to-ports", "50000-50100")  # fmt: skip
         subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=True)
-        moved = bob.wait_event("path change for alice: peer moved", timeout=30)
+        moved = bob.wait_kind("path_changed", peer="alice", reason="peer moved", timeout=30)
         assert moved["new"].startswith(f"{NAT_A_WAN}:50")
         transfer.finish()
 
@@ -302,23 +304,22 @@ def test_a_moved_client_punches_again_through_a_filtering_listener_nat(engine: s
         sink_port = scene.service("sink", str(4 << 20))  # slow start
         bob = scene.listener(10009)
         alice = scene.agent("alice", "alice", 10009, "-udp-port", "40000", f"8035:bob:{sink_port}")
-        up = bob.wait_event("direct path up with alice", timeout=30)
+        up = bob.wait_kind("tunnel_up", peer="alice", path=direct, timeout=30)
         assert up["peer_endpoint"] == f"{NAT_A_WAN}:40000"
         transfer = scene.send_in_background(8035, 40 << 20)
         time.sleep(2.0)
         lab.sh("natA", "iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "wan", "-p", "udp",
                "-j", "MASQUERADE", "--to-ports", "50000-50100")  # fmt: skip
         subprocess.run([*lab.prefix("natA"), "conntrack", "-F"], capture_output=True, check=True)
-        changed = alice.wait_event("public endpoint changed", timeout=30)
+        changed = alice.wait_kind("endpoint_changed", timeout=30)
         assert changed["new"].startswith(f"{NAT_A_WAN}:50")
         # the punch again comes from the silence (2 s) or from the new endpoint, whichever is first
-        alice.wait_log(lambda e: "punching again" in str(e.get("event")) or "punching to bob again"
-                       in str(e.get("event")), timeout=10)  # fmt: skip
-        moved = bob.wait_event("path change for alice: peer moved", timeout=30)
+        alice.wait_kind("repunch", peer="bob", timeout=10)
+        moved = bob.wait_kind("path_changed", peer="alice", reason="peer moved", timeout=30)
         assert moved["new"].startswith(f"{NAT_A_WAN}:50")
-        alice.wait_event("path to bob refreshed: its NAT now lets our new endpoint in", timeout=30)
+        alice.wait_kind("refreshed", peer="bob", timeout=30)
         transfer.finish()
-        assert not [e for e in alice.lines if e.get("event") == "tunnel closed"]  # the same tunnel
+        assert not [e for e in alice.lines if e.get("kind") == "tunnel_closed"]  # the same tunnel
 
 
 def test_a_dead_direct_path_falls_back_to_the_relay_and_comes_back(lab: NatLab, engine: str) -> None:
@@ -331,17 +332,17 @@ def test_a_dead_direct_path_falls_back_to_the_relay_and_comes_back(lab: NatLab, 
         sink_port = scene.service("sink", str(2 << 20))  # slow start
         bob = scene.listener(10010)
         alice = scene.agent("alice", "alice", 10010, f"8036:bob:{sink_port}", "-upgrade-interval", "3")
-        alice.wait_event("direct path up with bob", timeout=30)
+        alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
         transfer = scene.send_in_background(8036, 60 << 20)
         time.sleep(1.0)
         udp.block()
-        down = alice.wait_event("path change for bob: direct -> relayed", timeout=40)
+        down = alice.wait_kind("path_changed", peer="bob", old_kind="direct", new_kind="relayed", timeout=40)
         assert down["migrated"] and down["open_connections"] >= 1
-        bob.wait_event("path change for alice: direct -> relayed", timeout=20)
+        bob.wait_kind("path_changed", peer="alice", old_kind="direct", new_kind="relayed", timeout=20)
         time.sleep(1.0)
         udp.unblock()
-        up = alice.wait_event("path change for bob: relayed -> direct", timeout=30)
+        up = alice.wait_kind("path_changed", peer="bob", old_kind="relayed", new_kind="direct", timeout=30)
         assert up["migrated"]
         transfer.finish()
         scene.send_checked(8036, 1 << 20)  # a new connection on the same tunnel
-        assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]
+        assert not [e for e in alice.lines if e.get("kind") in ("tunnel_closed", "tunnel_failed")]

@@ -14,7 +14,7 @@ import pytest
 
 from labscene import Scene
 from natlab import NatLab
-from procs import NATTER, NETCHECK, Proc, natter
+from procs import NATTER, NETCHECK, Proc, direct, natter
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(240)]
 
@@ -64,13 +64,13 @@ def test_transfer_survives_the_listeners_nat_rebinding(lab: NatLab, nats: tuple[
         sink_port = scene.service("sink", str(4 << 20))  # slow start: in flight at the flush
         scene.listener(10020)
         alice = scene.agent("alice", "alice", 10020, f"8040:bob:{sink_port}")
-        alice.wait_event("direct path up with bob", timeout=30)
+        alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
         transfer = scene.send_in_background(8040, 40 << 20)
         time.sleep(2.0)
         for nat in nats:
             flush(lab, nat)
         transfer.finish()
-        assert not [e for e in alice.lines if e.get("event") in ("tunnel closed", "tunnel failed")]
+        assert not [e for e in alice.lines if e.get("kind") in ("tunnel_closed", "tunnel_failed")]
 
 
 def test_a_restarted_listener_is_reached_again_within_seconds(lab: NatLab) -> None:
@@ -95,12 +95,12 @@ def test_a_restarted_listener_is_reached_again_within_seconds(lab: NatLab) -> No
                 home=bob.home,
             )
         )
-        again.wait_event("registered as bob", timeout=20)
+        again.wait_kind("registered", name="bob", timeout=20)
         started = time.monotonic()
         assert echo_works(scene, 8041, timeout=30)
         took = time.monotonic() - started
         assert took < 6.0, f"a new connection took {took:.1f} s after bob's return"
-        alice.wait_event("tunnel to bob is dead")
+        alice.wait_kind("tunnel_dead", peer="bob")
 
 
 def test_a_forward_recovers_when_the_client_is_back_before_the_listener(lab: NatLab) -> None:
@@ -115,11 +115,11 @@ def test_a_forward_recovers_when_the_client_is_back_before_the_listener(lab: Nat
             scene.broker(10022)
             mark = alice.mark()
             assert not echo_works(scene, 8042, timeout=40)  # bob is stopped: this one fails
-            alice.wait_event("registered as alice", timeout=30, since=mark)
-            alice.wait_event("broker could not introduce us", timeout=30, since=mark)
+            alice.wait_kind("registered", name="alice", timeout=30, since=mark)
+            alice.wait_kind("introduction_failed", timeout=30, since=mark)
         finally:
             bob.popen.send_signal(signal.SIGCONT)
-        bob.wait_event("registered as bob", timeout=40, since=0)
+        bob.wait_kind("registered", name="bob", timeout=40, since=0)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if echo_works(scene, 8042, timeout=30):
@@ -151,5 +151,5 @@ def test_a_bulk_upload_does_not_trip_the_silence_check(lab: NatLab) -> None:
         _, _, alice = scene.forward_to_bob(10024, 8044, "sink")
         scene.send_checked(8044, 100 << 20)
         time.sleep(6.0)
-        alarms = [e for e in alice.lines if "hears nothing back" in str(e.get("event"))]
+        alarms = [e for e in alice.lines if e.get("kind") in ("silent", "repunch")]
         assert not alarms, alarms

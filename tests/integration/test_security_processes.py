@@ -58,7 +58,7 @@ def test_name_stays_bound_across_a_broker_restart(redis: RedisProcess | RedisCon
         broker.wait_event("broker listening")
         bob = natter("-name", "bob", "-broker", f"127.0.0.1:{port}", "-listen", home=bob_home)
         procs.append(bob)
-        bob.wait_event("registered as bob")
+        bob.wait_kind("registered", name="bob")
         mallory = natter("-name", "bob", "-broker", f"127.0.0.1:{port}", "-listen", home=mallory_home)
         procs.append(mallory)
         refused = mallory.wait_event("broker refused registration")
@@ -98,13 +98,13 @@ def test_token_list_restricts_registration() -> None:
         ok = natter("listen", "--name", "bob", "--broker", f"127.0.0.1:{port}", "--token", "0pen-sesame",
                     home=home_ok)  # fmt: skip
         procs.append(ok)
-        ok.wait_event("registered as bob")
+        ok.wait_kind("registered", name="bob")
         by_key = natter(
             "listen", "--name", "carol", "--broker", f"127.0.0.1:{port}", "--token", "k3y-for-carol",
             home=home_other,
         )  # fmt: skip
         procs.append(by_key)
-        by_key.wait_event("registered as carol")
+        by_key.wait_kind("registered", name="carol")
         stranger = natter("listen", "--name", "eve", "--broker", f"127.0.0.1:{port}", "--token", "guess")
         procs.append(stranger)
         assert stranger.wait_event("broker refused registration")["code"] == "not_authorized"

@@ -1,4 +1,5 @@
-"""The machine's events as log lines: the words people read and the NAT lab waits for."""
+"""The machine's events as log lines: words for people, and the event's kind and fields
+(``kind``: a NoticeKind, ``tunnel_up`` or ``path_changed``) for programs and the NAT lab."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from .link import PeerLink
 
 def log_event(log: Any, event: act.Action, link: PeerLink | None) -> None:
     if isinstance(event, act.Notice):
-        getattr(log, event.level.value)(event.text, **event.fields)
+        getattr(log, event.level.value)(event.text, kind=event.kind.value, **event.fields)
     elif isinstance(event, act.TunnelUp):
         log.info(
             f"{'relayed' if event.path.relayed else 'direct'} path up with {event.peer}",
+            kind="tunnel_up",
+            peer=event.peer,
             peer_endpoint=str(event.path),
             path=event.kind.value,
             probes=event.probes or None,
@@ -30,6 +33,10 @@ def log_event(log: Any, event: act.Action, link: PeerLink | None) -> None:
         )
         log.info(
             f"path change for {event.peer}: {change}",
+            kind="path_changed",
+            peer=event.peer,
+            old_kind=event.old_kind.value,
+            new_kind=event.new_kind.value,
             old=str(event.old),
             new=str(event.new),
             reason=event.reason,
