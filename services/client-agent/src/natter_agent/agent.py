@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from natter_proto import frames
-from natter_proto.acl import PeerAllowList, parse_peer_rule
 from natter_proto.agent import actions as act
 from natter_proto.agent.kinds import MAIN_SOCKET, Path, Role
 from natter_proto.agent.machine import AgentMachine
@@ -27,18 +26,17 @@ from natter_proto.identity import Identity
 from natter_proto.registration import Registration
 from natter_proto.relay import RELAY_PREFIX
 
-from .brokers import agent_settings, broker_addresses, resolve_brokers
-from .engines import QuicEngine, make_engine, warm_up
-from .errors import NatterError, PeerUnavailable
+from .engines import QuicEngine, warm_up
+from .errors import NatterError
 from .eventlog import log_event
 from .interfaces import local_ipv4_addresses
-from .keystore import KNOWN_PEERS, KnownPeers, load_identity, state_dir
 from .link import PeerLink
 from .router import Router
+from .startup import agent_settings, broker_addresses, load
 from .stream import StreamChannel
-from .tls import credentials_for
 from .trust import PeerTrust
 from .udp import AgentSocket
+from .waiters import Waiters
 
 log = structlog.get_logger("natter.agent")
 
@@ -68,7 +66,7 @@ class Agent:
         self.incoming_handler: IncomingHandler | None = None
         self._stats: Counter[str] = Counter()  # the shell's own; the machine counts the rest
         self._log = log.bind(name=self.name)
-        self._waiters: dict[str, asyncio.Future[PeerLink]] = {}
+        self._waiters = Waiters()
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -114,27 +112,10 @@ class Agent:
     engine: QuicEngine
 
     def _load(self) -> None:
-        """The blocking part of starting: DNS, the key file and known peers."""
-        config = self.config
-        self.brokers = resolve_brokers(config.broker_addr)
-        directory = state_dir(config.state_dir)
-        self.identity, self.identity_created = load_identity(directory)
-        self.trust = PeerTrust(
-            pinned=dict(config.pinned_peers),
-            known=KnownPeers(directory / KNOWN_PEERS),
-            allow=PeerAllowList(
-                [parse_peer_rule(r) for r in config.allow_peers] if config.allow_peers is not None else None
-            ),
-            me=self.name,
-        )
-        self.engine = self._engine or make_engine(
-            config.quic_engine,
-            credentials=credentials_for(self.identity, self.name),
-            max_datagram_size=config.max_datagram_size,
-            idle_timeout=config.idle_timeout,
-            stream_window=config.stream_window,
-            connection_window=config.connection_window,
-        )
+        """The blocking part of starting: DNS, the key file and known peers, the engine."""
+        loaded = load(self.config, self._engine)
+        self.brokers, self.identity, self.identity_created = loaded.brokers, loaded.identity, loaded.created
+        self.trust, self.engine = loaded.trust, loaded.engine
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,10 +186,8 @@ class Agent:
             raise NatterError("agent closed" if self._closed else "agent not started")
         if not frames.valid_name(peer):
             raise AddressError(f"invalid peer name {peer!r}")
-        waiter = self._waiters.get(peer)
-        if waiter is None or waiter.done():
-            assert self._loop is not None
-            waiter = self._waiters[peer] = self._loop.create_future()
+        waiter, new = self._waiters.wait(peer)
+        if new:
             self.machine.connect(peer, target, self._now())
             self._pump()
         return await asyncio.shield(waiter)
@@ -276,7 +255,8 @@ class Agent:
             if sock is not None:
                 sock.close()
         elif isinstance(action, act.PeerReady | act.PeerUnreachable):
-            self._settle(action)
+            link = self.tunnels.get(action.tunnel) if isinstance(action, act.PeerReady) else None
+            self._waiters.settle(action, link)
         else:
             self._tell(action)
 
@@ -356,19 +336,6 @@ class Agent:
             except OSError:
                 break  # out of ports or descriptors: punch with what we have
             self.sockets[number] = sock
-
-    def _settle(self, action: act.PeerReady | act.PeerUnreachable) -> None:
-        waiter = self._waiters.pop(action.peer, None)
-        if waiter is None or waiter.done():
-            return
-        if isinstance(action, act.PeerReady):
-            link = self.tunnels.get(action.tunnel)
-            if link is not None and link.is_alive:
-                waiter.set_result(link)
-                return
-            action = act.PeerUnreachable(action.peer, "closed", "the tunnel closed")
-        waiter.set_exception(PeerUnavailable(action.peer, action.code, action.message))
-        waiter.exception()  # retrieved: the waiting connection may have gone
 
     def _tell(self, event: act.Action) -> None:
         """Events become log lines (the machine's words)."""

@@ -1,12 +1,21 @@
-"""Where the brokers are, and the protocol settings out of the product's Config."""
+"""What an agent needs before it starts: its brokers' addresses, its key, whom it trusts,
+its QUIC engine, and the protocol's settings out of the product's Config."""
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
+from natter_proto.acl import PeerAllowList, parse_peer_rule
 from natter_proto.agent.settings import AgentSettings
 from natter_proto.config import Config, broker_list
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
+from natter_proto.identity import Identity
+
+from .engines import QuicEngine, make_engine
+from .keystore import KNOWN_PEERS, KnownPeers, load_identity, state_dir
+from .tls import credentials_for
+from .trust import PeerTrust
 
 
 def broker_addresses(addrs: str | list[str]) -> list[tuple[str, int]]:
@@ -43,3 +52,35 @@ def agent_settings(config: Config) -> AgentSettings:
     """The protocol's knobs out of the product's Config."""
     names = AgentSettings.__dataclass_fields__
     return AgentSettings(**{name: getattr(config, name) for name in names if hasattr(config, name)})
+
+
+@dataclass
+class Loaded:
+    brokers: list[Endpoint]
+    identity: Identity
+    created: bool  # the key was made just now
+    trust: PeerTrust
+    engine: QuicEngine
+
+
+def load(config: Config, engine: QuicEngine | None = None) -> Loaded:
+    """Blocking (DNS, the state directory): the agent calls it in start(), not in __init__."""
+    brokers = resolve_brokers(config.broker_addr)
+    directory = state_dir(config.state_dir)
+    identity, created = load_identity(directory)
+    rules = config.allow_peers
+    trust = PeerTrust(
+        pinned=dict(config.pinned_peers),
+        known=KnownPeers(directory / KNOWN_PEERS),
+        allow=PeerAllowList([parse_peer_rule(r) for r in rules] if rules is not None else None),
+        me=config.client_user,
+    )
+    engine = engine or make_engine(
+        config.quic_engine,
+        credentials=credentials_for(identity, config.client_user),
+        max_datagram_size=config.max_datagram_size,
+        idle_timeout=config.idle_timeout,
+        stream_window=config.stream_window,
+        connection_window=config.connection_window,
+    )
+    return Loaded(brokers, identity, created, trust, engine)
