@@ -51,6 +51,7 @@ class PeerPaths:
         self.wants: deque[Purpose] = deque()  # punches to ask the broker for
         self.repairing: Purpose | None = None  # the re-punch in flight for our tunnel
         self.check_endpoint = False  # a tunnel went quiet: ask the broker where it sees us
+        self._rebuild_elsewhere = False  # a replaced tunnel's successor is started by the caller
         self.next_upgrade: float | None = None
         self._uids = itertools.count(1)
 
@@ -99,16 +100,21 @@ class PeerPaths:
         tunnel = self.tunnels.get(tunnel_id)
         if tunnel is None or uid < tunnel.ping_uid:
             return  # an answer to a ping older than the oldest one we wait for
-        tunnel.ping_uid, tunnel.silent_since, tunnel.busy = 0, None, busy
+        if tunnel.silent_since is not None and uid == tunnel.ping_uid:
+            tunnel.rtt = now - tunnel.silent_since  # the oldest ping we waited for is the newest answer
+        tunnel.ping_uid, tunnel.silent_since, tunnel.busy, tunnel.quick_quiet = 0, None, busy, None
         tunnel.next_ping = now + self._ping_gap(tunnel)
         self.signal(tunnel, Signal.PONG, now)
 
     def activity(self, tunnel_id: int, now: float) -> None:
         """A new connection on an idle tunnel: check its path now, not at the next keepalive."""
         tunnel = self.tunnels.get(tunnel_id)
-        if tunnel is not None and not tunnel.busy:
+        if tunnel is not None and not tunnel.busy and tunnel.health is Health.HEALTHY:
+            # nothing in flight: the answer is due within a few round trips, not path_silence
             tunnel.busy = True
-            tunnel.next_ping = min(tunnel.next_ping, now)
+            self._restart_silence(tunnel)
+            self._ping(tunnel, now)
+            tunnel.quick_quiet = now + max(self.settings.idle_check_floor, 4 * tunnel.rtt)
 
     def heard_on(self, tunnel_id: int, path: Path, kind: PathKind, now: float) -> None:
         """The peer's datagrams came on another path than the tunnel's route: follow it if
@@ -164,12 +170,20 @@ class PeerPaths:
         tunnel.found = relay
         self.signal(tunnel, Signal.NO_PATH, now)
 
-    def peer_lost_tunnel(self, now: float) -> None:
+    def peer_lost_tunnel(self, now: float) -> bool:
         """The peer, answering our re-punch, says it has no tunnel with us: a quiet tunnel is
-        dead (an answer about a healthy one is ignored: it is not authenticated)."""
+        dead (an answer about a healthy one is ignored: it is not authenticated). True if it
+        was: the caller builds the new tunnel on the path that punch found."""
         tunnel = self.client_tunnel()
-        if tunnel is not None:
+        if tunnel is None or tunnel.health not in (Health.SUSPECT, Health.DEAD, Health.VERIFYING):
+            return False
+        self.repairing = None
+        self._rebuild_elsewhere = True
+        try:
             self.signal(tunnel, Signal.LOST, now)
+        finally:
+            self._rebuild_elsewhere = False
+        return True
 
     def refused(self, purpose: Purpose, message: str, now: float) -> None:
         """The broker could not introduce us again (the peer is gone, or unknown to it)."""
@@ -230,6 +244,8 @@ class PeerPaths:
         if tunnel.health is Health.VERIFYING:  # a path that answers probes: a pong is due
             return tunnel.silent_since + self.settings.path_dead, Signal.QUIET
         if tunnel.health is Health.HEALTHY:
+            if tunnel.quick_quiet is not None:
+                return tunnel.quick_quiet, Signal.QUIET
             return tunnel.silent_since + self.settings.path_silence, Signal.QUIET
         if tunnel.health is Health.SUSPECT:
             return tunnel.silent_since + self.settings.path_dead, Signal.SILENT
@@ -323,7 +339,8 @@ class PeerPaths:
             f"tunnel to {self.peer} is dead (the peer restarted?): building a new one",
         )
         self._retire(tunnel, "the peer no longer answers on this tunnel", drain=False)
-        self.wants.append(Purpose.NEW)
+        if not self._rebuild_elsewhere:
+            self.wants.append(Purpose.NEW)
 
     def _on_fall_back(self, tunnel: Tunnel, now: float) -> None:
         relay = tunnel.found
@@ -362,7 +379,7 @@ class PeerPaths:
 
     def _restart_silence(self, tunnel: Tunnel) -> None:
         """Judge the tunnel afresh from the next ping (pongs to older ones are ignored)."""
-        tunnel.ping_uid, tunnel.silent_since = 0, None
+        tunnel.ping_uid, tunnel.silent_since, tunnel.quick_quiet = 0, None, None
 
     def _ping(self, tunnel: Tunnel, now: float) -> None:
         uid = next(self._uids)

@@ -84,6 +84,8 @@ class Tunnel:
     found_kind: PathKind = PathKind.DIRECT
     repairs: int = 0  # re-punches since it last answered
     retry_at: float | None = None  # dead, no relay: punch again then
+    rtt: float = 0.0  # of the last answered ping
+    quick_quiet: float | None = None  # idle until a new connection came: quiet from then
 
     @property
     def usable(self) -> bool:

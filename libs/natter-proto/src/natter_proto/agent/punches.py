@@ -113,8 +113,23 @@ class Puncher:
     def _outcome(self, session: Session, event: PunchEvent, now: float) -> None:
         peer = session.punch.peer
         if isinstance(event, PeerLostTunnel):
-            if session.role is Role.CLIENT and session.purpose is not Purpose.NEW:
-                self.peers.get(peer).peer_lost_tunnel(now)
+            if session.role is not Role.CLIENT or session.purpose is Purpose.NEW:
+                return
+            paths = self.peers.get(peer)
+            found = session.punch.path
+            if paths.peer_lost_tunnel(now):
+                if found is not None:  # the punch found the peer there: the new tunnel starts at once
+                    kind, probes = session.kind(found)
+                    self.start_tunnel(
+                        session,
+                        Role.CLIENT,
+                        session.path(found, session.punch.path_source),
+                        kind,
+                        probes,
+                        now,
+                    )
+                else:
+                    paths.wants.append(Purpose.NEW)
             return
         if isinstance(event, PathFound):
             self._note(

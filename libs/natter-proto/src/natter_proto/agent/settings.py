@@ -29,6 +29,7 @@ class AgentSettings:
     repair_attempts: int = 4  # re-punches of a dead tunnel with no relay, before it is closed
     path_check_interval: float = 1.0
     ping_interval: float = 15.0
+    idle_check_floor: float = 0.3  # an idle tunnel's check when a connection starts: 4 RTT, at least this
     path_settle: float = 1.0  # datagrams on a path left less than this ago are stragglers
     endpoint_check_interval: float = 5.0  # at most one "where do you see us" this often
 
