@@ -109,12 +109,19 @@ class PeerPaths:
     def activity(self, tunnel_id: int, now: float) -> None:
         """A new connection on an idle tunnel: check its path now, not at the next keepalive."""
         tunnel = self.tunnels.get(tunnel_id)
-        if tunnel is not None and not tunnel.busy and tunnel.health is Health.HEALTHY:
+        if tunnel is None or tunnel.health is not Health.HEALTHY or tunnel.quick_quiet is not None:
+            return
+        due = now + max(self.settings.idle_check_floor, 4 * tunnel.rtt)
+        if not tunnel.busy:
             # nothing in flight: the answer is due within a few round trips, not path_silence
             tunnel.busy = True
             self._restart_silence(tunnel)
             self._ping(tunnel, now)
-            tunnel.quick_quiet = now + max(self.settings.idle_check_floor, 4 * tunnel.rtt)
+            tunnel.quick_quiet = due
+        elif tunnel.silent_since is not None:
+            # a ping is already on its way: its answer is due within a few (measured, so
+            # loaded) round trips of now
+            tunnel.quick_quiet = due
 
     def heard_on(self, tunnel_id: int, path: Path, kind: PathKind, now: float) -> None:
         """The peer's datagrams came on another path than the tunnel's route: follow it if
@@ -244,9 +251,10 @@ class PeerPaths:
         if tunnel.health is Health.VERIFYING:  # a path that answers probes: a pong is due
             return tunnel.silent_since + self.settings.path_dead, Signal.QUIET
         if tunnel.health is Health.HEALTHY:
+            quiet = tunnel.silent_since + self.settings.path_silence
             if tunnel.quick_quiet is not None:
-                return tunnel.quick_quiet, Signal.QUIET
-            return tunnel.silent_since + self.settings.path_silence, Signal.QUIET
+                quiet = min(quiet, tunnel.quick_quiet)
+            return quiet, Signal.QUIET
         if tunnel.health is Health.SUSPECT:
             return tunnel.silent_since + self.settings.path_dead, Signal.SILENT
         return None
