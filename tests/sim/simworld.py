@@ -76,6 +76,7 @@ class SimBroker:
         self.recent = RecentSessions()
         self.relays = RelayTable(1 << 30, 3600)
         self.relayed_bytes = 0
+        self.keepalives: list[tuple[float, str]] = []  # when, from whom
         self.up = True
         net.internet.bind(addr, self.receive)
         if probe:
@@ -126,6 +127,7 @@ class SimBroker:
                     self.table.put(record)
             self.send(reply, source)
         elif isinstance(message, Keepalive):
+            self.keepalives.append((now, message.name))
             record = self.table.get(message.name)
             known = record is not None and record.public == source
             if record is not None and known:

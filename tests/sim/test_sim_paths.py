@@ -253,3 +253,21 @@ def test_a_restarted_listener_is_reached_again_within_seconds() -> None:
     took = world.net.clock.now - start
     assert alice.tunnel_to("bob") not in (None, old)
     assert took < 2.0, took  # the issue's target: within 2 s of the listener's return
+
+
+def test_a_quiet_tunnel_asks_the_broker_where_it_sees_us_at_once() -> None:
+    """The endpoint check leaves with the silence that calls for it, not with the next
+    timer tick: the broker has the keepalive one hop later."""
+    world = World()
+    alice, _bob = pair(world)
+    connect(world, alice)
+    world.net.internet.nats["203.0.113.10"].deny.add("203.0.113.20")
+    alice.send("bob", b"x" * 1000)
+    world.run(3.0)
+    (quiet,) = [
+        t
+        for t, e in zip(alice.times, alice.events, strict=True)
+        if isinstance(e, Notice) and e.kind is NoticeKind.SILENT
+    ]
+    asked = [t for t, name in world.broker.keepalives if name == "alice" and t >= quiet]
+    assert asked and asked[0] - quiet <= 2 * world.net.latency + 1e-9

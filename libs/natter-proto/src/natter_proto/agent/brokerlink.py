@@ -49,13 +49,16 @@ class BrokerLink:
     def receive_mapping(self, message: MappingReply, addr: Endpoint) -> bool:
         return self.nat.receive(message, addr)
 
-    def check_endpoint(self, now: float) -> None:
-        """Ask the broker where it sees us (a tunnel went quiet), at most this often."""
+    def check_endpoint(self, now: float) -> list[SendFrame]:
+        """Ask the broker where it sees us (a tunnel went quiet), at most this often: the
+        keepalive to send now."""
         last = self._endpoint_checked
-        if self.registered and (last is None or now - last >= self.settings.endpoint_check_interval):
-            self._endpoint_checked = now
-            self.registration.check_endpoint(now)
-            self.registration.handle_timer(now)  # the keepalive leaves now
+        if not self.registered or (last is not None and now - last < self.settings.endpoint_check_interval):
+            return []
+        self._endpoint_checked = now
+        self.registration.check_endpoint(now)
+        self.registration.handle_timer(now)
+        return [self.frame(m) for m in self.registration.frames_to_send()]
 
     def service(self, now: float, *, listening: bool) -> tuple[list[Action], bool]:
         """Frames to send and notices to tell; True if our public endpoint moved."""

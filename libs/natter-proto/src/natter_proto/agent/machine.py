@@ -394,7 +394,7 @@ class AgentMachine:
                 self._ask(paths.peer, "", paths.wants.popleft(), now)
             if paths.check_endpoint:
                 paths.check_endpoint = False
-                self.link.check_endpoint(now)
+                self._out.extend(self.link.check_endpoint(now))
 
     def _send_broker(self, message: Message) -> None:
         self._out.append(self.link.frame(message))
