@@ -161,7 +161,8 @@ class SimBroker:
             key, packet = decode_relay(data)
         except RelayFrameError:
             return
-        sender = next((r.name for r in self.table._records.values() if r.public == source), None)
+        records = (self.table.get(name) for name in self.table.names())
+        sender = next((r.name for r in records if r is not None and r.public == source), None)
         if sender is None:
             return
         receiver, _ = self.relays.charge(key, sender, len(packet), self.net.clock.now)
@@ -228,8 +229,7 @@ class SimAgent:
     def datagram(self, socket: int, data: bytes, src: Endpoint) -> None:
         placed = self.router.place(socket, src, data)
         if placed is None:
-            owner = self.router.owner(data[9:] if data[0] == RELAY_PREFIX else data)
-            self.machine.handle_datagram(socket, src, data, self.now, owner)
+            self.machine.handle_datagram(socket, src, data, self.now, self.router.owner_of(data))
         else:
             tunnel_id, path, packet = placed
             tunnel = self.tunnels.get(tunnel_id)

@@ -24,7 +24,7 @@ from natter_proto.config import Config, broker_list
 from natter_proto.endpoints import AddressError, Endpoint
 from natter_proto.identity import Identity
 from natter_proto.registration import Registration
-from natter_proto.relay import RELAY_PREFIX
+from natter_proto.relay import encode_relay
 
 from .engines import QuicEngine, warm_up
 from .errors import NatterError
@@ -209,9 +209,7 @@ class Agent:
                 return
         if self.machine is None:
             return
-        relayed = data[0] == RELAY_PREFIX
-        owner = self.router.owner(data[9:] if relayed else data) if relayed or data[0] >= 0x40 else None
-        self.machine.handle_datagram(socket, addr, data, self._now(), owner)
+        self.machine.handle_datagram(socket, addr, data, self._now(), self.router.owner_of(data))
         self._pump()  # at once: the router must know a tunnel started here before the next datagram
 
     # -- the machine's actions --------------------------------------------------------------
@@ -306,9 +304,8 @@ class Agent:
         if sock is None:
             return
         if route.relayed:
-            prefix = bytes([RELAY_PREFIX]) + route.relay_key
             for data, _ in datagrams:
-                sock.sendto(prefix + data, route.addr)
+                sock.sendto(encode_relay(route.relay_key, data), route.addr)
         else:
             dest = (route.addr.host, route.addr.port)
             sock.send_batch([(data, dest) for data, _ in datagrams])

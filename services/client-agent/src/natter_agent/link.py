@@ -68,7 +68,7 @@ class PeerLink:
         self.route = route
         self.kind = kind
         self.role = role
-        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.ready = False  # verified and, as the client, accepted: told with on_ready
         self.closed = asyncio.Event()
         self.close_reason = ""
         self._on_incoming = on_incoming
@@ -211,8 +211,8 @@ class PeerLink:
         """Up once we verified the peer and, as the QUIC client, the server has confirmed the
         handshake (HANDSHAKE_DONE): a server that refuses us closes instead of confirming."""
         confirmed = self.role is Role.SERVER or self.conn.handshake_confirmed()
-        if self._verified and confirmed and not self.ready.done() and self.is_alive:
-            self.ready.set_result(None)
+        if self._verified and confirmed and not self.ready and self.is_alive:
+            self.ready = True
             self._on_ready(self)
 
     def _is_local_stream(self, stream_id: int) -> bool:
@@ -396,9 +396,6 @@ class PeerLink:
             return
         self.close_reason = reason
         self.closed.set()
-        if not self.ready.done():
-            self.ready.set_exception(StreamClosed(reason))
-            self.ready.exception()  # mark retrieved: nobody may be waiting
         for channel in list(self._channels.values()):
             channel._fail(reason)
         self._wake_stream_waiters()

@@ -82,6 +82,16 @@ class Router:
             return None
         return hit[0], hit[1], data
 
+    def owner_of(self, data: bytes) -> int | None:
+        """The tunnel a datagram ``place`` could not place is addressed to (for a relay
+        frame, its QUIC packet's), or None."""
+        if data[0] == RELAY_PREFIX:
+            try:
+                _, data = decode_relay(data)
+            except RelayFrameError:
+                return None
+        return self.owner(data)
+
     def owner(self, packet: bytes) -> int | None:
         """The tunnel a QUIC packet is addressed to, by its destination connection ID."""
         if len(packet) < 1 + CID_LENGTH or packet[0] < 0x40:

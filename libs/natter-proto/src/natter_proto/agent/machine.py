@@ -11,7 +11,6 @@ router cannot place, and tells the machine what its tunnels did.
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, deque
 
 from .. import frames
@@ -70,10 +69,7 @@ class AgentMachine:
         token: str = "",
     ) -> None:
         self.name = name
-        self.identity = identity
-        self.brokers = brokers
         self.settings = settings
-        self.token = token
         self.listening = False
         self.link = BrokerLink(name, identity, brokers, local_endpoints, settings, token)
         self.stats: Counter[str] = Counter()
@@ -81,7 +77,6 @@ class AgentMachine:
         self.peers = Peers(settings, self._out)
         self.puncher = Puncher(name, settings, self.peers, self._out)
         self.sessions = self.puncher.sessions
-        self._tunnel_ids = itertools.count(1)
         self.introductions = Introductions(name, settings)
         self._closed = False
 
@@ -359,7 +354,6 @@ class AgentMachine:
     def _unreachable(self, peer: str, code: str, message: str) -> None:
         self._out.append(PeerUnreachable(peer, code, message))
 
-    # -- punching -------------------------------------------------------------------------
     # -- draining the parts ----------------------------------------------------------------
     def _service(self, now: float) -> None:
         """Send what the parts want sent and act on what they report."""

@@ -51,7 +51,6 @@ class PeerPaths:
         self.wants: deque[Purpose] = deque()  # punches to ask the broker for
         self.repairing: Purpose | None = None  # the re-punch in flight for our tunnel
         self.check_endpoint = False  # a tunnel went quiet: ask the broker where it sees us
-        self._rebuild_elsewhere = False  # a replaced tunnel's successor is started by the caller
         self.next_upgrade: float | None = None
         self._uids = itertools.count(1)
 
@@ -185,11 +184,7 @@ class PeerPaths:
         if tunnel is None or tunnel.health not in (Health.SUSPECT, Health.DEAD, Health.VERIFYING):
             return False
         self.repairing = None
-        self._rebuild_elsewhere = True
-        try:
-            self.signal(tunnel, Signal.LOST, now)
-        finally:
-            self._rebuild_elsewhere = False
+        self.signal(tunnel, Signal.LOST, now)
         return True
 
     def refused(self, purpose: Purpose, message: str, now: float) -> None:
@@ -289,13 +284,7 @@ class PeerPaths:
         """Quiet for path_silence: ask the broker where it sees us and, as the client, punch
         again at once (a restarted or moved peer is found a punch sooner)."""
         self.check_endpoint = True
-        if tunnel.role is Role.CLIENT and tunnel.id == self.current:
-            self._repair(
-                Purpose.REFRESH,
-                f"tunnel to {self.peer} hears nothing back: punching again",
-                warning=True,
-                silent_s=round(now - (tunnel.silent_since or now), 1),
-            )
+        self._on_repair(tunnel, now)
         self._note(
             NoticeKind.SILENT,
             Level.INFO,
@@ -323,7 +312,7 @@ class PeerPaths:
             return
         if path == tunnel.route:
             # the path that went silent answers probes again: if the tunnel still does not
-            # answer within path_silence, the peer no longer has it (see _on_replace)
+            # answer within path_dead (VERIFYING), the peer no longer has it (see _on_replace)
             self._restart_silence(tunnel)
             self._ping(tunnel, now)
             return
@@ -339,16 +328,19 @@ class PeerPaths:
 
     def _on_replace(self, tunnel: Tunnel, now: float) -> None:
         """The tunnel stays silent on the path a new punch found: the peer no longer has
-        this connection (it restarted). A new tunnel takes over on that path."""
-        tunnel.health = Health.CLOSED
+        this connection (it restarted). A new tunnel takes over, introduced afresh."""
+        self._on_lost(tunnel, now)
+        self.wants.append(Purpose.NEW)
+
+    def _on_lost(self, tunnel: Tunnel, now: float) -> None:
+        """The peer no longer has this connection: it closes at once (its successor comes
+        from the caller, on the path the punch that said so found)."""
         self._note(
             NoticeKind.TUNNEL_DEAD,
             Level.WARNING,
             f"tunnel to {self.peer} is dead (the peer restarted?): building a new one",
         )
         self._retire(tunnel, "the peer no longer answers on this tunnel", drain=False)
-        if not self._rebuild_elsewhere:
-            self.wants.append(Purpose.NEW)
 
     def _on_fall_back(self, tunnel: Tunnel, now: float) -> None:
         relay = tunnel.found
@@ -369,9 +361,6 @@ class PeerPaths:
 
     def _on_give_up(self, tunnel: Tunnel, now: float) -> None:
         self._retire(tunnel, "the broker no longer knows the peer", drain=False)
-
-    def _on_closed(self, tunnel: Tunnel, now: float) -> None:
-        pass
 
     # -- helpers ----------------------------------------------------------------------
     def _route(self, tunnel: Tunnel, path: Path, kind: PathKind, now: float, reason: str) -> None:

@@ -51,16 +51,16 @@ TRANSITIONS: dict[tuple[Health, Signal], tuple[Health, str]] = {
     (Health.DEAD, Signal.REFUSED): (Health.CLOSED, "give_up"),
     (Health.VERIFYING, Signal.PONG): (Health.HEALTHY, "refreshed"),
     (Health.VERIFYING, Signal.QUIET): (Health.CLOSED, "replace"),
-    (Health.SUSPECT, Signal.LOST): (Health.CLOSED, "replace"),
-    (Health.DEAD, Signal.LOST): (Health.CLOSED, "replace"),
-    (Health.VERIFYING, Signal.LOST): (Health.CLOSED, "replace"),
+    (Health.SUSPECT, Signal.LOST): (Health.CLOSED, "lost"),
+    (Health.DEAD, Signal.LOST): (Health.CLOSED, "lost"),
+    (Health.VERIFYING, Signal.LOST): (Health.CLOSED, "lost"),
     (Health.HEALTHY, Signal.PATH_FOUND): (Health.HEALTHY, "move"),  # our endpoint moved, or an upgrade
     (Health.SUSPECT, Signal.PATH_FOUND): (Health.VERIFYING, "move"),
     (Health.SUSPECT, Signal.NO_PATH): (Health.DEAD, "fall_back"),
     (Health.SUSPECT, Signal.REFUSED): (Health.CLOSED, "give_up"),
 }
 for _health in Health:
-    TRANSITIONS[(_health, Signal.CLOSED)] = (Health.CLOSED, "closed")
+    TRANSITIONS[(_health, Signal.CLOSED)] = (Health.CLOSED, "")
 
 
 @dataclass
