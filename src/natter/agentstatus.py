@@ -42,12 +42,15 @@ def snapshot(client: Client) -> dict[str, Any]:
                 "local": str(f.local) if f.local else "stdio",
                 "peer": f.peer,
                 "target": f.target,
+                "open_connections": f.open_now,
                 "connections": f.connections,
+                "refused": f.refused,
             }
             for f in client.forwards
         ],
         "tunnels": [link.status() for link in agent.links()],
         "dropped": {k: v for k, v in agent.stats.items() if k.startswith("dropped_")},
+        "streams_refused": dict(client.listener.refused) if client.listener is not None else {},
     }
 
 
@@ -112,7 +115,11 @@ def render(status: dict[str, Any]) -> str:
         + f", NAT {status.get('nat', 'unknown')}"
     ]
     for f in status["forwards"]:
-        lines.append(f"  forward {f['local']} -> {f['peer']}:{f['target']}  ({f['connections']} connections)")
+        refused = f", {f['refused']} refused" if f.get("refused") else ""
+        lines.append(
+            f"  forward {f['local']} -> {f['peer']}:{f['target']}  "
+            f"({f.get('open_connections', 0)} open, {f['connections']} in all{refused})"
+        )
     if not status["tunnels"]:
         lines.append("  no tunnels")
     for t in status["tunnels"]:
@@ -152,7 +159,16 @@ class _AgentCollector:
         frames = CounterMetricFamily("natter_agent_datagrams", "Datagrams by outcome", labels=["outcome"])
         for key, value in sorted(self.client.agent.stats.items()):
             frames.add_metric([key], value)
-        return [tunnels, sent, received, rtt, frames]
+        refused = CounterMetricFamily(
+            "natter_agent_streams_refused",
+            "Connections refused: by a forward over its cap, by the listener by reason",
+            labels=["side", "reason"],
+        )
+        listener = self.client.listener
+        for reason, value in sorted((listener.refused if listener is not None else {}).items()):
+            refused.add_metric(["listener", reason], value)
+        refused.add_metric(["forward", "max_connections"], sum(f.refused for f in self.client.forwards))
+        return [tunnels, sent, received, rtt, frames, refused]
 
 
 class AgentMetrics:

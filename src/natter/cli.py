@@ -103,10 +103,9 @@ async def run_client(args: argparse.Namespace) -> int:
         await control.start()
         if metrics is not None:
             await metrics.start(args.metrics)
+        await client.forward_all([(spec.local, spec.peer, spec.remote) for spec in forwards])
         if args.listen:
             await client.listen(wait=False)
-        for spec in forwards:
-            await client.forward(spec.local, spec.peer, spec.remote)
         if args.log_format == "console" or (args.log_format == "auto" and stderr_is_terminal()):
             view = asyncio.get_running_loop().create_task(live_view(client))
         await _until_signalled()

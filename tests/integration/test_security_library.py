@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import socket
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -360,3 +361,46 @@ def broker_seen(broker: Broker) -> float:
 
 def agent_seen(client: Client) -> int:
     return sum(v for k, v in client.agent.stats.items() if k.startswith(("dropped_", "accepted_")))
+
+
+def spoofed_udp(source_port: int, dest: Endpoint, payload: bytes) -> None:
+    """One UDP datagram from 127.0.0.1:source_port, a port another socket owns (root only)."""
+    header = struct.pack("!HHHH", source_port, dest.port, 8 + len(payload), 0)  # checksum 0: none
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP) as raw:
+        raw.sendto(header + payload, (dest.host, 0))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="spoofing a source port needs a raw socket (root)")
+async def test_forged_and_replayed_keepalives_do_not_make_an_agent_re_register(broker: Broker) -> None:
+    """Seen: 20 keepalives spoofed from alice's endpoint with random cookies, and replays of
+    captured ones, each made the broker challenge alice, and each challenge re-registered
+    her. Now a challenge that cannot be the answer to her own keepalive is answered with at
+    most one keepalive a second and her registration stands."""
+    assert broker.address is not None
+    alice = Client(config(client_user="alice", broker_addr=f"127.0.0.1:{broker.address.port}"))
+    try:
+        await alice.start()
+        await alice.agent.wait_registered(10)
+        port = alice.agent.sock.local_endpoint.port
+        registration = alice.agent.registration
+        assert registration is not None and registration.cookie is not None
+        captured = frames.encode(frames.Keepalive("alice", cookie=registration.cookie))
+        registrations = broker.metrics.sample("natter_broker_registrations_total")
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(20):
+                forged = frames.encode(frames.Keepalive("alice", cookie=os.urandom(20)))
+                spoofed_udp(port, broker.address, forged)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2.5)  # the captured cookie expires (the broker's window is 2 s)
+            for _ in range(17):
+                spoofed_udp(port, broker.address, captured)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2.5)  # alice's own keepalives go on meanwhile
+        assert not [e for e in logs if "registration lost" in e["event"] or "fresh cookie" in str(e)]
+        assert alice.agent.registered.is_set()
+        assert broker.metrics.sample("natter_broker_registrations_total") == registrations
+        stats = alice.agent.stats
+        assert stats["challenge_answered"] + stats["challenge_ignored"] >= 30
+        assert stats["challenge_answered"] <= 8  # at most one a second
+    finally:
+        await alice.close()

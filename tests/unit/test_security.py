@@ -22,7 +22,7 @@ from natter_proto.acl import (
 )
 from natter_proto.cookies import CookieJar
 from natter_proto.endpoints import Endpoint
-from natter_proto.frames import Challenge, Register, Registered
+from natter_proto.frames import Challenge, Error, ErrorCode, Keepalive, Register, Registered
 from natter_proto.identity import (
     Identity,
     fingerprint,
@@ -134,6 +134,43 @@ def test_registration_answers_a_challenge_and_keeps_the_cookie() -> None:
     reg.receive(Challenge(b"e" * 20), 20.3)  # the broker restarted with a new secret
     assert reg.state is RegState.REGISTERING and isinstance(reg.next_event(), RegistrationLost)
     assert reg.frames_to_send()[0].cookie == b"e" * 20  # type: ignore[attr-defined]
+
+
+def test_an_unbound_challenge_is_answered_with_a_keepalive_and_then_decided_by_the_broker() -> None:
+    reg = Registration("bob", ())
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.receive(Registered("bob", ADDR, 20, "b", listening=False, cookie=b"d" * 20), 0.2)
+    reg.next_event()
+    reg.receive(Challenge(b"e" * 20), 10.0)  # no keepalive of ours is waiting for an answer
+    assert reg.state is RegState.REGISTERED  # a challenge alone proves nothing (it can be provoked)
+    (probe,) = reg.frames_to_send()
+    assert isinstance(probe, Keepalive) and probe.cookie == b"e" * 20 and reg.cookie == b"d" * 20
+    reg.receive(Error(ErrorCode.NOT_REGISTERED, "bob is not registered here"), 10.1)  # it restarted
+    assert reg.state is RegState.REGISTERING and isinstance(reg.next_event(), RegistrationLost)
+    assert reg.frames_to_send()[0].cookie == b"e" * 20  # type: ignore[attr-defined]
+
+
+def test_forged_and_replayed_challenges_do_not_make_a_registered_agent_re_register() -> None:
+    """Seen: keepalives spoofed from an agent's public endpoint, with random or replayed
+    cookies, made the broker challenge the agent, and each challenge re-registered it. Now a
+    challenge is answered with one keepalive (at most one a second) and the registration
+    stands; the broker's answer to that keepalive is what counts."""
+    reg = Registration("bob", ())
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.receive(Registered("bob", ADDR, 20, "b", listening=False, cookie=b"d" * 20), 0.2)
+    assert isinstance(reg.next_event(), RegistrationUp)
+    now = 1.0
+    for i in range(20):  # 20 challenges, 50 ms apart
+        reg.receive(Challenge(bytes([i]) * 20), now)
+        now += 0.05
+    assert reg.state is RegState.REGISTERED and reg.next_event() is None
+    answers = reg.frames_to_send()
+    assert len(answers) == 1 and isinstance(answers[0], Keepalive)
+    assert reg.challenges == {"answered": 1, "ignored": 19}
+    reg.receive(Registered("bob", ADDR, 20, "b", cookie=b"f" * 20), now)  # the broker knows us
+    assert reg.state is RegState.REGISTERED and reg.next_event() is None and reg.cookie == b"f" * 20
 
 
 def test_known_peers_parser_skips_junk() -> None:

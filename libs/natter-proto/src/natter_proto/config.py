@@ -85,3 +85,14 @@ class Config:
     stream_window: int = 1 << 20
     connection_window: int = 8 << 20
     send_buffer_limit: int = 1 << 20
+    # streams (connections) a peer may open at once on a tunnel; QUIC allows 2^60. Each
+    # costs a few kB while idle; bytes in flight stay within connection_window
+    max_streams: int = 4096
+
+    # forwards and the listener: what one local client or one peer can hold open
+    max_connections: int = 1024  # per forward, open at once; more are refused and logged
+    header_timeout: float = 5.0  # listener: a stream must name its target within this
+    max_pending_streams: int = 64  # listener: streams per tunnel still without their header
+    # listener: tunnels at once from peers that no --peer pin, --allow rule or known_peers
+    # line names (any authenticated peer may connect, but not without bound)
+    max_unvetted_tunnels: int = 64

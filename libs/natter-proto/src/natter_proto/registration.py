@@ -9,12 +9,15 @@ keepalive intervals, when a few registrations in a row go unanswered, or at a go
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from .backoff import Backoff
 from .endpoints import Endpoint
 from .frames import Challenge, Error, ErrorCode, Goaway, Keepalive, Message, Register, Registered
+
+CHALLENGE_ANSWER_INTERVAL = 1.0  # seconds: a registered agent answers challenges no faster
+ANSWER_WINDOW = 3.0  # seconds: a challenge this soon after our keepalive may be its answer
 
 
 class RegState(enum.Enum):
@@ -98,6 +101,10 @@ class Registration:
         self._next_send: float | None = None
         self._last_heard: float | None = None
         self._outbox: list[Message] = []
+        self._challenge_answered: float | None = None
+        self._offered_cookie: bytes | None = None  # a challenge's, sent back in a keepalive
+        self._keepalive_sent: float | None = None  # our keepalive the broker has not answered
+        self.challenges = Counter[str]()  # while registered: "answered" or "ignored"
         self._events: deque[RegEvent] = deque()
 
     # -- inputs ---------------------------------------------------------------
@@ -125,12 +132,12 @@ class Registration:
             self._on_registered(message, now)
             return True
         if isinstance(message, Challenge):
-            # the broker wants proof that we receive at our address: answer at once
-            self.cookie = message.cookie
-            self._unanswered = 0
             if self.state is RegState.REGISTERED:
-                self._lose("broker asked for a fresh cookie", now)
+                self._challenged_while_registered(message, now)
             elif self.state is RegState.REGISTERING:
+                # the broker wants proof that we receive at our address: answer at once
+                self.cookie = message.cookie
+                self._unanswered = 0
                 self._send_register(now)
             return True
         if isinstance(message, Goaway):
@@ -140,11 +147,39 @@ class Registration:
             return True
         if isinstance(message, Error) and message.request_id is None:
             if message.code == ErrorCode.NOT_REGISTERED and self.state is RegState.REGISTERED:
+                if self._offered_cookie is not None:  # it passed: the broker's, after a restart
+                    self.cookie, self._offered_cookie = self._offered_cookie, None
                 self._lose("broker no longer knows us", now)
             elif self.state is RegState.REGISTERING:
                 self._events.append(RegistrationRefused(message.code, message.message))
             return True
         return False
+
+    def _challenged_while_registered(self, message: Challenge, now: float) -> None:
+        """A challenge that can be the answer to our keepalive (it came while we wait for
+        one: our address moved, or the broker restarted) means register again, at once.
+
+        Any other is unbound: anyone who spoofs our address towards the broker makes it
+        challenge us, with a cookie genuine or forged, and a working registration is not
+        dropped for that. We answer with one keepalive that carries the challenge's cookie
+        (at most one per CHALLENGE_ANSWER_INTERVAL) and keep our own; the broker's answer
+        decides, as for any keepalive: a Registered with a fresh cookie, or "not
+        registered", which registers again."""
+        sent = self._keepalive_sent
+        if sent is not None and now - sent <= ANSWER_WINDOW:
+            self._keepalive_sent = None
+            self.cookie = message.cookie
+            self._unanswered = 0
+            self._lose("broker asked for a fresh cookie", now)
+            return
+        last = self._challenge_answered
+        if last is not None and now - last < CHALLENGE_ANSWER_INTERVAL:
+            self.challenges["ignored"] += 1
+            return
+        self._challenge_answered = now
+        self._offered_cookie = message.cookie
+        self.challenges["answered"] += 1
+        self._outbox.append(Keepalive(name=self.name, cookie=message.cookie))
 
     def handle_timer(self, now: float) -> None:
         deadline = self._loss_deadline()
@@ -159,6 +194,7 @@ class Registration:
                 self._send_register(now)
             elif self.state is RegState.REGISTERED:
                 self._outbox.append(Keepalive(name=self.name, cookie=self.cookie))
+                self._keepalive_sent = now
                 self._next_send = now + self.keepalive_interval
 
     def check_endpoint(self, now: float) -> None:
@@ -219,6 +255,7 @@ class Registration:
             return  # the answer to an older Register; wait for the current one's
         self._last_heard = now
         self._unanswered = 0
+        self._keepalive_sent = self._offered_cookie = None
         self.broker_id = message.broker_id
         if message.cookie is not None:
             self.cookie = message.cookie

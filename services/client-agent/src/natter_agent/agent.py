@@ -90,8 +90,12 @@ class Agent:
 
     @property
     def stats(self) -> Counter[str]:
-        """Datagrams accepted and dropped, by reason: the machine's counts and the shell's."""
-        return self._stats + self.machine.stats if self.machine is not None else Counter(self._stats)
+        """Datagrams accepted and dropped, by reason: the machine's counts and the shell's (and
+        the broker's challenges while registered: answered, or ignored as too frequent)."""
+        if self.machine is None:
+            return Counter(self._stats)
+        challenges = Counter({f"challenge_{k}": v for k, v in self.machine.registration.challenges.items()})
+        return self._stats + self.machine.stats + challenges
 
     def links(self) -> list[PeerLink]:
         """Live tunnels that new connections may use, one per peer."""
@@ -358,11 +362,27 @@ class Agent:
             self._pump()
 
     def _verify_peer(self, link: PeerLink) -> str | None:
-        refusal = self.trust.check(link.peer, link.expected_key, link.peer_key, link.role.value)
+        refusal = self._unvetted_refusal(link)
+        if refusal is None:
+            refusal = self.trust.check(link.peer, link.expected_key, link.peer_key, link.role.value)
         if refusal is not None:
             self._stats["tunnels_refused"] += 1
             self._log.error("refused tunnel at the TLS layer", peer=link.peer, reason=refusal)
         return refusal
+
+    def _unvetted_refusal(self, link: PeerLink) -> str | None:
+        """Any authenticated peer may connect to a listener, but identities cost nothing: at
+        most ``max_unvetted_tunnels`` at once from peers the user never named."""
+        if link.role is not Role.SERVER or self.trust.names(link.peer):
+            return None
+        live = sum(1 for other in self.tunnels.values() if other.is_alive and not other.vetted)
+        if live >= self.config.max_unvetted_tunnels:
+            return (
+                f"{self.name} has {live} tunnels open from peers it does not know; "
+                "name trusted peers with --allow or --peer"
+            )
+        link.vetted = False
+        return None
 
     def _on_incoming_stream(self, channel: StreamChannel) -> None:
         handler = self.incoming_handler

@@ -23,6 +23,7 @@ class Client:
         self.config = config
         self.agent = Agent(config)
         self.forwards: list[Forward] = []
+        self.listener: Listener | None = None
 
     async def start(self) -> None:
         """Bind the UDP socket and begin registering (retried in the background)."""
@@ -36,7 +37,10 @@ class Client:
             log.warning(
                 "accepting tunnels from any authenticated peer; restrict with --allow NAME[=FINGERPRINT]"
             )
-        self.agent.set_listening(Listener(allow).serve)
+        self.listener = Listener(
+            allow, header_timeout=self.config.header_timeout, max_pending=self.config.max_pending_streams
+        )
+        self.agent.set_listening(self.listener.serve)
         await self.start()
         if wait:
             await self.agent.wait_registered(self.config.register_timeout)
@@ -47,11 +51,29 @@ class Client:
         Returns once the local port is bound; the tunnel comes up (and comes back after a
         loss) in the background. Close the returned handle to stop the forward.
         """
-        await self.start()
-        forward = Forward(self.agent, local, peer, remote)
-        await forward.start()
-        self.forwards.append(forward)
+        (forward,) = await self.forward_all([(local, peer, remote)])
         return forward
+
+    async def forward_all(self, specs: list[tuple[str, str, str]]) -> list[Forward]:
+        """Several forwards, ``(local, peer, remote)`` each: every port is bound before the
+        agent starts, so a port in use fails here with nothing started."""
+        if not specs:
+            return []
+        bound: list[Forward] = []
+        try:
+            for local, peer, remote in specs:
+                forward = Forward(self.agent, local, peer, remote)
+                await forward.bind()
+                bound.append(forward)
+        except BaseException:
+            for forward in bound:
+                await forward.close()
+            raise
+        await self.start()
+        for forward in bound:
+            forward.run()
+        self.forwards.extend(bound)
+        return bound
 
     async def forward_stdio(self, peer: str, remote: str) -> tuple[int, int]:
         """Pipe stdin/stdout through one stream to ``remote`` on ``peer``."""

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+from collections import Counter
+from collections.abc import Hashable
 
 import structlog
 
@@ -35,29 +38,64 @@ def normalise_target(remote: str) -> str:
 
 
 class Listener:
-    """The accepting side: each incoming stream names a target; connect there if allowed."""
+    """The accepting side: each incoming stream names a target; connect there if allowed.
 
-    def __init__(self, allow: TargetAllowList) -> None:
+    A stream must send its header within ``header_timeout``, and a tunnel may have at most
+    ``max_pending`` streams still waiting for theirs: a peer cannot hold the listener's
+    memory with streams that never say where they go. Refusals are counted by reason."""
+
+    def __init__(self, allow: TargetAllowList, *, header_timeout: float, max_pending: int) -> None:
         self.allow = allow
+        self.header_timeout = header_timeout
+        self.max_pending = max_pending
+        self.refused: Counter[str] = Counter()
+        self._pending: Counter[PeerLink] = Counter()  # per tunnel, streams without a header yet
 
     async def serve(self, channel: StreamChannel, peer: str) -> None:
+        link = channel.link
+        if self._pending[link] >= self.max_pending:
+            self._refuse_silently(channel, "pending_streams")
+            if self.refused["pending_streams"] % 100 == 1:
+                log.warning(
+                    "refusing streams: too many without a header",
+                    peer=peer,
+                    limit=self.max_pending,
+                    refused=self.refused["pending_streams"],
+                )
+            return
+        self._pending[link] += 1
         try:
-            header, rest = await read_header(channel)
+            async with asyncio.timeout(self.header_timeout):
+                header, rest = await read_header(channel)
             target = streamhdr.parse_open(header).target
             host, port = split_host_port(target, default_host="localhost")
-        except (streamhdr.StreamHeaderError, ValueError, StreamClosed) as exc:
-            log.debug("refused stream with a bad header", peer=peer, reason=str(exc))
-            channel.reset()
-            channel.link.release(channel)
+        except TimeoutError:
+            self._refuse_silently(channel, "header_timeout")
+            if self.refused["header_timeout"] % 100 == 1:
+                log.warning(
+                    f"reset streams that sent no header within {self.header_timeout:g} s",
+                    peer=peer,
+                    refused=self.refused["header_timeout"],
+                )
             return
+        except (streamhdr.StreamHeaderError, ValueError, StreamClosed) as exc:
+            self._refuse_silently(channel, "bad_header")
+            log.debug("refused stream with a bad header", peer=peer, reason=str(exc))
+            return
+        finally:
+            self._pending[link] -= 1
+            if self._pending[link] <= 0:
+                del self._pending[link]
         address, refusal = await self._resolve_allowed(host, port)
         if address is None:
+            self.refused["target"] += 1
             log.warning("refused stream", peer=peer, target=target, reason=refusal)
             await _refuse(channel, refusal)
             return
         try:
             local = await asyncio.wait_for(open_tcp(address, port), 10)
         except (OSError, TimeoutError) as exc:
+            self.refused["connect"] += 1
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             reason = f"cannot connect to {target}: {why}"
             log.warning("refused stream", peer=peer, target=target, reason=reason)
@@ -72,6 +110,12 @@ class Listener:
             return
         sent, received = await splice(local, channel, rest)
         log.debug("stream closed", peer=peer, target=target, bytes_in=received, bytes_out=sent)
+
+    def _refuse_silently(self, channel: StreamChannel, reason: str) -> None:
+        """Reset a stream that never named a target (nothing to answer it with)."""
+        self.refused[reason] += 1
+        channel.reset()
+        channel.link.release(channel)
 
     async def _resolve_allowed(self, host: str, port: int) -> tuple[str | None, str]:
         """The address to connect to (resolved once, so a name cannot change between the
@@ -103,7 +147,7 @@ async def _drain_and_release(channel: StreamChannel) -> None:
 
 
 async def open_tunnel_stream(
-    agent: Agent, peer: str, target: str, timeout: float
+    agent: Agent, peer: str, target: str, timeout: float, owner: Hashable = None
 ) -> tuple[StreamChannel, bytes]:
     """Open a stream to peer's target and wait for its answer; returns leftover payload.
 
@@ -113,7 +157,7 @@ async def open_tunnel_stream(
     for attempt in range(2):
         link = await asyncio.wait_for(agent.connect(peer, target), timeout)
         try:
-            return await _open_on(link, peer, target, timeout)
+            return await _open_on(link, peer, target, timeout, owner)
         except _TunnelLost:
             if attempt:
                 raise NatterError(f"{peer} did not accept the stream: the tunnel closed") from None
@@ -124,9 +168,11 @@ class _TunnelLost(Exception):
     """The tunnel closed before the peer answered the stream's header."""
 
 
-async def _open_on(link: PeerLink, peer: str, target: str, timeout: float) -> tuple[StreamChannel, bytes]:
+async def _open_on(
+    link: PeerLink, peer: str, target: str, timeout: float, owner: Hashable
+) -> tuple[StreamChannel, bytes]:
     try:
-        channel = await asyncio.wait_for(link.open_stream(), timeout)
+        channel = await asyncio.wait_for(link.open_stream(owner), timeout)
     except TimeoutError:
         raise NatterError(
             f"{peer} allows no more connections at once ({link.open_streams} open): none ended"
@@ -162,7 +208,10 @@ class Forward:
         host, port = split_host_port(local, default_host="127.0.0.1") if local else ("", 0)
         self._bind = (host, port)
         self.local: Endpoint | None = None
-        self.connections = 0
+        self.connections = 0  # accepted over the forward's life
+        self.open_now = 0  # connections being served now
+        self.refused = 0  # accepted and closed at once: over max_connections
+        self.max_connections = agent.config.max_connections
         self._server: asyncio.Server | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()  # one per accepted connection
@@ -172,10 +221,22 @@ class Forward:
         )
 
     async def start(self) -> None:
+        """Bind the local port, then keep the tunnel up (the agent must be started)."""
+        await self.bind()
+        self.run()
+
+    async def bind(self) -> None:
+        """Listen on the local port (connections wait for ``run``'s tunnel)."""
         host, port = self._bind
-        self._server = await asyncio.get_running_loop().create_server(self._accept, host, port)
+        try:
+            self._server = await asyncio.get_running_loop().create_server(self._accept, host, port)
+        except OSError as exc:
+            why = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+            raise NatterError(f"cannot listen on {format_host_port(host, port)}: {why}") from None
         sockname = self._server.sockets[0].getsockname()
         self.local = Endpoint(sockname[0], sockname[1])
+
+    def run(self) -> None:
         self._log.info(f"forwarding {self.local} -> {self.peer}:{self.target}")
         self._supervisor = asyncio.get_running_loop().create_task(self._keep_tunnel())
 
@@ -202,8 +263,28 @@ class Forward:
 
     async def _on_tcp(self, local: TcpEnd) -> None:
         self.connections += 1
+        if self.open_now >= self.max_connections:
+            self.refused += 1
+            cap = f"--max-connections {self.max_connections}"
+            self._log.warning(
+                "connection refused",
+                reason=f"{self.open_now} connections open on this forward ({cap})",
+                refused=self.refused,
+            )
+            local.abort()
+            await local.close()
+            return
+        self.open_now += 1
         try:
-            channel, rest = await open_tunnel_stream(self.agent, self.peer, self.target, self.stream_timeout)
+            await self._serve(local)
+        finally:
+            self.open_now -= 1
+
+    async def _serve(self, local: TcpEnd) -> None:
+        try:
+            channel, rest = await open_tunnel_stream(
+                self.agent, self.peer, self.target, self.stream_timeout, owner=self
+            )
         except (NatterError, ConnectionError, TimeoutError) as exc:
             reason = str(exc) or "timed out waiting for the tunnel"
             self._log.warning("connection dropped", reason=reason)

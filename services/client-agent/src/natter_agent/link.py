@@ -10,13 +10,13 @@ routes (``route``, ``kind`` are kept here for status).
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import structlog
 
 from natter_proto.agent.kinds import QUIC_PEER, Path, PathKind, Role
+from natter_proto.fairqueue import FairQueue
 from natter_proto.sendqueue import SendQueue
 
 from .engines.base import (
@@ -80,13 +80,15 @@ class PeerLink:
         self.expected_key = expected_key  # what the broker vouched for
         self.peer_key: bytes | None = None  # what the peer proved in the handshake
         self._verified = False
+        self.vetted = True  # False: a listener's tunnel from a peer the user never named
         self._send_limit = send_buffer_limit
         self._channels: dict[int, StreamChannel] = {}
         self._blocked: set[StreamChannel] = set()
         self._queue = SendQueue()  # written, not yet handed to the engine: see flush
         self._fed: set[int] = set()  # streams the engine may still hold unsent bytes of
         self._release_when_sent: set[int] = set()
-        self._stream_waiters: deque[asyncio.Future[None]] = deque()  # for a stream slot
+        self._stream_waiters: FairQueue[asyncio.Future[None]] = FairQueue()  # per forward, in turn
+        self._granted = 0  # slots handed to woken waiters that have not opened their stream yet
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_handle: asyncio.Handle | None = None
@@ -197,14 +199,16 @@ class PeerLink:
         self._maybe_ready()
 
     def _wake_stream_waiters(self) -> None:
-        """The peer's MAX_STREAMS may have let more streams in: wake one waiter per slot."""
-        if not self._stream_waiters:
+        """The peer's MAX_STREAMS may have let more streams in: wake one waiter per free slot,
+        taking the forwards in turn (a closed tunnel wakes them all, to fail)."""
+        waiters = self._stream_waiters
+        if not waiters:
             return
-        slots = self.conn.stream_slots() if self.is_alive else len(self._stream_waiters)
-        while slots > 0 and self._stream_waiters:
-            waiter = self._stream_waiters.popleft()
+        slots = self.conn.stream_slots() - self._granted if self.is_alive else len(waiters)
+        while slots > 0 and (waiter := waiters.pop()) is not None:
             if not waiter.done():
                 waiter.set_result(None)
+                self._granted += 1
                 slots -= 1
 
     def _maybe_ready(self) -> None:
@@ -287,19 +291,22 @@ class PeerLink:
                 channel._writable.set()
 
     # -- used by channels -------------------------------------------------------
-    async def open_stream(self) -> StreamChannel:
-        """A new stream of ours, once the peer allows one more (QUIC limits how many are open
-        at once: qh3 and aioquic allow 100 and 128; an engine asked for more breaks)."""
-        woken = False  # a woken waiter has its slot; a newcomer queues behind earlier ones
-        while self.is_alive and (self.conn.stream_slots() <= 0 or (self._stream_waiters and not woken)):
-            waiter = self.loop.create_future()
-            self._stream_waiters.append(waiter)
+    async def open_stream(self, owner: Hashable = None) -> StreamChannel:
+        """A new stream of ours, once the peer allows one more. QUIC limits how many are open
+        at once (``EngineSettings.max_streams``); beyond that, connections wait in their
+        owner's line and the owners (forwards) take turns as streams end."""
+        if self.is_alive and (self.conn.stream_slots() - self._granted <= 0 or self._stream_waiters):
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._stream_waiters.push(owner, waiter)
             try:
                 await waiter
-            finally:
-                if waiter in self._stream_waiters:
-                    self._stream_waiters.remove(waiter)
-            woken = True
+            except asyncio.CancelledError:
+                queued = self._stream_waiters.remove(owner, waiter)
+                if not queued and waiter.done() and not waiter.cancelled():
+                    self._granted -= 1  # woken, then given up: its slot goes to the next
+                    self._wake_stream_waiters()
+                raise
+            self._granted -= 1
         if not self.is_alive:
             raise StreamClosed(self.close_reason or "tunnel closed")
         try:

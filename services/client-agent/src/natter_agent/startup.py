@@ -82,5 +82,6 @@ def load(config: Config, engine: QuicEngine | None = None) -> Loaded:
         idle_timeout=config.idle_timeout,
         stream_window=config.stream_window,
         connection_window=config.connection_window,
+        max_streams=config.max_streams,
     )
     return Loaded(brokers, identity, created, trust, engine)

@@ -26,6 +26,12 @@ class PeerTrust:
     allow: PeerAllowList
     me: str
 
+    def names(self, peer: str) -> bool:
+        """Whether the user named this peer: pinned, in --allow, or known from before."""
+        rules = self.allow.rules or []
+        named = peer in self.pinned or any(rule.name == peer for rule in rules)
+        return named or self.known.get(peer) is not None
+
     def check(self, peer: str, vouched: bytes | None, presented: bytes | None, role: str) -> str | None:
         """None if the tunnel may go on, else the reason to refuse it (for logs and peers)."""
         if presented is None:

@@ -87,8 +87,10 @@ class BrokerLink:
                 message, public_key=self.identity.public_key, cookie=cookie, token=self.token or None
             )
             message = replace(message, signature=self.identity.sign_register(message))
-        elif isinstance(message, Keepalive | ConnectRequest):
-            message = replace(message, cookie=cookie)
+        elif isinstance(message, ConnectRequest) or (
+            isinstance(message, Keepalive) and message.cookie is None
+        ):
+            message = replace(message, cookie=cookie)  # a keepalive answering a challenge has its own
         return SendFrame(MAIN_SOCKET, self.broker, frames.encode(message))
 
     def get_timer(self) -> list[float | None]:

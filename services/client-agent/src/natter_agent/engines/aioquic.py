@@ -46,8 +46,10 @@ class FlowControlledConnection(QuicConnection):
     stream_window: int = 1 << 20
     connection_window: int = 8 << 20
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_streams: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # aioquic's 128 has no setting; it grows by one as each of the peer's streams ends
+        self._local_max_streams_bidi.value = self._local_max_streams_bidi.sent = max_streams
         self._consumed: dict[int, int] = {}
         self._total_consumed = 0
         self._released = 0  # credit returned by streams that ended unread
@@ -212,7 +214,7 @@ class AioquicEngine(EngineSettings):
         return cfg
 
     def _new(self, **kwargs: Any) -> FlowControlledConnection:
-        conn = FlowControlledConnection(**kwargs)
+        conn = FlowControlledConnection(max_streams=self.max_streams, **kwargs)
         conn.stream_window = self.stream_window
         conn.connection_window = self.connection_window
         return conn

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
-from natter_proto.config import QUIC_ENGINES
+from natter_proto.config import QUIC_ENGINES, Config
 from natter_proto.tunnelevents import CidIssued as CidIssued
 from natter_proto.tunnelevents import CidRetired as CidRetired
 from natter_proto.tunnelevents import (  # the engines' vocabulary, re-exported for the shell
@@ -91,10 +91,11 @@ class EngineSettings:
 
     credentials: Credentials
     _: KW_ONLY
-    max_datagram_size: int = 1350
-    idle_timeout: float = 60.0
-    stream_window: int = 1 << 20
-    connection_window: int = 8 << 20
+    max_datagram_size: int = Config.max_datagram_size  # every default is Config's
+    idle_timeout: float = Config.idle_timeout
+    stream_window: int = Config.stream_window
+    connection_window: int = Config.connection_window
+    max_streams: int = Config.max_streams
 
 
 class QuicEngine(Protocol):

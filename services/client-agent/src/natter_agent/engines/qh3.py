@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from natter_proto.tunnelcontrol import TunnelControl
 from natter_proto.tunnelctl import ControlError
 
 from ..tls import Credentials, raw_public_key
+from . import qh3_limits
 from .base import (
     CidIssued,
     CidRetired,
@@ -48,8 +50,15 @@ CORE_WINDOW_FACTOR = 2  # qh3's own windows stay wider than natter's credit, so 
 
 class Qh3TunnelConnection(QuicConnection):
     def __init__(
-        self, *, credentials: Credentials, stream_window: int, connection_window: int, **kwargs: Any
+        self,
+        *,
+        credentials: Credentials,
+        stream_window: int,
+        connection_window: int,
+        limits: Qh3Limits,
+        **kwargs: Any,
     ):
+        self._limits = limits
         super().__init__(**kwargs)
         self._credentials = credentials
         self._stream_window = stream_window
@@ -70,8 +79,11 @@ class Qh3TunnelConnection(QuicConnection):
         self._parts: dict[int, list[bytes]] = {}  # ... and the data that joined it
 
     # -- TLS session binding --------------------------------------------------------
+    def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
+        self._limits.create_core(self, remote_addr, initial_dcid, now)
+
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
-        bridge = super()._create_tls(remote_source_cid)
+        bridge: QuicTlsBridge = self._limits.create_tls(self, remote_source_cid)
         install = bridge.tls.update_traffic_key_cb
 
         def capture(
@@ -274,6 +286,18 @@ class Qh3TunnelConnection(QuicConnection):
         return (stream_id % 2 == 0) == self._is_client
 
 
+@dataclass(frozen=True)
+class Qh3Limits:
+    """qh3's own functions that build a connection's core and TLS, with natter's limit."""
+
+    create_core: Callable[..., None]
+    create_tls: Callable[..., QuicTlsBridge]
+
+    @classmethod
+    def of(cls, max_streams: int) -> Qh3Limits:
+        return cls(qh3_limits.core_factory(max_streams), qh3_limits.create_tls_factory(max_streams))
+
+
 @dataclass
 class Qh3Engine(EngineSettings):
     name = "qh3"
@@ -286,6 +310,7 @@ class Qh3Engine(EngineSettings):
         )
         self._certificate = qtls.load_pem_x509_certificates(pem_certificate)[0]
         self._private_key = qtls.load_pem_private_key(pem_key, None)
+        self._limits = Qh3Limits.of(self.max_streams)
 
     def _configuration(self, is_client: bool) -> QuicConfiguration:
         cfg = QuicConfiguration(
@@ -309,6 +334,7 @@ class Qh3Engine(EngineSettings):
             credentials=self.credentials,
             stream_window=self.stream_window,
             connection_window=self.connection_window,
+            limits=self._limits,
             **kwargs,
         )
 
