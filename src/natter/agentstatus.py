@@ -45,6 +45,7 @@ def snapshot(client: Client) -> dict[str, Any]:
                 "open_connections": f.open_now,
                 "connections": f.connections,
                 "refused": f.refused,
+                "problem": f.problem,
             }
             for f in client.forwards
         ],
@@ -120,6 +121,8 @@ def render(status: dict[str, Any]) -> str:
             f"  forward {f['local']} -> {f['peer']}:{f['target']}  "
             f"({f.get('open_connections', 0)} open, {f['connections']} in all{refused})"
         )
+        if f.get("problem"):
+            lines.append(f"    not connected: {f['problem']}")
     if not status["tunnels"]:
         lines.append("  no tunnels")
     for t in status["tunnels"]:

@@ -57,6 +57,8 @@ async def run_broker(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics,
         broker_id=args.broker_id,
         tokens_file=args.tokens,
+        names_file=args.names,
+        state_dir=args.state_dir,
         probe_addr=args.probe,
         relay_bytes=int(args.relay_mb * (1 << 20)),
         relay_seconds=args.relay_seconds,
@@ -88,6 +90,7 @@ async def run_client(args: argparse.Namespace) -> int:
         pinned_peers=args.pinned,
         allow_peers=args.allow,
         allow_targets=args.allow_targets,
+        max_connections=args.max_connections,
     )
     client = Client(config)
     forwards: list[ForwardSpec] = args.forwards

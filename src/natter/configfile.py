@@ -92,6 +92,12 @@ def _non_negative(value: Any) -> float:
     return float(value)
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be a whole number, 1 or more")
+    return value
+
+
 def _port(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError("must be a port number 0-65535")
@@ -190,6 +196,7 @@ AGENT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "peers": ("peers", _pins),
     "allow": ("allow", _list_of(_peer_rule)),
     "allow_targets": ("allow_targets", _list_of(_target_rule)),
+    "max_connections": ("max_connections", _count),
     "metrics": ("metrics", _address),
     "log_format": ("log_format", _choice(LOG_FORMATS)),
     "log_level": ("log_level", _choice(LOG_LEVELS)),
@@ -203,6 +210,8 @@ BROKER_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "relay_mb": ("relay_mb", _non_negative),
     "relay_seconds": ("relay_seconds", _positive),
     "tokens": ("tokens", _string),
+    "names": ("names", _string),
+    "state_dir": ("state_dir", _string),
     "ip_rate": ("ip_rate", _positive),
     "keepalive": ("keepalive", _positive),
     "ttl": ("ttl", _positive),

@@ -6,7 +6,7 @@ import argparse
 from typing import NoReturn
 
 from natter_proto.agent.settings import DEFAULTS
-from natter_proto.config import DEFAULT_ENGINE, QUIC_ENGINES
+from natter_proto.config import DEFAULT_ENGINE, QUIC_ENGINES, Config
 
 from . import __version__, logs
 
@@ -29,28 +29,45 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_at_least_one.__name__ = "whole number, 1 or more"  # argparse names the type in its error
+
+
+def _flags(dash: str, name: str) -> tuple[str, str]:
+    """Both spellings of an option, this form's first: the seed form takes ``--state-dir``
+    as well as ``-state-dir``, and the subcommands take ``-state-dir`` too."""
+    other = "--" if dash == "-" else "-"
+    return f"{dash}{name}", f"{other}{name}"
+
+
 def _common(parser: argparse.ArgumentParser, dash: str) -> None:
     parser.add_argument(
-        f"{dash}log-format",
+        *_flags(dash, "log-format"),
         choices=("auto", "console", "json"),
         default="auto",
         help="log format on stderr (default: console on a terminal, else json)",
     )
-    parser.add_argument(f"{dash}log-level", choices=tuple(logs.LEVELS), default="info")
+    parser.add_argument(*_flags(dash, "log-level"), choices=tuple(logs.LEVELS), default="info")
 
 
 def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> None:
-    names = [f"{dash}name"] + (["-id"] if legacy else [])
+    names = [*_flags(dash, "name")] + (["-id"] if legacy else [])
     parser.add_argument(*names, dest="name", metavar="NAME", help="this client's name")
     parser.add_argument(
-        f"{dash}broker",
+        *_flags(dash, "broker"),
         dest="broker",
         action="append",
         metavar="ADDR",
         help="broker HOST:PORT; repeat it (or use a name with several addresses) to fail over",
     )
     parser.add_argument(
-        f"{dash}udp-port",
+        *_flags(dash, "udp-port"),
         dest="udp_port",
         type=int,
         default=0,
@@ -58,7 +75,7 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         help="local UDP port for the agent's one socket (default: any)",
     )
     parser.add_argument(
-        f"{dash}keepalive",
+        *_flags(dash, "keepalive"),
         dest="keepalive",
         type=float,
         default=DEFAULTS.keepalive_interval,
@@ -66,7 +83,7 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         help=f"seconds between keepalives to the broker (default {DEFAULTS.keepalive_interval:g})",
     )
     parser.add_argument(
-        f"{dash}upgrade-interval",
+        *_flags(dash, "upgrade-interval"),
         dest="upgrade_interval",
         type=float,
         default=DEFAULTS.upgrade_interval,
@@ -74,18 +91,30 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         help=f"while relayed, look for a direct path this often (default {DEFAULTS.upgrade_interval:g})",
     )
     parser.add_argument(
-        f"{dash}quic-engine",
+        *_flags(dash, "quic-engine"),
         dest="quic_engine",
         choices=QUIC_ENGINES,
         default=DEFAULT_ENGINE,
         help=f"QUIC implementation for tunnels, the same on both peers (default {DEFAULT_ENGINE})",
     )
+    parser.add_argument(
+        *_flags(dash, "max-connections"),
+        dest="max_connections",
+        type=_at_least_one,
+        default=Config.max_connections,
+        metavar="N",
+        help=f"connections one forward serves at once; more are refused (default {Config.max_connections})",
+    )
     _identity_options(parser, dash)
     parser.add_argument(
-        f"{dash}token", dest="token", metavar="TOKEN", default="", help="token for a broker that requires one"
+        *_flags(dash, "token"),
+        dest="token",
+        metavar="TOKEN",
+        default="",
+        help="token for a broker that requires one",
     )
     parser.add_argument(
-        f"{dash}peer",
+        *_flags(dash, "peer"),
         dest="peers",
         action="append",
         default=[],
@@ -93,14 +122,14 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         help="pin a peer's key: refuse a tunnel to or from NAME unless it proves this key",
     )
     parser.add_argument(
-        f"{dash}allow",
+        *_flags(dash, "allow"),
         dest="allow",
         action="append",
         metavar="PEER[=FINGERPRINT]",
         help="listener: only these peers may connect (default: any authenticated peer)",
     )
     parser.add_argument(
-        f"{dash}allow-target",
+        *_flags(dash, "allow-target"),
         dest="allow_targets",
         action="append",
         metavar="HOST:PORT|PORT|HOST:*|*",
@@ -110,7 +139,7 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
 
 def _config_option(parser: argparse.ArgumentParser, dash: str, default: str) -> None:
     parser.add_argument(
-        f"{dash}config",
+        *_flags(dash, "config"),
         dest="config",
         metavar="FILE",
         default=None,
@@ -120,7 +149,7 @@ def _config_option(parser: argparse.ArgumentParser, dash: str, default: str) -> 
 
 def _agent_metrics(parser: argparse.ArgumentParser, dash: str) -> None:
     parser.add_argument(
-        f"{dash}metrics",
+        *_flags(dash, "metrics"),
         dest="metrics",
         metavar="ADDR",
         default="",
@@ -130,7 +159,7 @@ def _agent_metrics(parser: argparse.ArgumentParser, dash: str) -> None:
 
 def _identity_options(parser: argparse.ArgumentParser, dash: str) -> None:
     parser.add_argument(
-        f"{dash}state-dir",
+        *_flags(dash, "state-dir"),
         dest="state_dir",
         metavar="DIR",
         default="",
@@ -140,35 +169,42 @@ def _identity_options(parser: argparse.ArgumentParser, dash: str) -> None:
 
 def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
     parser.add_argument(
-        f"{dash}redis",
+        *_flags(dash, "redis"),
         dest="redis",
         metavar="URL",
         default="",
         help="join a fleet of replicas sharing registrations in Redis (redis://HOST:PORT/DB)",
     )
     parser.add_argument(
-        f"{dash}metrics",
+        *_flags(dash, "metrics"),
         dest="metrics",
         metavar="ADDR",
         default="",
         help="serve /healthz, /readyz and /metrics over HTTP on ADDR (e.g. :9100)",
     )
     parser.add_argument(
-        f"{dash}tokens",
+        *_flags(dash, "tokens"),
         dest="tokens",
         metavar="FILE",
         default="",
         help="only agents listed in FILE ('NAME_OR_FINGERPRINT TOKEN' per line) may register",
     )
     parser.add_argument(
-        f"{dash}probe",
+        *_flags(dash, "names"),
+        dest="names",
+        metavar="FILE",
+        default="",
+        help="bind names to keys before anyone registers ('NAME FINGERPRINT' per line, see 'natter id')",
+    )
+    parser.add_argument(
+        *_flags(dash, "probe"),
         dest="probe",
         metavar="ADDR",
         default="",
         help="second UDP port (e.g. :10001) where agents learn whether their NAT is symmetric",
     )
     parser.add_argument(
-        f"{dash}relay-mb",
+        *_flags(dash, "relay-mb"),
         dest="relay_mb",
         type=float,
         default=1024.0,
@@ -176,7 +212,7 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         help="relay at most this many MB per session when no direct path works (0: no relay; default 1024)",
     )
     parser.add_argument(
-        f"{dash}relay-seconds",
+        *_flags(dash, "relay-seconds"),
         dest="relay_seconds",
         type=float,
         default=3600.0,
@@ -184,7 +220,7 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         help="relay a session for at most this long (default 3600)",
     )
     parser.add_argument(
-        f"{dash}ip-rate",
+        *_flags(dash, "ip-rate"),
         dest="ip_rate",
         type=float,
         default=200.0,
@@ -192,7 +228,7 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         help="frames per second accepted from one source IP, bursts of twice that (default 200)",
     )
     parser.add_argument(
-        f"{dash}broker-id",
+        *_flags(dash, "broker-id"),
         dest="broker_id",
         metavar="ID",
         default="",
@@ -242,12 +278,14 @@ def subcommand_parser() -> Parser:
     )
     broker.add_argument(
         "--listen",
+        "-listen",
         dest="server",
         metavar="ADDR",
         help="UDP address to listen on, e.g. :10000",
     )
     broker.add_argument(
         "--keepalive",
+        "-keepalive",
         dest="keepalive",
         type=float,
         default=DEFAULTS.keepalive_interval,
@@ -256,6 +294,7 @@ def subcommand_parser() -> Parser:
     )
     broker.add_argument(
         "--ttl",
+        "-ttl",
         dest="ttl",
         type=float,
         default=60.0,
@@ -263,6 +302,14 @@ def subcommand_parser() -> Parser:
         help="an agent silent this long is offline (default 60)",
     )
     _broker_options(broker, "--")
+    broker.add_argument(
+        "--state-dir",
+        "-state-dir",
+        dest="state_dir",
+        metavar="DIR",
+        default="",
+        help="where a lone broker keeps which key owns which name (default ~/.config/natter)",
+    )
     _config_option(broker, "--", "/etc/natter/broker.toml")
     _common(broker, "--")
     agent_commands = (
@@ -291,7 +338,7 @@ def subcommand_parser() -> Parser:
         _agent_metrics(command, "--")
         _config_option(command, "--", "~/.config/natter/natter.toml")
         if listen_help is not None:
-            command.add_argument("--listen", dest="listen", action="store_true", help=listen_help)
+            command.add_argument("--listen", "-listen", dest="listen", action="store_true", help=listen_help)
         command.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
         _common(command, "--")
     config = sub.add_parser(
@@ -303,7 +350,7 @@ def subcommand_parser() -> Parser:
     check = config_sub.add_parser("check", help="check FILE")
     check.add_argument("file", metavar="FILE")
     check.add_argument(
-        "--kind", choices=("agent", "broker"), default=None, help="default: guessed from the keys"
+        "--kind", "-kind", choices=("agent", "broker"), default=None, help="default: guessed from the keys"
     )
     _common(config, "--")
     status = sub.add_parser(
@@ -312,7 +359,7 @@ def subcommand_parser() -> Parser:
         description="Ask the agent running with this state directory for its tunnels.",
     )
     _identity_options(status, "--")
-    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--json", "-json", action="store_true", help="print JSON for scripts")
     _common(status, "--")
     ident = sub.add_parser(
         "id",

@@ -23,7 +23,7 @@ def write(text: str) -> Path:
 
 
 def refused_reasons(proc) -> list[str]:  # type: ignore[no-untyped-def]
-    return [str(e.get("reason")) for e in proc.lines if e.get("event") == "connection dropped"]
+    return [str(e.get("reason")) for e in proc.lines if e.get("event") == "connection closed"]
 
 
 @pytest.mark.parametrize("style", ["config", "flags"])
@@ -61,7 +61,7 @@ def test_config_file_equals_flags(style: str) -> None:
         assert reply.split()[0] == "100000"
         with pytest.raises(AssertionError):
             tool("echo-check", "127.0.0.1", str(l2), "1000")
-        alice.wait_log(lambda e: e.get("event") == "connection dropped")
+        alice.wait_log(lambda e: e.get("event") == "connection closed")
         assert any("target not allowed" in r for r in refused_reasons(alice))
     finally:
         for proc in reversed(procs):

@@ -162,9 +162,17 @@ async def test_forward_to_absent_peer_keeps_retrying_until_it_appears(trio: Trio
         assert fwd.local is not None
         await asyncio.sleep(1.5)
         assert any("cannot reach carol" in e["event"] for e in logs)
+        # a connection accepted now says at once why it waits, and waits (ssh would only
+        # have seen "Connection closed by remote host")
+        early = asyncio.ensure_future(echo_check("127.0.0.1", fwd.local.port, b"early" * 1000))
+        await asyncio.sleep(1.0)
+        waits = [e for e in logs if e["event"] == "connection waits for a tunnel to carol"]
+        assert waits and "unknown" in waits[0]["reason"] and not early.done()
+        assert fwd.problem and "carol" in fwd.problem
         carol = Client(config(client_user="carol", broker_addr=trio.broker_addr, quic_engine=trio.engine))
         await carol.listen()
         try:
+            assert await asyncio.wait_for(early, 30)
             ok = await asyncio.wait_for(echo_check("127.0.0.1", fwd.local.port, b"z" * 10000), 30)
             assert ok
         finally:

@@ -11,13 +11,14 @@ import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import structlog
 
 from natter import Broker, Client, Config, PeerUnavailable
 from natter_proto import frames
-from natter_proto.endpoints import Endpoint
+from natter_proto.endpoints import AddressError, Endpoint
 from natter_proto.frames import Challenge, Register, Registered
 from natter_proto.identity import Identity
 from netcheck import echo_check, echo_handler
@@ -172,9 +173,18 @@ async def test_known_peers_refuse_a_changed_key(broker: Broker, echo_port: int, 
         alice2 = Client(config(client_user="alice", broker_addr=addr(other), state_dir=alice_state))
         try:
             await new_bob.listen()
-            with pytest.raises(PeerUnavailable) as info:
-                await alice2.connect("bob")
-            assert "KEY CHANGED for bob" in str(info.value)
+            with structlog.testing.capture_logs() as logs:
+                with pytest.raises(PeerUnavailable) as info:
+                    await alice2.connect("bob")
+                assert "KEY CHANGED for bob" in str(info.value)
+                # every new connection after it: refused at once, no new introduction
+                for _ in range(20):
+                    with pytest.raises(PeerUnavailable) as info:
+                        await asyncio.wait_for(alice2.connect("bob"), 0.5)
+                    assert "KEY CHANGED for bob" in str(info.value) and "trying again in" in str(info.value)
+            refusals = [e for e in logs if e["event"] == "refused tunnel at the TLS layer"]
+            asked = [e for e in logs if e.get("kind") == "asking_broker" and e.get("name") == "alice"]
+            assert len(refusals) == 1 and len(asked) == 1
         finally:
             await alice2.close()
             await new_bob.close()
@@ -208,7 +218,7 @@ async def test_listener_acls(broker: Broker, engine: str) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", refused.local.port)
             assert await asyncio.wait_for(reader.read(), 20) == b""
             writer.close()
-        reasons = [str(e.get("reason")) for e in logs if e["event"] == "connection dropped"]
+        reasons = [str(e.get("reason")) for e in logs if e["event"] == "connection closed"]
         assert any(f"bob refused 127.0.0.1:{other_port}: target not allowed" in r for r in reasons), reasons
         # the forward itself stays up
         reader, writer = await asyncio.open_connection("127.0.0.1", ok.local.port)
@@ -404,3 +414,67 @@ async def test_forged_and_replayed_keepalives_do_not_make_an_agent_re_register(b
         assert stats["challenge_answered"] <= 8  # at most one a second
     finally:
         await alice.close()
+
+
+async def test_a_restarted_broker_keeps_names_bound_and_an_impostor_that_races_is_refused(
+    echo_port: int,
+) -> None:
+    """Seen: a lone broker forgot after a restart which key owned which name; an impostor
+    that registered "bob" first got the name, and a client that had never seen bob sent it
+    a stream header. Now the bindings are on disk in the broker's state directory."""
+    state = tempfile.mkdtemp(prefix="natter-broker-")
+    first = Broker(config(broker_addr="127.0.0.1:0", state_dir=state))
+    await first.start()
+    assert first.address is not None
+    port = first.address.port
+    bob = Client(config(client_user="bob", broker_addr=f"127.0.0.1:{port}"))
+    mallory = Client(config(client_user="bob", broker_addr=f"127.0.0.1:{port}"))  # same name, other key
+    alice = Client(config(client_user="alice", broker_addr=f"127.0.0.1:{port}"))  # has never seen bob
+    second: Broker | None = None
+    try:
+        await bob.listen()
+        await first.close(goaway=False)  # a crash, as far as the agents can tell
+        second = Broker(config(broker_addr=f"127.0.0.1:{port}", state_dir=state))
+        await second.start()
+        with structlog.testing.capture_logs() as logs:
+            await mallory.start()  # at once: before bob's next keepalive finds the new broker
+            await asyncio.sleep(3.0)
+        refusals = [e for e in logs if e["event"] == "broker refused registration"]
+        assert refusals and refusals[0]["code"] == frames.ErrorCode.NAME_TAKEN
+        assert bob.agent.identity.fingerprint in refusals[0]["reason"]
+        assert not mallory.agent.registered.is_set()
+        await bob.agent.wait_registered(10)
+        fwd = await alice.forward("127.0.0.1:0", "bob", f":{echo_port}")
+        assert fwd.local is not None
+        assert await echo_check("127.0.0.1", fwd.local.port, b"the real bob" * 100)
+        link = alice.agent.link_to("bob")
+        assert link is not None and link.peer_key == bob.agent.identity.public_key
+    finally:
+        for client in (alice, mallory, bob):
+            await client.close()
+        if second is not None:
+            await second.close()
+
+
+async def test_a_names_file_binds_names_before_anyone_registers(tmp_path: Any) -> None:
+    bob_key = Identity.generate()
+    names = tmp_path / "names"
+    names.write_text(f"# reserved names\nbob {bob_key.fingerprint}\n")
+    async with Broker(config(broker_addr="127.0.0.1:0", names_file=str(names))) as fresh:
+        mallory = Client(config(client_user="bob", broker_addr=addr(fresh)))  # first, but not bob's key
+        carol = Client(config(client_user="carol", broker_addr=addr(fresh)))  # a name nobody reserved
+        try:
+            with structlog.testing.capture_logs() as logs:
+                await mallory.start()
+                await carol.start()
+                await carol.agent.wait_registered(10)
+                await asyncio.sleep(1.0)
+            refusals = [e for e in logs if e["event"] == "broker refused registration"]
+            assert refusals and bob_key.fingerprint in refusals[0]["reason"]
+            assert not mallory.agent.registered.is_set()
+        finally:
+            await mallory.close()
+            await carol.close()
+    names.write_text("bob nt1-notafingerprint\n")
+    with pytest.raises(AddressError, match="bad names file"):
+        Broker(config(broker_addr="127.0.0.1:0", names_file=str(names)))

@@ -166,8 +166,7 @@ class BrokerCore:
         )
         return record, self.registered(msg.name, addr, now, listening=msg.listening)
 
-    def name_taken(self, msg: Register, owner_key: bytes | None) -> Error:
-        owner = fingerprint(owner_key) if owner_key else "another key"
+    def name_taken(self, msg: Register, owner: str) -> Error:
         text = f"name {msg.name!r} is bound to {owner}; this key is {fingerprint(msg.public_key or b'')}"
         return Error(ErrorCode.NAME_TAKEN, text)
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .agent.settings import DEFAULTS
+from .names import NAME_GRACE
 
 
 def broker_list(value: str | list[str]) -> list[str]:
     """``"a:1,b:2"`` or ``["a:1", "b:2"]`` -> ``["a:1", "b:2"]``."""
     items = value.split(",") if isinstance(value, str) else list(value)
     return [item.strip() for item in items if item.strip()]
+
+
+def default_state_dir() -> Path:
+    """Where an agent keeps its key and known peers, and a lone broker its name bindings."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "natter"
 
 
 QUIC_ENGINES = ("aioquic", "qh3")
@@ -37,8 +46,10 @@ class Config:
     probe_addr: str = ""  # a second UDP port: agents learn whether their NAT is symmetric
     relay_bytes: int = 1 << 30  # per relayed session; 0 turns the relay off
     relay_seconds: float = 3600.0
-    # broker: who may register, address validation and rate limits
+    # broker: who may register, which names are whose, address validation and rate limits
     tokens_file: str = ""
+    names_file: str = ""  # NAME FINGERPRINT per line: names bound before anyone registers
+    name_grace: float = NAME_GRACE  # a released name stays its key's this long (seconds)
     cookie_window: float = 120.0
     rate_per_ip: float = 200.0
     burst_per_ip: float = 400.0
@@ -46,7 +57,7 @@ class Config:
     burst_per_identity: float = 40.0
 
     # client: identity and authorization
-    state_dir: str = ""  # default ~/.config/natter
+    state_dir: str = ""  # default ~/.config/natter (a lone broker keeps its name bindings here)
     token: str = ""
     pinned_peers: dict[str, str] = field(default_factory=dict)  # name -> fingerprint
     allow_peers: list[str] | None = None  # NAME or NAME=FINGERPRINT; None: any (warned)

@@ -34,6 +34,8 @@ from natter_proto import bus
 from natter_proto.backoff import Backoff
 from natter_proto.bus import BusMessage
 from natter_proto.endpoints import AddressError, Endpoint, endpoint
+from natter_proto.identity import fingerprint
+from natter_proto.names import NAME_GRACE
 from natter_proto.registry import PeerRecord
 
 from .metrics import BrokerMetrics
@@ -84,7 +86,7 @@ end
 return out
 """
 
-OWNER_TTL = 90 * 24 * 3600
+OWNER_TTL = int(NAME_GRACE)  # as long as a lone broker keeps a released name for its key
 REQUEST_TTL = 30
 REPLICA_TTL = 10
 HEARTBEAT = 3.0
@@ -259,7 +261,7 @@ class RedisRegistry:
             await self._handler(message)
 
     # -- registry ---------------------------------------------------------------------
-    async def register(self, records: Sequence[PeerRecord]) -> list[bytes | None]:
+    async def register(self, records: Sequence[PeerRecord]) -> list[str | None]:
         """Bind names to keys and store records, the whole batch in one EVALSHA."""
         keys: list[str] = []
         args: list[bytes | str | int] = [self.forget_after, OWNER_TTL]
@@ -267,7 +269,7 @@ class RedisRegistry:
             keys += [peer_key(record.name), f"natter:owner:{{{record.name}}}"]
             args += _record_args(record)
         results = await self._script("register", REGISTER_LUA, keys, args)
-        return [bytes(r) if r else None for r in results]
+        return [fingerprint(bytes(r)) if r else None for r in results]
 
     async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
         """One EVALSHA for the whole batch of keepalives: one round trip.

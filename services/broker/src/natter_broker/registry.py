@@ -7,13 +7,18 @@ Redis round trip.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from natter_proto.broker import RecentSessions
 from natter_proto.bus import BusMessage
 from natter_proto.endpoints import Endpoint
+from natter_proto.identity import fingerprint
+from natter_proto.names import NameBook
 from natter_proto.registry import PeerRecord, PeerTable
+
+from .namestore import NameStore
 
 BusHandler = Callable[[BusMessage], Awaitable[None]]
 ConnectLookup = tuple[str, str, str, str]  # peer_from, peer_to, request_id, candidate session id
@@ -27,9 +32,9 @@ class Registry(Protocol):
     async def close(self) -> None: ...
     def is_ready(self) -> bool: ...
 
-    async def register(self, records: Sequence[PeerRecord]) -> list[bytes | None]:
+    async def register(self, records: Sequence[PeerRecord]) -> list[str | None]:
         """Store each record whose name is free or bound to its key (binding it if free);
-        for a name bound to another key, return that key instead of storing."""
+        for a name bound to another key, return that key's fingerprint instead of storing."""
         ...
 
     async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
@@ -47,28 +52,37 @@ class Registry(Protocol):
 
 
 class MemoryRegistry:
-    def __init__(self, ttl: float) -> None:
+    """The embedded default: records in memory, name bindings in ``names`` (kept on disk by
+    ``store`` when the broker has a state directory)."""
+
+    def __init__(self, ttl: float, names: NameBook | None = None, store: NameStore | None = None) -> None:
         self.table = PeerTable(ttl)
         self.sessions = RecentSessions()
-        self.owners: dict[str, bytes] = {}  # name -> the key that registered it first
+        self.names = names or NameBook()
+        self.store = store
+        if store is not None:
+            self.names.load(store.load(), time.time())
 
     async def start(self, broker_id: str, on_bus_message: BusHandler) -> None:
         return None
 
     async def close(self) -> None:
-        return None
+        if self.store is not None:
+            self.store.close()
 
     def is_ready(self) -> bool:
         return True
 
-    async def register(self, records: Sequence[PeerRecord]) -> list[bytes | None]:
-        results: list[bytes | None] = []
+    async def register(self, records: Sequence[PeerRecord]) -> list[str | None]:
+        results: list[str | None] = []
+        now = time.time()
         for record in records:
-            key = record.public_key or b""
-            owner = self.owners.setdefault(record.name, key)
-            if owner != key:
-                results.append(owner)
+            held, changed = self.names.claim(record.name, fingerprint(record.public_key or b""), now)
+            if held is not None:
+                results.append(held.fingerprint)
                 continue
+            if changed is not None and self.store is not None:
+                self.store.save(changed)
             self.table.put(record)
             results.append(None)
         return results
@@ -91,6 +105,9 @@ class MemoryRegistry:
         return found
 
     async def expire(self, now: float) -> list[str]:
+        lapsed = self.names.expire(time.time())
+        if self.store is not None:
+            self.store.forget(lapsed)
         return self.table.expire(now)
 
     async def publish(self, broker_id: str, message: BusMessage) -> int:

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import secrets
 import socket
+import sqlite3
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -21,7 +23,7 @@ import structlog
 
 from natter_proto import frames
 from natter_proto.broker import BrokerCore, new_session_id
-from natter_proto.config import Config
+from natter_proto.config import Config, default_state_dir
 from natter_proto.cookies import CookieJar
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 from natter_proto.frames import (
@@ -37,6 +39,7 @@ from natter_proto.frames import (
     Register,
 )
 from natter_proto.identity import fingerprint
+from natter_proto.names import NameBook, NamesFileError, parse_names_file
 from natter_proto.ratelimit import RateLimiter
 from natter_proto.registry import PeerRecord
 from natter_proto.relay import RELAY_PREFIX, RelayTable
@@ -45,6 +48,7 @@ from natter_proto.tokens import TokenList, TokenListError
 from .batcher import Batcher
 from .http import HealthServer
 from .metrics import BrokerMetrics
+from .namestore import NameStore
 from .registry import MemoryRegistry, Registry
 from .relaying import Relayer
 from .replicas import ReplicaIntroductions
@@ -62,6 +66,17 @@ def load_tokens(path: str) -> TokenList:
         raise AddressError(f"cannot read token file {path}: {exc.strerror}") from None
     except (TokenListError, UnicodeDecodeError) as exc:
         raise AddressError(f"bad token file {path}: {exc}") from None
+
+
+def load_names(path: str) -> dict[str, str]:
+    """Read the names file (--names); a broken one is a startup error worth one clear line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return parse_names_file(handle.read(1 << 21))
+    except OSError as exc:
+        raise AddressError(f"cannot read names file {path}: {exc.strerror}") from None
+    except (NamesFileError, UnicodeDecodeError) as exc:
+        raise AddressError(f"bad names file {path}: {exc}") from None
 
 
 def listen_address(addr: str) -> tuple[str, int]:
@@ -90,6 +105,8 @@ class Broker:
             per_identity=RateLimiter(config.rate_per_identity, config.burst_per_identity),
         )
         self.metrics = BrokerMetrics()
+        fixed = load_names(config.names_file) if config.names_file else {}
+        self.names = NameBook(config.name_grace, fixed)  # the names file's, and (alone) the learned ones
         self.registry: Registry = registry or self._make_registry()
         self.address: Endpoint | None = None
         self.metrics_address: tuple[str, int] | None = None
@@ -124,7 +141,14 @@ class Broker:
 
     def _make_registry(self) -> Registry:
         if not self.config.redis_url:
-            return MemoryRegistry(self.config.registration_ttl)
+            directory = (
+                Path(self.config.state_dir).expanduser() if self.config.state_dir else default_state_dir()
+            )
+            try:
+                store = NameStore(directory)
+            except (OSError, sqlite3.Error) as exc:
+                raise AddressError(f"cannot keep name bindings in {directory}: {exc}") from None
+            return MemoryRegistry(self.config.registration_ttl, self.names, store)
         from .redis_registry import RedisRegistry
 
         return RedisRegistry(
@@ -306,8 +330,16 @@ class Broker:
             record, reply = self.core.on_register(message, addr, now)
             if record is None:
                 self._refuse_registration(message, addr, reply)
-            else:
-                accepted.append((message, record, reply))
+                continue
+            fixed = self.names.owner(message.name, now)  # the names file binds for every backend
+            if (
+                fixed is not None
+                and fixed.fixed
+                and fixed.fingerprint != fingerprint(record.public_key or b"")
+            ):
+                self._refuse_registration(message, addr, self.core.name_taken(message, fixed.fingerprint))
+                continue
+            accepted.append((message, record, reply))
         if not accepted:
             return
         owners = await self.registry.register([record for _, record, _ in accepted])

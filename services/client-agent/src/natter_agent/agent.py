@@ -13,6 +13,7 @@ import asyncio
 import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -20,6 +21,7 @@ from natter_proto import frames
 from natter_proto.agent import actions as act
 from natter_proto.agent.kinds import MAIN_SOCKET, Path, Role
 from natter_proto.agent.machine import AgentMachine
+from natter_proto.backoff import Backoff
 from natter_proto.config import Config, broker_list
 from natter_proto.endpoints import AddressError, Endpoint
 from natter_proto.identity import Identity
@@ -27,7 +29,7 @@ from natter_proto.registration import Registration
 from natter_proto.relay import encode_relay
 
 from .engines import QuicEngine, warm_up
-from .errors import NatterError
+from .errors import NatterError, PeerUnavailable
 from .eventlog import log_event
 from .interfaces import local_ipv4_addresses
 from .link import PeerLink
@@ -41,6 +43,17 @@ from .waiters import Waiters
 log = structlog.get_logger("natter.agent")
 
 IncomingHandler = Callable[[StreamChannel, str], Awaitable[None]]
+
+
+@dataclass
+class Refusal:
+    """A peer whose tunnel we refused (its key changed, say): connections to it fail at once
+    with the reason until ``until``, then one introduction tries again (5 s, doubling to 5
+    min), so a refusal is said once per interval, not on every incoming connection."""
+
+    reason: str = ""
+    until: float = 0.0
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=5.0, maximum=300.0))
 
 
 class Agent:
@@ -67,6 +80,7 @@ class Agent:
         self._stats: Counter[str] = Counter()  # the shell's own; the machine counts the rest
         self._log = log.bind(name=self.name)
         self._waiters = Waiters()
+        self._refusals: dict[str, Refusal] = {}  # peers whose key we refused: not asked again yet
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -190,6 +204,10 @@ class Agent:
             raise NatterError("agent closed" if self._closed else "agent not started")
         if not frames.valid_name(peer):
             raise AddressError(f"invalid peer name {peer!r}")
+        refusal = self._refusals.get(peer)
+        if refusal is not None and self._now() < refusal.until:
+            left = refusal.until - self._now()
+            raise PeerUnavailable(peer, "refused", f"{refusal.reason} (trying again in {left:.0f} s)")
         waiter, new = self._waiters.wait(peer)
         if new:
             self.machine.connect(peer, target, self._now())
@@ -368,6 +386,12 @@ class Agent:
         if refusal is not None:
             self._stats["tunnels_refused"] += 1
             self._log.error("refused tunnel at the TLS layer", peer=link.peer, reason=refusal)
+            if link.role is Role.CLIENT:  # ours to ask for: not again before the back-off ends
+                refused = self._refusals.setdefault(link.peer, Refusal())
+                refused.reason = refusal
+                refused.until = self._now() + refused.backoff.next_delay()
+        else:
+            self._refusals.pop(link.peer, None)
         return refusal
 
     def _unvetted_refusal(self, link: PeerLink) -> str | None:

@@ -13,14 +13,14 @@ from collections.abc import Hashable
 
 import structlog
 
-from natter_proto import streamhdr
+from natter_proto import frames, streamhdr
 from natter_proto.acl import TargetAllowList
 from natter_proto.backoff import Backoff
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 
 from .agent import Agent
 from .bridge import read_header, splice
-from .errors import NatterError
+from .errors import NatterError, PeerUnavailable
 from .link import PeerLink
 from .stdio import StdioEnd
 from .stream import StreamChannel, StreamClosed
@@ -155,13 +155,30 @@ async def open_tunnel_stream(
     agent replaced the tunnel) delivered nothing to the service: the stream is opened
     once more, on the tunnel that took over."""
     for attempt in range(2):
-        link = await asyncio.wait_for(agent.connect(peer, target), timeout)
+        link = await asyncio.wait_for(_tunnel_to(agent, peer, target), timeout)
         try:
             return await _open_on(link, peer, target, timeout, owner)
         except _TunnelLost:
             if attempt:
                 raise NatterError(f"{peer} did not accept the stream: the tunnel closed") from None
     raise AssertionError("unreachable")
+
+
+# the peer is not there yet (a wrong name, or it is starting): worth asking again
+WAIT_FOR_PEER = {frames.ErrorCode.UNKNOWN_PEER, frames.ErrorCode.PEER_OFFLINE, frames.ErrorCode.NOT_LISTENING}
+
+
+async def _tunnel_to(agent: Agent, peer: str, target: str) -> PeerLink:
+    """The tunnel, asking again (1 s, 2 s, ...) while the peer is not there yet: a connection
+    accepted meanwhile waits for it within its deadline instead of closing at once."""
+    backoff = Backoff(initial=1.0, maximum=8.0)
+    while True:
+        try:
+            return await agent.connect(peer, target)
+        except PeerUnavailable as exc:
+            if exc.code not in WAIT_FOR_PEER:
+                raise
+            await asyncio.sleep(backoff.next_delay())
 
 
 class _TunnelLost(Exception):
@@ -212,6 +229,7 @@ class Forward:
         self.open_now = 0  # connections being served now
         self.refused = 0  # accepted and closed at once: over max_connections
         self.max_connections = agent.config.max_connections
+        self.problem = ""  # why the tunnel is not up, as last seen (for status and logs)
         self._server: asyncio.Server | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()  # one per accepted connection
@@ -248,10 +266,12 @@ class Forward:
                 link = await self.agent.connect(self.peer, self.target)
             except NatterError as exc:
                 delay = backoff.next_delay()
+                self.problem = str(exc)
                 self._log.warning(f"cannot reach {self.peer}, retrying in {delay:.0f} s", reason=str(exc))
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
+            self.problem = ""
             await link.closed.wait()
 
     def _accept(self) -> TcpEnd:
@@ -275,6 +295,8 @@ class Forward:
             await local.close()
             return
         self.open_now += 1
+        if self.problem:  # say at once why this connection waits (ssh itself will not)
+            self._log.warning(f"connection waits for a tunnel to {self.peer}", reason=self.problem)
         try:
             await self._serve(local)
         finally:
@@ -286,8 +308,10 @@ class Forward:
                 self.agent, self.peer, self.target, self.stream_timeout, owner=self
             )
         except (NatterError, ConnectionError, TimeoutError) as exc:
-            reason = str(exc) or "timed out waiting for the tunnel"
-            self._log.warning("connection dropped", reason=reason)
+            reason = str(exc) or f"no tunnel to {self.peer} within {self.stream_timeout:.0f} s"
+            if self.problem and not str(exc):
+                reason += f" ({self.problem})"
+            self._log.warning("connection closed", reason=reason)
             local.abort()
             await local.close()
             return

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from natter_proto.config import default_state_dir
 from natter_proto.frames import valid_name
 from natter_proto.identity import Identity, fingerprint, valid_fingerprint
 
@@ -27,11 +28,6 @@ MAX_KNOWN_PEERS = 1 << 20
 
 class StateError(Exception):
     """The state directory or a file in it cannot be used."""
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "natter"
 
 
 def state_dir(path: str) -> Path:
