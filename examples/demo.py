@@ -31,8 +31,9 @@ class Agent:
 
     def __init__(self, label: str, *args: str) -> None:
         self.label = label
-        # each agent keeps its identity key in a state directory of its own
-        state = ["-state-dir", tempfile.mkdtemp(prefix=f"natter-demo-{label}-")] if label != "broker" else []
+        # each agent keeps its identity key in a state directory of its own, and the broker
+        # its name bindings (a fresh one per run: the demo's keys are new each time)
+        state = ["-state-dir", tempfile.mkdtemp(prefix=f"natter-demo-{label}-")]
         argv = [NATTER, *args, *state, "-log-format", "json"]
         print(f"$ natter {' '.join(args)}")
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

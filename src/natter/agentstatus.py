@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from natter_agent import Client
+from natter_agent import Client, handoff
 from natter_broker.http import HealthServer
 from natter_proto.endpoints import split_host_port
 
@@ -75,6 +75,12 @@ class ControlSocket:
             request = await asyncio.wait_for(reader.readline(), 5)
             if request.strip() == b"status":
                 writer.write(json.dumps(snapshot(self.client)).encode() + b"\n")
+            elif request.startswith(b"{") and len(request) <= handoff.MAX_REQUEST:
+                body = json.loads(request)
+                if isinstance(body, dict) and body.get("op") == "open":
+                    await handoff.serve_open(self.client.agent, body, reader, writer)
+                    return
+                writer.write(b'{"error": "unknown request"}\n')
             else:
                 writer.write(b'{"error": "unknown request"}\n')
             await writer.drain()

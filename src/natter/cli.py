@@ -25,10 +25,11 @@ from pathlib import Path
 
 import structlog
 
-from natter_agent import Client, NatterError
+from natter_agent import Client, NatterError, handoff
 from natter_agent.keystore import KEY_FILE, StateError, load_identity, state_dir
 from natter_broker import Broker
 from natter_proto import AddressError, Config
+from natter_proto.config import default_state_dir
 
 from . import configfile, logs
 from .agentstatus import (
@@ -58,7 +59,7 @@ async def run_broker(args: argparse.Namespace) -> int:
         broker_id=args.broker_id,
         tokens_file=args.tokens,
         names_file=args.names,
-        state_dir=args.state_dir,
+        state_dir=args.state_dir or str(default_state_dir()),  # the command keeps name bindings
         probe_addr=args.probe,
         relay_bytes=int(args.relay_mb * (1 << 20)),
         relay_seconds=args.relay_seconds,
@@ -92,8 +93,18 @@ async def run_client(args: argparse.Namespace) -> int:
         allow_targets=args.allow_targets,
         max_connections=args.max_connections,
     )
-    client = Client(config)
     forwards: list[ForwardSpec] = args.forwards
+    if forwards and forwards[0].is_stdio:
+        spec = forwards[0]
+        socket_path = state_dir(args.state_dir) / SOCKET_NAME
+        try:  # the agent running as this identity carries it, if there is one
+            handed = await handoff.hand_over(socket_path, args.name, spec.peer, spec.remote)
+        except NatterError as exc:
+            log.error(f"stdio forward to {spec.peer} failed", reason=str(exc))
+            return EXIT_FAILURE
+        if handed is not None:
+            return handed
+    client = Client(config)
     if forwards and forwards[0].is_stdio:
         try:
             return await _run_stdio(client, forwards[0])

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import socket
 import subprocess
+import tempfile
 
 import pytest
 
 from netcheck import digest_of_pattern, pattern
 from procs import NATTER, direct, free_port, isolated_env, natter, server, tool
+from sshd import Sshd
+from sshd import available as sshd_unavailable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -152,3 +155,51 @@ def test_runtime_failure_is_one_line_exit_1() -> None:
     assert result.returncode == 1
     err = result.stderr.decode()
     assert "cannot listen on" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(sshd_unavailable() is not None, reason=str(sshd_unavailable()))
+def test_ssh_proxycommand_beside_a_forwarding_agent_of_the_same_name() -> None:
+    """Seen: the README's ProxyCommand example started a second alice with the same state
+    dir; the broker saw two alices and the forwarding one was told 21 times in 20 s that it
+    was not registered. Now the ProxyCommand hands its connection to the running alice."""
+    ssh_port, bport, lport = free_port(), free_port(), free_port()
+    sshd = Sshd(ssh_port)
+    broker = natter("-server", f"127.0.0.1:{bport}")
+    state = tempfile.mkdtemp(prefix="natter-alice-")
+    bob = alice = None
+    try:
+        broker.wait_event("broker listening")
+        bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
+        bob.wait_kind("registered", name="bob")
+        alice = natter(
+            "-name", "alice", "-broker", f"127.0.0.1:{bport}", "-state-dir", state, f"{lport}:bob:{ssh_port}"
+        )
+        alice.wait_kind("tunnel_up", peer="bob", path=direct)
+        proxy = f"{NATTER} -name alice -broker 127.0.0.1:{bport} -state-dir {state} :bob:{ssh_port}"
+        for round_ in range(3):
+            result = subprocess.run(
+                sshd.ssh("bob", 22, "-o", f"ProxyCommand={proxy}", command=f"echo hello {round_}"),
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr.decode()[-2000:]
+            assert result.stdout.decode().strip() == f"hello {round_}"
+        # the forward of the running alice kept working, and its registration was never disturbed
+        through = subprocess.run(
+            sshd.ssh("127.0.0.1", lport, command="echo through the forward"), capture_output=True, timeout=60
+        )
+        assert through.stdout.decode().strip() == "through the forward", through.stderr.decode()
+        assert [e for e in alice.lines if e.get("event") == "stdio connection handed over"]
+        troubles = [
+            e for e in alice.lines if e.get("kind") == "registration_lost" or "not registered" in str(e)
+        ]
+        assert not troubles, troubles
+        assert not [e for e in broker.lines if e.get("event") == "registered" and e.get("name") == "alice"][
+            1:
+        ]
+    finally:
+        for proc in (alice, bob, broker):
+            if proc is not None:
+                proc.stop()
+        sshd.stop()

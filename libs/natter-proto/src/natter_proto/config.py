@@ -57,7 +57,9 @@ class Config:
     burst_per_identity: float = 40.0
 
     # client: identity and authorization
-    state_dir: str = ""  # default ~/.config/natter (a lone broker keeps its name bindings here)
+    # an agent's key and known peers (default ~/.config/natter); a lone broker's name
+    # bindings (the command defaults to the same; a library broker without one: memory)
+    state_dir: str = ""
     token: str = ""
     pinned_peers: dict[str, str] = field(default_factory=dict)  # name -> fingerprint
     allow_peers: list[str] | None = None  # NAME or NAME=FINGERPRINT; None: any (warned)

@@ -23,7 +23,7 @@ import structlog
 
 from natter_proto import frames
 from natter_proto.broker import BrokerCore, new_session_id
-from natter_proto.config import Config, default_state_dir
+from natter_proto.config import Config
 from natter_proto.cookies import CookieJar
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 from natter_proto.frames import (
@@ -141,9 +141,9 @@ class Broker:
 
     def _make_registry(self) -> Registry:
         if not self.config.redis_url:
-            directory = (
-                Path(self.config.state_dir).expanduser() if self.config.state_dir else default_state_dir()
-            )
+            if not self.config.state_dir:  # an embedded broker (tests, examples): memory only
+                return MemoryRegistry(self.config.registration_ttl, self.names)
+            directory = Path(self.config.state_dir).expanduser()
             try:
                 store = NameStore(directory)
             except (OSError, sqlite3.Error) as exc:
