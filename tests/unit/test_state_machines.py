@@ -249,7 +249,7 @@ def test_broker_refuses_forged_and_unauthorized_registrations() -> None:
     assert by_key.on_register(signed_register(bob, by_key, PUB_BOB, name="anyname", token="t0k"), PUB_BOB, 1)[
         0
     ]
-    taken = core.name_taken(good, mallory.public_key)
+    taken = core.name_taken(good, mallory.fingerprint)
     assert taken.code == ErrorCode.NAME_TAKEN and mallory.fingerprint in taken.message
 
 

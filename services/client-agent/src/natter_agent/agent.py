@@ -82,6 +82,7 @@ class Agent:
         self._waiters = Waiters()
         self._refusals: dict[str, Refusal] = {}  # peers whose key we refused: not asked again yet
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None  # when it fires (not every loop's handle can say)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -423,12 +424,13 @@ class Agent:
         assert self.machine is not None and self._loop is not None
         when = self.machine.get_timer()
         if self._timer is not None:
-            if when is not None and self._timer.when() == when:
+            if when is not None and self._timer_at == when:
                 return
             self._timer.cancel()
             self._timer = None
         if when is not None and not self._closed:
             self._timer = self._loop.call_at(when, self._on_timer)
+            self._timer_at = when
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -14,6 +14,7 @@ from typing import Protocol
 from natter_proto import streamhdr
 
 from .stream import StreamChannel, StreamClosed
+from .tcpend import TcpEnd
 
 CHUNK = 256 * 1024
 
@@ -56,6 +57,8 @@ async def pump_local_to_stream(local: LocalEnd, channel: StreamChannel) -> None:
 async def pump_stream_to_local(channel: StreamChannel, local: LocalEnd, first: bytes = b"") -> None:
     if first:
         await local.write(first)
+    if isinstance(local, TcpEnd):
+        channel.deliver_directly(local.try_write)  # from now on; what is queued goes below
     while True:
         data = await channel.read()
         if not data:
@@ -70,6 +73,8 @@ async def splice(local: LocalEnd, channel: StreamChannel, first: bytes = b"") ->
 
     Returns (bytes sent to the peer, bytes received from it).
     """
+    if isinstance(local, TcpEnd):
+        local.deliver_directly(channel.try_write)
     up = asyncio.ensure_future(pump_local_to_stream(local, channel))
     down = asyncio.ensure_future(pump_stream_to_local(channel, local, first))
     try:
@@ -86,6 +91,9 @@ async def splice(local: LocalEnd, channel: StreamChannel, first: bytes = b"") ->
         local.abort()
         raise
     finally:
+        if isinstance(local, TcpEnd):
+            local.deliver_directly(None)
+        channel.deliver_directly(None)
         for task in (up, down):
             task.cancel()
         await asyncio.gather(up, down, return_exceptions=True)

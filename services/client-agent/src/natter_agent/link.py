@@ -35,6 +35,8 @@ from .stream import StreamChannel, StreamClosed
 log = structlog.get_logger("natter.link")
 
 ERR_RESET = 0x1  # application error code used on RESET_STREAM / STOP_SENDING
+FEED_ROUND = 16 * 1024  # bytes handed to the engine before it packs them: about 12 packets
+SMALL_WRITE = 4096  # a write this small, with nothing queued, skips the send queue
 QUIC_ADDR = (QUIC_PEER.host, QUIC_PEER.port)
 
 
@@ -254,22 +256,26 @@ class PeerLink:
         self._wake_writers()
 
     def _feed_engine(self) -> bool:
-        """Give the engine the next quantum if it has sent what it had; True if it got one."""
+        """Give the engine the next chunks if it has sent what it had; True if it got any.
+
+        Chunks go in until FEED_ROUND bytes: a bulk chunk is a round of its own (runs of
+        packets of one stream), while the small writes of many connections (requests, each
+        on its own stream) go in together and share packets instead of one packet each."""
         conn, fed = self.conn, self._fed
         for stream_id in list(fed):
             if conn.unsent(stream_id):
                 return False  # the engine still has bytes to send (congestion window)
             fed.discard(stream_id)
-        item = self._queue.next_chunk(self.conn.send_credit)
-        if item is None:
-            return False
-        stream_id, data, fin = item
-        conn.send_stream_data(stream_id, data, end_stream=fin)
-        fed.add(stream_id)
-        if stream_id in self._release_when_sent and stream_id not in self._queue:
-            self._release_when_sent.discard(stream_id)
-            conn.release_stream(stream_id)
-        return True
+        given = 0
+        while given < FEED_ROUND and (item := self._queue.next_chunk(conn.send_credit)) is not None:
+            stream_id, data, fin = item
+            conn.send_stream_data(stream_id, data, end_stream=fin)
+            given += len(data) + 1  # an end of stream counts too
+            fed.add(stream_id)
+            if stream_id in self._release_when_sent and stream_id not in self._queue:
+                self._release_when_sent.discard(stream_id)
+                conn.release_stream(stream_id)
+        return given > 0
 
     def _arm_timer(self) -> None:
         when = self.conn.get_timer()
@@ -346,8 +352,18 @@ class PeerLink:
     def send(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         if not self.is_alive:
             raise StreamClosed(self.close_reason or "tunnel closed")
-        self._queue.push(stream_id, data, end_stream)
         self.bytes_sent += len(data)
+        if not self._queue and len(data) <= SMALL_WRITE and self.conn.send_credit(stream_id) >= len(data):
+            # nothing waits before it (a request on an idle tunnel): straight to the engine,
+            # which packs this turn's small writes together at the flush
+            try:
+                self.conn.send_stream_data(stream_id, data, end_stream=end_stream)
+            except Exception as exc:
+                self._engine_failed(exc)
+                raise StreamClosed(self.close_reason) from None
+            self._fed.add(stream_id)
+        else:
+            self._queue.push(stream_id, data, end_stream)
         self.schedule_flush()
 
     def consume(self, stream_id: int, size: int) -> None:

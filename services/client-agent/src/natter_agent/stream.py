@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,8 +33,27 @@ class StreamChannel:
         self._writable = asyncio.Event()
         self._writable.set()
         self._write_closed = False
+        self._writer_waiting = False  # a write() holds bytes until there is room: keep order
+        self._deliver: Callable[[bytes], bool] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+
+    def deliver_directly(self, deliver: Callable[[bytes], bool] | None) -> None:
+        """Hand the peer's bytes straight to ``deliver`` as they arrive, when nothing is queued
+        before them and it takes them (it returns False when its sink is full): a small
+        request then reaches the local socket in the same turn, without waking a reader.
+        What it does not take is queued for read() as before."""
+        self._deliver = deliver
+
+    def try_write(self, data: bytes) -> bool:
+        """Queue data at once if there is room and no write() is waiting before it."""
+        if self._error is not None or self._write_closed or self._writer_waiting:
+            return False
+        if self.link.send_capacity(self.stream_id) <= 0 or not self.link.is_alive:
+            return False
+        self.link.send(self.stream_id, data, end_stream=False)
+        self.bytes_out += len(data)
+        return True
 
     # -- reading (peer -> us) ---------------------------------------------------
     async def read(self) -> bytes:
@@ -64,7 +84,11 @@ class StreamChannel:
                 break
             self._writable.clear()
             self.link.wait_writable(self)
-            await self._writable.wait()
+            self._writer_waiting = True
+            try:
+                await self._writable.wait()
+            finally:
+                self._writer_waiting = False
         self.link.send(self.stream_id, data, end_stream=False)
         self.bytes_out += len(data)
 
@@ -83,8 +107,15 @@ class StreamChannel:
     # -- fed by the link ---------------------------------------------------------
     def _feed(self, data: bytes, end_stream: bool) -> None:
         if data:
-            self._chunks.append(data)
             self.bytes_in += len(data)
+            deliver = self._deliver
+            if deliver is not None and not self._chunks and self._error is None and deliver(data):
+                self.link.consume(self.stream_id, len(data))  # handed to the local socket
+                data = b""
+            else:
+                self._chunks.append(data)
+        if not data and not end_stream:
+            return
         if end_stream:
             self._eof = True
         self._readable.set()

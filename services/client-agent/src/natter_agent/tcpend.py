@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 
 READ_LIMIT = 256 * 1024  # buffered from the socket before reading pauses
 
@@ -28,6 +29,20 @@ class TcpEnd(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._deliver: Callable[[bytes], bool] | None = None
+
+    def deliver_directly(self, deliver: Callable[[bytes], bool] | None) -> None:
+        """Hand bytes read from the socket straight to ``deliver`` when nothing is buffered
+        before them and it takes them (the tunnel stream has room): no reader is woken."""
+        self._deliver = deliver
+
+    def try_write(self, data: bytes) -> bool:
+        """Write at once if the socket is not pushing back; False leaves it to write()."""
+        transport = self.transport
+        if self._write_paused or transport is None or transport.is_closing() or self._closed_waiter.done():
+            return False
+        transport.write(data)
+        return True
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -35,6 +50,9 @@ class TcpEnd(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        deliver = self._deliver
+        if deliver is not None and not self._chunks and deliver(data):
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered >= READ_LIMIT and not self._paused and self.transport is not None:
