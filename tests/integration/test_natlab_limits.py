@@ -82,7 +82,14 @@ def test_idle_connections_on_one_forward_leave_ssh_and_a_download_through_others
             )
             assert ssh.returncode == 0 and ssh.stdout.strip() == "ssh through natter", ssh.stderr
             curl = subprocess.run(
-                [*lab.prefix("alice"), "curl", "-sS", "--max-time", "60", f"http://127.0.0.1:{http_local}/blob"],
+                [
+                    *lab.prefix("alice"),
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "60",
+                    f"http://127.0.0.1:{http_local}/blob",
+                ],
                 capture_output=True,
                 timeout=90,
             )
