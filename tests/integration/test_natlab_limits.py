@@ -73,7 +73,6 @@ def test_idle_connections_on_one_forward_leave_ssh_and_a_download_through_others
         try:
             assert holder.stdout is not None
             assert holder.stdout.readline().split() == ["held", str(IDLE)]
-            alice.wait_log(lambda e: e.get("event") == "connection refused", timeout=30)
             ssh = subprocess.run(
                 [*lab.prefix("alice"), *sshd.ssh("127.0.0.1", ssh_local, command="echo ssh through natter")],
                 capture_output=True,
@@ -95,6 +94,7 @@ def test_idle_connections_on_one_forward_leave_ssh_and_a_download_through_others
             )
             assert curl.returncode == 0, curl.stderr
             assert hashlib.sha256(curl.stdout).digest() == hashlib.sha256(blob).digest()
+            alice.wait_log(lambda e: e.get("event") == "connection refused", timeout=30)
             refused = [e for e in alice.lines if e.get("event") == "connection refused"]
             assert len(refused) == IDLE - CAP
             assert "--max-connections" in str(refused[0].get("reason"))
