@@ -7,6 +7,10 @@ its three processes (broker, bob listening beside Redis, alice forwarding); ssh 
 OpenSSH with its own sshd on a loopback port.
 
     .venv/bin/python bench/redis_latency.py [--requests 50000] [--clients 50] [--engine qh3 ...]
+        [--before REV]
+
+With ``--before REV`` that revision's natter (a worktree with its own virtualenv, as
+bench/before_after.py makes) runs beside this tree's, engine by engine, in the same run.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
+from before_after import prepare
 from tunnel_bench import Natter, ssh_tunnel
 
+import procs
 from procs import free_port
 
 TESTS = "get,set,ping"
@@ -51,7 +57,7 @@ def show(what: str, figures: dict[str, tuple[float, float]]) -> None:
     cells = "  ".join(
         f"{name} {rate:>9,.0f}/s p50 {p50:5.3f} ms" for name, (rate, p50) in sorted(figures.items())
     )
-    print(f"  {what:<24} {cells}", flush=True)
+    print(f"  {what:<30} {cells}", flush=True)
 
 
 def main() -> int:
@@ -61,6 +67,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--engine", action="append", choices=("qh3", "aioquic"))
+    parser.add_argument("--before", metavar="REV", help="also run this revision's natter, side by side")
     args = parser.parse_args()
     if shutil.which("redis-benchmark") is None or shutil.which("redis-server") is None:
         print("redis-benchmark and redis-server are needed (Debian: redis-tools, redis-server)")
@@ -79,20 +86,26 @@ def main() -> int:
             if tunnel is None:
                 print("  ssh -L: n/a (openssh-server not installed)")
             else:
-                procs, local = tunnel
+                ssh_procs, local = tunnel
                 try:
                     show("ssh -L", benchmark(local, args.requests, args.clients))
                 finally:
-                    for proc in procs:
+                    for proc in ssh_procs:
                         proc.terminate()
                         proc.wait()
+        commands = [("", procs.NATTER)]
+        if args.before:
+            old = Path(tempfile.mkdtemp(prefix="natter-before-")) / "tree"
+            commands.insert(0, (f" at {args.before}", str(prepare(args.before, old).parent / "natter")))
         for engine in args.engine or ["qh3", "aioquic"]:
-            natter = Natter(port, engine)
-            try:
-                benchmark(natter.local, 2000, args.clients)  # the tunnel and its streams warm up
-                show(f"natter ({engine})", benchmark(natter.local, args.requests, args.clients))
-            finally:
-                natter.stop()
+            for label, command in commands:
+                procs.NATTER = command  # the natter processes below run this tree's command
+                natter = Natter(port, engine)
+                try:
+                    benchmark(natter.local, 2000, args.clients)  # the tunnel and its streams warm up
+                    show(f"natter ({engine}){label}", benchmark(natter.local, args.requests, args.clients))
+                finally:
+                    natter.stop()
     finally:
         redis.terminate()
         redis.wait()
