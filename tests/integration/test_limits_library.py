@@ -203,23 +203,23 @@ async def test_streams_without_a_header_are_reset_and_bounded(scene: Scene) -> N
         await mallory.close()
 
 
-@pytest.mark.bob(max_unvetted_tunnels=3)
 async def test_tunnels_from_unknown_identities_are_capped(scene: Scene) -> None:
     """Identities cost nothing: a listener that takes any authenticated peer holds at most
-    max_unvetted_tunnels tunnels at once from peers it was never told about. A peer the
-    user named (here: in known_peers from an earlier tunnel) is not counted against it."""
+    max_unvetted_tunnels tunnels at once from peers it was never told about (a peer learned
+    on first use in this run is still one of them). A peer the user named (here: pinned)
+    is not counted against it."""
     friend = client(scene, "friend")
     strangers = [client(scene, f"stranger{i}") for i in range(5)]
+    await friend.start()
+    pins = {"friend": friend.agent.identity.fingerprint}
+    carol = client(scene, "carol", max_unvetted_tunnels=3, pinned_peers=pins)
     try:
-        # friend's first tunnel makes it known (trust on first use); it comes back later
-        link = await friend.connect("bob")
-        link.close("done for now")
-        await asyncio.sleep(0.3)
+        await carol.listen()
         with structlog.testing.capture_logs() as logs:
             outcomes = []
             for stranger in strangers:
                 try:
-                    live = await asyncio.wait_for(stranger.connect("bob"), 15)
+                    live = await asyncio.wait_for(stranger.connect("carol"), 15)
                     await asyncio.sleep(0.3)
                     outcomes.append(live.is_alive)
                 except Exception:  # refused: the tunnel closes, or it never comes up
@@ -227,8 +227,8 @@ async def test_tunnels_from_unknown_identities_are_capped(scene: Scene) -> None:
             assert outcomes[:3] == [True, True, True]
             assert not any(outcomes[3:])
             assert any("tunnels open from peers it does not know" in str(e.get("reason", "")) for e in logs)
-            again = await asyncio.wait_for(friend.connect("bob"), 15)
-            assert again.is_alive
+            named = await asyncio.wait_for(friend.connect("carol"), 15)
+            assert named.is_alive
     finally:
-        for c in [friend, *strangers]:
+        for c in [friend, *strangers, carol]:
             await c.close()

@@ -80,6 +80,7 @@ class KnownPeers:
             self.entries = parse_known_peers(
                 path.read_text(encoding="utf-8", errors="replace")[:MAX_KNOWN_PEERS]
             )
+        self.from_before = frozenset(self.entries)  # known before this run (not learned in it)
 
     def get(self, name: str) -> str | None:
         return self.entries.get(name)

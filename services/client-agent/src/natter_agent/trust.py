@@ -27,10 +27,11 @@ class PeerTrust:
     me: str
 
     def names(self, peer: str) -> bool:
-        """Whether the user named this peer: pinned, in --allow, or known from before."""
+        """Whether the user named this peer: pinned, in --allow, or in known_peers before this
+        run (a peer learned in this run is still a stranger: identities cost nothing)."""
         rules = self.allow.rules or []
         named = peer in self.pinned or any(rule.name == peer for rule in rules)
-        return named or self.known.get(peer) is not None
+        return named or peer in self.known.from_before
 
     def check(self, peer: str, vouched: bytes | None, presented: bytes | None, role: str) -> str | None:
         """None if the tunnel may go on, else the reason to refuse it (for logs and peers)."""
