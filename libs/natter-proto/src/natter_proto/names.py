@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 from .frames import valid_name
 from .identity import same_fingerprint, valid_fingerprint
+from .pairfile import pairs
 
 NAME_GRACE = 90 * 24 * 3600.0  # seconds a released name stays reserved for its key
 REFRESH_AFTER = 24 * 3600.0  # a binding's time is rewritten at most this often
-MAX_FILE = 1 << 20
-MAX_LINE = 512
 
 
 class NamesFileError(ValueError):
@@ -28,19 +27,15 @@ class NamesFileError(ValueError):
 
 def parse_names_file(text: str) -> dict[str, str]:
     """``NAME FINGERPRINT`` per line (``#`` starts a comment) -> {name: fingerprint}."""
-    if len(text) > MAX_FILE:
-        raise NamesFileError(f"names file larger than {MAX_FILE} bytes")
     names: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if len(line) > MAX_LINE:
-            raise NamesFileError(f"line {number}: longer than {MAX_LINE} characters")
-        parts = line.split()
-        if len(parts) != 2 or not valid_name(parts[0]) or not valid_fingerprint(parts[1].lower()):
+    try:
+        lines = list(pairs(text, "names file", "NAME FINGERPRINT"))
+    except ValueError as exc:
+        raise NamesFileError(str(exc)) from None
+    for number, name, raw_print in lines:
+        print_ = raw_print.lower()
+        if not valid_name(name) or not valid_fingerprint(print_):
             raise NamesFileError(f"line {number}: expected 'NAME FINGERPRINT' (see 'natter id')")
-        name, print_ = parts[0], parts[1].lower()
         if names.get(name, print_) != print_:
             raise NamesFileError(f"line {number}: {name} is bound to two keys")
         names[name] = print_

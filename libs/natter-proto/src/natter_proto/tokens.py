@@ -10,9 +10,7 @@ import hmac
 
 from .frames import valid_name
 from .identity import valid_fingerprint
-
-MAX_FILE = 1 << 20
-MAX_LINE = 512
+from .pairfile import pairs
 
 
 class TokenListError(ValueError):
@@ -25,19 +23,12 @@ class TokenList:
 
     @classmethod
     def parse(cls, text: str) -> TokenList:
-        if len(text) > MAX_FILE:
-            raise TokenListError(f"token file larger than {MAX_FILE} bytes")
         entries: dict[str, str] = {}
-        for number, raw in enumerate(text.splitlines(), start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if len(line) > MAX_LINE:
-                raise TokenListError(f"line {number}: longer than {MAX_LINE} characters")
-            parts = line.split()
-            if len(parts) != 2:
-                raise TokenListError(f"line {number}: expected 'NAME_OR_FINGERPRINT TOKEN'")
-            who, token = parts
+        try:
+            lines = list(pairs(text, "token file", "NAME_OR_FINGERPRINT TOKEN"))
+        except ValueError as exc:
+            raise TokenListError(str(exc)) from None
+        for number, who, token in lines:
             if not (valid_name(who) or valid_fingerprint(who)):
                 raise TokenListError(f"line {number}: {who!r} is neither a name nor a fingerprint")
             if not 0 < len(token) <= 128:
