@@ -405,7 +405,8 @@ class SimAgent:
         stream_id = stream if stream is not None else tunnel.conn.new_stream_id()
         tunnel.conn.send_stream_data(stream_id, data, end_stream=fin)
         tunnel.moved += len(data)
-        self.machine.tunnel_activity(tunnel.id, self.now)
+        if stream is None:  # a new connection, as the shell tells the machine (Agent.connect)
+            self.machine.tunnel_activity(tunnel.id, self.now)
         self._flush(tunnel)
         return stream_id
 

@@ -9,7 +9,7 @@ import contextlib
 import os
 import socket
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import structlog
 
@@ -147,7 +147,12 @@ async def _drain_and_release(channel: StreamChannel) -> None:
 
 
 async def open_tunnel_stream(
-    agent: Agent, peer: str, target: str, timeout: float, owner: Hashable = None
+    agent: Agent,
+    peer: str,
+    target: str,
+    timeout: float,
+    owner: Hashable = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> tuple[StreamChannel, bytes]:
     """Open a stream to peer's target and wait for its answer; returns leftover payload.
 
@@ -155,7 +160,7 @@ async def open_tunnel_stream(
     agent replaced the tunnel) delivered nothing to the service: the stream is opened
     once more, on the tunnel that took over."""
     for attempt in range(2):
-        link = await asyncio.wait_for(_tunnel_to(agent, peer, target), timeout)
+        link = await asyncio.wait_for(_tunnel_to(agent, peer, target, on_wait), timeout)
         try:
             return await _open_on(link, peer, target, timeout, owner)
         except _TunnelLost:
@@ -168,9 +173,10 @@ async def open_tunnel_stream(
 WAIT_FOR_PEER = {frames.ErrorCode.UNKNOWN_PEER, frames.ErrorCode.PEER_OFFLINE, frames.ErrorCode.NOT_LISTENING}
 
 
-async def _tunnel_to(agent: Agent, peer: str, target: str) -> PeerLink:
+async def _tunnel_to(agent: Agent, peer: str, target: str, on_wait: Callable[[str], None] | None) -> PeerLink:
     """The tunnel, asking again (1 s, 2 s, ...) while the peer is not there yet: a connection
-    accepted meanwhile waits for it within its deadline instead of closing at once."""
+    accepted meanwhile waits for it within its deadline instead of closing at once
+    (``on_wait`` hears why, the first time)."""
     backoff = Backoff(initial=1.0, maximum=8.0)
     while True:
         try:
@@ -178,6 +184,8 @@ async def _tunnel_to(agent: Agent, peer: str, target: str) -> PeerLink:
         except PeerUnavailable as exc:
             if exc.code not in WAIT_FOR_PEER:
                 raise
+            if on_wait is not None and not backoff.attempts:
+                on_wait(str(exc))
             await asyncio.sleep(backoff.next_delay())
 
 
@@ -330,6 +338,10 @@ class Forward:
 async def forward_stdio(agent: Agent, peer: str, remote: str, timeout: float) -> tuple[int, int]:
     """Pipe stdin/stdout through one stream to peer's remote; returns (sent, received)."""
     target = normalise_target(remote)
-    channel, rest = await open_tunnel_stream(agent, peer, target, timeout)
+
+    def waiting(reason: str) -> None:
+        log.warning(f"waiting up to {timeout:.0f} s for {peer}", peer=peer, reason=reason)
+
+    channel, rest = await open_tunnel_stream(agent, peer, target, timeout, on_wait=waiting)
     local = StdioEnd(0, 1)
     return await splice(local, channel, rest)

@@ -74,7 +74,14 @@ async def serve_open(
         return
     timeout = agent.config.connect_timeout + agent.config.punch_timeout + agent.config.handshake_timeout
     try:
-        channel, rest = await open_tunnel_stream(agent, peer, normalise_target(remote), timeout, OWNER)
+        channel, rest = await open_tunnel_stream(
+            agent,
+            peer,
+            normalise_target(remote),
+            timeout,
+            OWNER,
+            on_wait=lambda why: log.warning(f"stdio connection waits for {peer}", peer=peer, reason=why),
+        )
     except (NatterError, ValueError, ConnectionError, TimeoutError) as exc:
         reason = str(exc) or f"no tunnel to {peer} within {timeout:.0f} s"
         log.warning("stdio connection refused", peer=peer, reason=reason)

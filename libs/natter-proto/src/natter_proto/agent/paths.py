@@ -106,21 +106,19 @@ class PeerPaths:
         self.signal(tunnel, Signal.PONG, now)
 
     def activity(self, tunnel_id: int, now: float) -> None:
-        """A new connection on an idle tunnel: check its path now, not at the next keepalive."""
+        """A new connection: check the tunnel's path now, not at the next ping. Its answer is
+        due within a few (measured, so loaded) round trips, not path_silence: the ping
+        already on its way, or one sent now (the tunnel was idle, or was busy a moment ago
+        and is between pings: a peer that restarted meanwhile is found as fast)."""
         tunnel = self.tunnels.get(tunnel_id)
         if tunnel is None or tunnel.health is not Health.HEALTHY or tunnel.quick_quiet is not None:
             return
         due = now + max(self.settings.idle_check_floor, 4 * tunnel.rtt)
-        if not tunnel.busy:
-            # nothing in flight: the answer is due within a few round trips, not path_silence
+        if tunnel.silent_since is None:
             tunnel.busy = True
             self._restart_silence(tunnel)
             self._ping(tunnel, now)
-            tunnel.quick_quiet = due
-        elif tunnel.silent_since is not None:
-            # a ping is already on its way: its answer is due within a few (measured, so
-            # loaded) round trips of now
-            tunnel.quick_quiet = due
+        tunnel.quick_quiet = due
 
     def heard_on(self, tunnel_id: int, path: Path, kind: PathKind, now: float) -> None:
         """The peer's datagrams came on another path than the tunnel's route: follow it if
