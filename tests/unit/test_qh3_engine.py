@@ -253,3 +253,38 @@ def test_echo_streams_over_a_lossy_path_all_end() -> None:
         Qh3TunnelConnection.receive_datagram = original_receive  # type: ignore[method-assign]
     assert ended == set(streams)
     assert all(size == 50_000 for size in echoed.values())
+
+
+async def test_a_ping_or_close_on_a_connection_the_engine_closed_ends_the_tunnel_quietly() -> None:
+    """Seen in CI: an agent closing (its machine pings tunnels) raised out of qh3 for a tunnel
+    the engine had already closed. The link ends the tunnel instead; nothing raises."""
+    from natter_agent.link import PeerLink
+    from natter_proto.agent.kinds import PathKind, Role, direct_path
+    from natter_proto.endpoints import Endpoint
+
+    pair = Pair()
+    pair.pump()
+    pair.client.close(error_code=0, reason_phrase="gone")
+    pair.client.datagrams_to_send(pair.now)
+    pair.client.handle_timer(pair.now + 100)  # draining over: the core refuses every call
+    closed: list[str] = []
+    link = PeerLink(
+        tunnel=1,
+        send=lambda datagrams: None,
+        conn=pair.client,
+        peer="bob",
+        route=direct_path(Endpoint("127.0.0.1", 1)),
+        kind=PathKind.DIRECT,
+        role=Role.CLIENT,
+        on_incoming=lambda channel: None,
+        on_ready=lambda link: None,
+        on_pong=lambda *args: None,
+        on_cid=lambda *args: None,
+        on_closed=lambda link: closed.append(link.close_reason),
+        verify=lambda link: None,
+        expected_key=None,
+        send_buffer_limit=1 << 20,
+    )
+    link.ping(5)
+    link.close("again")
+    assert not link.is_alive and len(closed) == 1 and "closed" in closed[0]

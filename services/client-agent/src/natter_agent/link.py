@@ -115,9 +115,14 @@ class PeerLink:
 
     def ping(self, uid: int) -> None:
         """A QUIC PING the machine asked for; its acknowledgement goes back as a pong."""
-        if self.is_alive:
+        if not self.is_alive:
+            return
+        try:
             self.conn.send_ping(uid)
-            self.flush()
+        except Exception as exc:  # the engine closed it first (the peer's close, an error)
+            self._closed_by_engine(exc)
+            return
+        self.flush()
 
     # -- input ----------------------------------------------------------------
     def datagram_received(self, data: bytes) -> None:
@@ -148,6 +153,12 @@ class PeerLink:
             self._engine_failed(exc)
             return
         self.flush()
+
+    def _closed_by_engine(self, exc: Exception) -> None:
+        """The engine refused a call because its connection is over: end the tunnel as if we
+        had seen the close (nothing of it may reach the agent as an exception)."""
+        log.debug("tunnel closed by its engine", peer=self.peer, error=f"{type(exc).__name__}: {exc}")
+        self._terminated(f"connection closed: {exc}")
 
     def _engine_failed(self, exc: Exception) -> None:
         """An engine bug (seen: qh3 2.1.0 under loss) must not leave a half-dead tunnel: the
@@ -378,6 +389,9 @@ class PeerLink:
             self.conn.stop_stream(stream_id, ERR_RESET)
         except ValueError:
             pass  # the stream is already finished in that direction
+        except Exception as exc:  # the whole connection is over
+            self._closed_by_engine(exc)
+            return
         self._drop_unsent(stream_id)
         self.schedule_flush()
 
@@ -406,12 +420,15 @@ class PeerLink:
             channel._fail(reason)
 
     # -- lifetime ---------------------------------------------------------------
-    # -- lifetime ---------------------------------------------------------------
     def close(self, reason: str = "closed") -> None:
         if not self.is_alive:
             return
-        self.conn.close(error_code=0, reason_phrase=reason)
-        self.flush()
+        try:
+            self.conn.close(error_code=0, reason_phrase=reason)
+        except Exception as exc:  # already over inside the engine: nothing left to tell the peer
+            log.debug("tunnel was already closed by its engine", peer=self.peer, error=str(exc))
+        else:
+            self.flush()
         self._terminated(reason)
 
     def _terminated(self, reason: str) -> None:
