@@ -136,6 +136,23 @@ def test_registration_answers_a_challenge_and_keeps_the_cookie() -> None:
     assert reg.frames_to_send()[0].cookie == b"e" * 20  # type: ignore[attr-defined]
 
 
+def test_a_not_registered_error_counts_only_as_the_answer_to_our_keepalive() -> None:
+    """Spoofed from the broker's address at a random moment it is ignored (counted); as
+    the answer to the keepalive we just sent (the broker restarted) it registers again."""
+    reg = Registration("bob", (), keepalive_interval=20)
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.receive(Registered("bob", ADDR, 20, "b", listening=False, cookie=b"d" * 20), 0.2)
+    reg.next_event()
+    forged = Error(ErrorCode.NOT_REGISTERED, "bob is not registered here")
+    reg.receive(forged, 10.0)
+    assert reg.state is RegState.REGISTERED and reg.unbound == {"not_registered_ignored": 1}
+    reg.handle_timer(20.2)
+    assert isinstance(reg.frames_to_send()[0], Keepalive)
+    reg.receive(forged, 20.25)
+    assert reg.state is RegState.REGISTERING and isinstance(reg.next_event(), RegistrationLost)
+
+
 def test_an_unbound_challenge_is_answered_with_a_keepalive_and_then_decided_by_the_broker() -> None:
     reg = Registration("bob", ())
     reg.start(0.0)
@@ -168,7 +185,7 @@ def test_forged_and_replayed_challenges_do_not_make_a_registered_agent_re_regist
     assert reg.state is RegState.REGISTERED and reg.next_event() is None
     answers = reg.frames_to_send()
     assert len(answers) == 1 and isinstance(answers[0], Keepalive)
-    assert reg.challenges == {"answered": 1, "ignored": 19}
+    assert reg.unbound == {"challenge_answered": 1, "challenge_ignored": 19}
     reg.receive(Registered("bob", ADDR, 20, "b", cookie=b"f" * 20), now)  # the broker knows us
     assert reg.state is RegState.REGISTERED and reg.next_event() is None and reg.cookie == b"f" * 20
 

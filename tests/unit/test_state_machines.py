@@ -94,6 +94,8 @@ def test_registration_notices_public_endpoint_change_and_broker_amnesia() -> Non
     reg.receive(Registered("alice", Endpoint("203.0.113.1", 4001), 20, "b1"), 20.1)
     assert isinstance(reg.next_event(), PublicEndpointChanged)
     reg.frames_to_send()
+    reg.handle_timer(40.0)  # our keepalive: the broker's answer says it forgot us
+    assert isinstance(reg.frames_to_send()[0], Keepalive)
     reg.receive(Error(ErrorCode.NOT_REGISTERED, "who?"), 40.1)
     assert isinstance(reg.next_event(), RegistrationLost)
     assert reg.state is RegState.REGISTERING

@@ -104,7 +104,9 @@ class Registration:
         self._challenge_answered: float | None = None
         self._offered_cookie: bytes | None = None  # a challenge's, sent back in a keepalive
         self._keepalive_sent: float | None = None  # our keepalive the broker has not answered
-        self.challenges = Counter[str]()  # while registered: "answered" or "ignored"
+        # frames from the broker's address that cannot be answers to ours, while registered:
+        # challenge_answered, challenge_ignored (too frequent), not_registered_ignored
+        self.unbound = Counter[str]()
         self._events: deque[RegEvent] = deque()
 
     # -- inputs ---------------------------------------------------------------
@@ -147,13 +149,25 @@ class Registration:
             return True
         if isinstance(message, Error) and message.request_id is None:
             if message.code == ErrorCode.NOT_REGISTERED and self.state is RegState.REGISTERED:
-                if self._offered_cookie is not None:  # it passed: the broker's, after a restart
-                    self.cookie, self._offered_cookie = self._offered_cookie, None
-                self._lose("broker no longer knows us", now)
+                self._not_registered(now)
             elif self.state is RegState.REGISTERING:
                 self._events.append(RegistrationRefused(message.code, message.message))
             return True
         return False
+
+    def _not_registered(self, now: float) -> None:
+        """The broker says it does not know us: register again, if this can be its answer to
+        our keepalive (one waits, or the one that carried a challenge's cookie). Anyone can
+        send this from the broker's address; at any other moment it is counted and ignored,
+        and the next keepalive asks again (its answer is then bound to it)."""
+        sent = self._keepalive_sent
+        if self._offered_cookie is not None:  # it passed: the broker's cookie, after a restart
+            self.cookie, self._offered_cookie = self._offered_cookie, None
+        elif sent is None or now - sent > ANSWER_WINDOW:
+            self.unbound["not_registered_ignored"] += 1
+            return
+        self._keepalive_sent = None
+        self._lose("broker no longer knows us", now)
 
     def _challenged_while_registered(self, message: Challenge, now: float) -> None:
         """A challenge that can be the answer to our keepalive (it came while we wait for
@@ -174,11 +188,11 @@ class Registration:
             return
         last = self._challenge_answered
         if last is not None and now - last < CHALLENGE_ANSWER_INTERVAL:
-            self.challenges["ignored"] += 1
+            self.unbound["challenge_ignored"] += 1
             return
         self._challenge_answered = now
         self._offered_cookie = message.cookie
-        self.challenges["answered"] += 1
+        self.unbound["challenge_answered"] += 1
         self._outbox.append(Keepalive(name=self.name, cookie=message.cookie))
 
     def handle_timer(self, now: float) -> None:

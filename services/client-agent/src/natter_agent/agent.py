@@ -106,11 +106,11 @@ class Agent:
     @property
     def stats(self) -> Counter[str]:
         """Datagrams accepted and dropped, by reason: the machine's counts and the shell's (and
-        the broker's challenges while registered: answered, or ignored as too frequent)."""
+        broker frames that could not be answers to ours: unbound_challenge_answered, ...)."""
         if self.machine is None:
             return Counter(self._stats)
-        challenges = Counter({f"challenge_{k}": v for k, v in self.machine.registration.challenges.items()})
-        return self._stats + self.machine.stats + challenges
+        unbound = Counter({f"unbound_{k}": v for k, v in self.machine.registration.unbound.items()})
+        return self._stats + self.machine.stats + unbound
 
     def links(self) -> list[PeerLink]:
         """Live tunnels that new connections may use, one per peer."""
