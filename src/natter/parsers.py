@@ -163,7 +163,10 @@ def _identity_options(parser: argparse.ArgumentParser, dash: str) -> None:
         dest="state_dir",
         metavar="DIR",
         default="",
-        help="where the identity key and known_peers live (default ~/.config/natter)",
+        help=(
+            "where the identity key and known_peers live, and with -server the name bindings"
+            " (default ~/.config/natter)"
+        ),
     )
 
 
