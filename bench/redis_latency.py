@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
-from before_after import prepare
+from before_after import ROOT, prepare
 from tunnel_bench import Natter, ssh_tunnel
 
 import procs
@@ -78,6 +78,7 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
     )
     time.sleep(0.5)
+    old: Path | None = None
     print(f"redis-benchmark -q -n {args.requests} -c {args.clients} -t {TESTS}")
     try:
         show("direct", benchmark(port, args.requests, args.clients))
@@ -109,6 +110,12 @@ def main() -> int:
     finally:
         redis.terminate()
         redis.wait()
+        if old is not None:  # the earlier revision's worktree goes, as bench/before_after.py's does
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)],
+                capture_output=True,
+                check=False,
+            )
     return 0
 
 
