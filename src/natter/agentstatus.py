@@ -73,14 +73,16 @@ class ControlSocket:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5)
+            body = (
+                json.loads(request)
+                if request.startswith(b"{") and len(request) <= handoff.MAX_REQUEST
+                else None
+            )
             if request.strip() == b"status":
                 writer.write(json.dumps(snapshot(self.client)).encode() + b"\n")
-            elif request.startswith(b"{") and len(request) <= handoff.MAX_REQUEST:
-                body = json.loads(request)
-                if isinstance(body, dict) and body.get("op") == "open":
-                    await handoff.serve_open(self.client.agent, body, reader, writer)
-                    return
-                writer.write(b'{"error": "unknown request"}\n')
+            elif isinstance(body, dict) and body.get("op") == "open":
+                await handoff.serve_open(self.client.agent, body, reader, writer)
+                return
             else:
                 writer.write(b'{"error": "unknown request"}\n')
             await writer.drain()

@@ -95,21 +95,8 @@ async def run_client(args: argparse.Namespace) -> int:
     )
     forwards: list[ForwardSpec] = args.forwards
     if forwards and forwards[0].is_stdio:
-        spec = forwards[0]
-        socket_path = state_dir(args.state_dir) / SOCKET_NAME
-        try:  # the agent running as this identity carries it, if there is one
-            handed = await handoff.hand_over(socket_path, args.name, spec.peer, spec.remote)
-        except NatterError as exc:
-            log.error(f"stdio forward to {spec.peer} failed", reason=str(exc))
-            return EXIT_FAILURE
-        if handed is not None:
-            return handed
+        return await _run_stdio(config, forwards[0])
     client = Client(config)
-    if forwards and forwards[0].is_stdio:
-        try:
-            return await _run_stdio(client, forwards[0])
-        finally:
-            await client.close()
     control = ControlSocket(client, state_dir(args.state_dir))
     metrics = AgentMetrics(client) if args.metrics else None
     view: asyncio.Task[None] | None = None
@@ -134,9 +121,19 @@ async def run_client(args: argparse.Namespace) -> int:
         await client.close()
 
 
-async def _run_stdio(client: Client, spec: ForwardSpec) -> int:
+async def _run_stdio(config: Config, spec: ForwardSpec) -> int:
+    """The agent running as this identity carries the connection, if there is one; else an
+    agent of our own for it."""
+    socket_path = state_dir(config.state_dir) / SOCKET_NAME
     try:
-        await client.forward_stdio(spec.peer, spec.remote)
+        handed = await handoff.hand_over(socket_path, config.client_user, spec.peer, spec.remote)
+        if handed is not None:
+            return handed
+        client = Client(config)
+        try:
+            await client.forward_stdio(spec.peer, spec.remote)
+        finally:
+            await client.close()
     except (NatterError, TimeoutError, ConnectionError) as exc:
         log.error(f"stdio forward to {spec.peer} failed", reason=str(exc) or "timed out")
         return EXIT_FAILURE

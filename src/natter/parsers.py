@@ -262,7 +262,7 @@ def legacy_parser() -> Parser:
     _broker_options(p, "-")
     _config_option(p, "-", "~/.config/natter/natter.toml, or /etc/natter/broker.toml with -server")
     p.add_argument(
-        "-listen", "--listen", dest="listen", action="store_true", help="accept forwards from peers"
+        *_flags("-", "listen"), dest="listen", action="store_true", help="accept forwards from peers"
     )
     p.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
     _common(p, "-")
@@ -280,15 +280,13 @@ def subcommand_parser() -> Parser:
         description="Run a broker: agents register with it and it introduces them.",
     )
     broker.add_argument(
-        "--listen",
-        "-listen",
+        *_flags("--", "listen"),
         dest="server",
         metavar="ADDR",
         help="UDP address to listen on, e.g. :10000",
     )
     broker.add_argument(
-        "--keepalive",
-        "-keepalive",
+        *_flags("--", "keepalive"),
         dest="keepalive",
         type=float,
         default=DEFAULTS.keepalive_interval,
@@ -296,8 +294,7 @@ def subcommand_parser() -> Parser:
         help=f"keepalive interval suggested to agents (default {DEFAULTS.keepalive_interval:g})",
     )
     broker.add_argument(
-        "--ttl",
-        "-ttl",
+        *_flags("--", "ttl"),
         dest="ttl",
         type=float,
         default=60.0,
@@ -306,8 +303,7 @@ def subcommand_parser() -> Parser:
     )
     _broker_options(broker, "--")
     broker.add_argument(
-        "--state-dir",
-        "-state-dir",
+        *_flags("--", "state-dir"),
         dest="state_dir",
         metavar="DIR",
         default="",
@@ -341,7 +337,9 @@ def subcommand_parser() -> Parser:
         _agent_metrics(command, "--")
         _config_option(command, "--", "~/.config/natter/natter.toml")
         if listen_help is not None:
-            command.add_argument("--listen", "-listen", dest="listen", action="store_true", help=listen_help)
+            command.add_argument(
+                *_flags("--", "listen"), dest="listen", action="store_true", help=listen_help
+            )
         command.add_argument("specs", nargs="*", metavar="SPEC", help=SPEC_HELP)
         _common(command, "--")
     config = sub.add_parser(
@@ -353,7 +351,10 @@ def subcommand_parser() -> Parser:
     check = config_sub.add_parser("check", help="check FILE")
     check.add_argument("file", metavar="FILE")
     check.add_argument(
-        "--kind", "-kind", choices=("agent", "broker"), default=None, help="default: guessed from the keys"
+        *_flags("--", "kind"),
+        choices=("agent", "broker"),
+        default=None,
+        help="default: guessed from the keys",
     )
     _common(config, "--")
     status = sub.add_parser(
@@ -362,7 +363,7 @@ def subcommand_parser() -> Parser:
         description="Ask the agent running with this state directory for its tunnels.",
     )
     _identity_options(status, "--")
-    status.add_argument("--json", "-json", action="store_true", help="print JSON for scripts")
+    status.add_argument(*_flags("--", "json"), action="store_true", help="print JSON for scripts")
     _common(status, "--")
     ident = sub.add_parser(
         "id",

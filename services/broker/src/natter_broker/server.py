@@ -14,10 +14,10 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -56,27 +56,27 @@ from .udp import BrokerSocket
 
 log = structlog.get_logger("natter.broker")
 
+Parsed = TypeVar("Parsed")
+
 
 def load_tokens(path: str) -> TokenList:
-    """Read the token file; a broken one is a startup error worth one clear line."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return TokenList.parse(handle.read(1 << 21))
-    except OSError as exc:
-        raise AddressError(f"cannot read token file {path}: {exc.strerror}") from None
-    except (TokenListError, UnicodeDecodeError) as exc:
-        raise AddressError(f"bad token file {path}: {exc}") from None
+    return _operator_file(path, "token file", TokenList.parse)
 
 
 def load_names(path: str) -> dict[str, str]:
-    """Read the names file (--names); a broken one is a startup error worth one clear line."""
+    return _operator_file(path, "names file", parse_names_file)
+
+
+def _operator_file(path: str, what: str, parse: Callable[[str], Parsed]) -> Parsed:
+    """Read and parse a file the operator names (--tokens, --names); a broken one is a
+    startup error worth one clear line."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return parse_names_file(handle.read(1 << 21))
+            return parse(handle.read(1 << 21))
     except OSError as exc:
-        raise AddressError(f"cannot read names file {path}: {exc.strerror}") from None
-    except (NamesFileError, UnicodeDecodeError) as exc:
-        raise AddressError(f"bad names file {path}: {exc}") from None
+        raise AddressError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except (TokenListError, NamesFileError, UnicodeDecodeError) as exc:
+        raise AddressError(f"bad {what} {path}: {exc}") from None
 
 
 def listen_address(addr: str) -> tuple[str, int]:

@@ -16,6 +16,7 @@ import structlog
 from natter_proto import frames, streamhdr
 from natter_proto.acl import TargetAllowList
 from natter_proto.backoff import Backoff
+from natter_proto.config import Config
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 
 from .agent import Agent
@@ -35,6 +36,11 @@ def normalise_target(remote: str) -> str:
     if port == 0:
         raise ValueError(f"remote address {remote!r} needs a port")
     return format_host_port(host, port)
+
+
+def stream_timeout(config: Config) -> float:
+    """How long a connection waits for its stream: an introduction, a punch, a handshake."""
+    return config.connect_timeout + config.punch_timeout + config.handshake_timeout
 
 
 class Listener:
@@ -242,14 +248,7 @@ class Forward:
         self._supervisor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()  # one per accepted connection
         self._log = log.bind(peer=peer, target=self.target)
-        self.stream_timeout = (
-            agent.config.connect_timeout + agent.config.punch_timeout + agent.config.handshake_timeout
-        )
-
-    async def start(self) -> None:
-        """Bind the local port, then keep the tunnel up (the agent must be started)."""
-        await self.bind()
-        self.run()
+        self.stream_timeout = stream_timeout(agent.config)
 
     async def bind(self) -> None:
         """Listen on the local port (connections wait for ``run``'s tunnel)."""

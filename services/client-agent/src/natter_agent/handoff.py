@@ -21,7 +21,8 @@ import structlog
 from .agent import Agent
 from .bridge import LocalEnd, splice
 from .errors import NatterError
-from .forward import normalise_target, open_tunnel_stream
+from .forward import normalise_target, open_tunnel_stream, stream_timeout
+from .stdio import CHUNK as STDIO_CHUNK
 from .stdio import StdioEnd
 
 log = structlog.get_logger("natter.handoff")
@@ -72,7 +73,7 @@ async def serve_open(
     if not isinstance(peer, str) or not isinstance(remote, str):
         await _answer(writer, {"error": "an open request names a peer and a target"})
         return
-    timeout = agent.config.connect_timeout + agent.config.punch_timeout + agent.config.handshake_timeout
+    timeout = stream_timeout(agent.config)
     try:
         channel, rest = await open_tunnel_stream(
             agent,
@@ -112,13 +113,13 @@ async def hand_over(socket_path: Path, name: str, peer: str, remote: str) -> int
         answer = json.loads(line) if line else {"error": "the running agent closed the connection"}
     except (ValueError, ConnectionError) as exc:
         answer = {"error": f"bad answer from the running agent: {exc}"}
-    if not isinstance(answer, dict) or answer.get("ok") is not True:
-        error = answer.get("error") if isinstance(answer, dict) else None
-        if error == "unknown request" or "decline" in answer:  # an older agent, or another name
-            writer.close()
-            return None
+    if not isinstance(answer, dict):
+        answer = {"error": "bad answer from the running agent"}
+    if answer.get("ok") is not True:
         writer.close()
-        raise NatterError(f"the agent running as this identity could not connect: {error}")
+        if answer.get("error") == "unknown request" or "decline" in answer:  # older, or another name
+            return None
+        raise NatterError(f"the agent running as this identity could not connect: {answer.get('error')}")
     await pipe(StdioEnd(0, 1), StreamEnd(reader, writer))
     return 0
 
@@ -127,7 +128,7 @@ async def pipe(a: LocalEnd, b: LocalEnd) -> None:
     """Both directions between two local ends, with half-close; ends when both have."""
 
     async def one_way(source: LocalEnd, sink: LocalEnd) -> None:
-        while data := await source.read(64 * 1024):
+        while data := await source.read(STDIO_CHUNK):
             await sink.write(data)
         sink.write_eof()
 

@@ -51,7 +51,10 @@ class StreamChannel:
             return False
         if self.link.send_capacity(self.stream_id) <= 0 or not self.link.is_alive:
             return False
-        self.link.send(self.stream_id, data, end_stream=False)
+        try:
+            self.link.send(self.stream_id, data, end_stream=False)
+        except StreamClosed:  # the engine failed just now: write() will say so, not a callback
+            return False
         self.bytes_out += len(data)
         return True
 

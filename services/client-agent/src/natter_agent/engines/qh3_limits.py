@@ -8,7 +8,8 @@ one name in their globals swapped for a wrapper that puts natter's limit in (not
 qh3 is copied, and nobody else's qh3 changes). The core raises the limit again as the
 peer's streams end, so the limit is on streams open at once.
 
-If a qh3 release moves these values, ``check_limits`` fails at engine start, loudly.
+If a qh3 release moves these values, the wrappers raise at the first connection (the
+agent's warm-up handshake at start), loudly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from qh3.quic import tls_bridge as qh3_tls_bridge
 from qh3.quic.packet import QuicTransportParameters, push_quic_transport_parameters
 
 QH3_DEFAULT_STREAMS = 100  # what qh3 2.1 asks for, in both places
-_CORE_PARAMETERS = list(inspect.signature(QuicConnectionCore).parameters)  # from its text signature
+# where the core's constructor takes local_max_streams_bidi (from its text signature)
+_CORE_INDEX = list(inspect.signature(QuicConnectionCore).parameters).index("local_max_streams_bidi")
 
 
 def _with_globals(function: Callable[..., Any], **replacements: Any) -> Callable[..., Any]:
@@ -38,16 +40,9 @@ def _with_globals(function: Callable[..., Any], **replacements: Any) -> Callable
     return rebound
 
 
-def _core_index() -> int:
-    try:
-        return _CORE_PARAMETERS.index("local_max_streams_bidi")
-    except ValueError:  # no text signature: the position qh3 2.1 has it at
-        return 21
-
-
 def core_factory(max_streams: int) -> Callable[..., Any]:
     """``_create_core`` with ``QuicConnectionCore`` built with ``max_streams``."""
-    index = _core_index()
+    index = _CORE_INDEX
 
     def build_core(*args: Any) -> QuicConnectionCore:
         values = list(args)
