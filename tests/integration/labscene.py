@@ -79,7 +79,7 @@ class Scene:
         service_port = self.service(service)
         bob = self.listener(broker_port)
         alice = self.agent("alice", "alice", broker_port, f"{local_port}:bob:{service_port}")
-        alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
+        alice.wait_path("bob", direct, timeout=30)
         return broker, bob, alice
 
     def send_checked(self, port: int, size: int, on: str = "alice", timeout: float = 120) -> None:

@@ -10,6 +10,9 @@
         [alice]                  [bob]
    (and carol, 192.168.1.3, on alice's LAN: two clients behind one NAT)
 
+With ``cgnat=True`` natA and natB sit behind one more NAT (wan 10.200.0.4, inside
+100.64.0.0/24, no hairpinning): two homes on one carrier's shared public address.
+
 Every veth is created with both ends directly inside namespaces of this lab, so the host's
 own namespace never sees a new interface. Names carry the creating process id; namespaces
 of dead runs are removed at start, and every lab removes its own on exit, also on failure.
@@ -27,6 +30,8 @@ from dataclasses import dataclass, field
 PREFIX = "ntl"
 FULL_CONE_PORT = 40000  # agents behind a "full" NAT must use this UDP port (--udp-port)
 INET_IP = "10.200.0.1"
+CGNAT_IP = "10.200.0.4"  # the carrier-grade NAT's public address (NatLab(cgnat=True))
+CGNAT_NET = "100.64.0"  # its inside: the home NATs' WAN addresses (RFC 6598)
 
 
 class LabUnavailable(Exception):
@@ -86,6 +91,9 @@ class NatLab:
     # agent's port (FULL_CONE_PORT); "symmetric" endpoint-dependent mapping; "none" no NAT
     kind_a: str = "restricted"
     kind_b: str = "restricted"
+    # both home NATs behind one carrier-grade NAT (RFC 6598 space, one public IP, no
+    # hairpinning): natA and natB sit on the cgnat's inside bridge instead of the internet's
+    cgnat: bool = False
 
     def ns(self, role: str) -> str:
         return f"{PREFIX}{os.getpid()}-{self.tag}-{role}"
@@ -109,21 +117,26 @@ class NatLab:
         self.destroy()
 
     def build(self) -> None:
-        for role in ("inet", "natA", "natB", "alice", "bob", "carol"):
+        roles = ["inet", "natA", "natB", "alice", "bob", "carol"] + (["cgnat"] if self.cgnat else [])
+        for role in roles:
             run("ip", "netns", "add", self.ns(role))
             self.created.append(self.ns(role))
             self.sh(role, "ip", "link", "set", "lo", "up")
         self.sh("inet", "ip", "link", "add", "br0", "type", "bridge")
         self.sh("inet", "ip", "addr", "add", f"{INET_IP}/24", "dev", "br0")
         self.sh("inet", "ip", "link", "set", "br0", "up")
+        upstream, wan_net = ("inet", "10.200.0")
+        if self.cgnat:
+            self._nat("cgnat", None, "restricted", wan_ip=CGNAT_IP, lan_net=CGNAT_NET)
+            upstream, wan_net = ("cgnat", CGNAT_NET)
         for nat, client, kind, wan, lan, public in (
-            ("natA", "alice", self.kind_a, "10.200.0.2", "192.168.1", "10.200.0.12"),
-            ("natB", "bob", self.kind_b, "10.200.0.3", "192.168.2", "10.200.0.13"),
+            ("natA", "alice", self.kind_a, f"{wan_net}.2", "192.168.1", "10.200.0.12"),
+            ("natB", "bob", self.kind_b, f"{wan_net}.3", "192.168.2", "10.200.0.13"),
         ):
             if kind == "none":
                 self._public_client(client, public)
             else:
-                self._nat(nat, client, kind, wan_ip=wan, lan_net=lan)
+                self._nat(nat, client, kind, wan_ip=wan, lan_net=lan, upstream=upstream)
 
     def _public_client(self, client: str, address: str) -> None:
         """A client straight on the internet bridge, no NAT."""
@@ -151,19 +164,25 @@ class NatLab:
             self.ns(ns_b),
         )
 
-    def _nat(self, nat: str, client: str, kind: str, *, wan_ip: str, lan_net: str) -> None:
+    def _nat(
+        self, nat: str, client: str | None, kind: str, *, wan_ip: str, lan_net: str, upstream: str = "inet"
+    ) -> None:
+        """A NAT whose WAN is on ``upstream``'s bridge (the internet's, or a CGNAT's LAN)
+        and whose LAN bridge holds ``client`` (none: the CGNAT itself, whose LAN is NATs)."""
         port = f"p{nat}"
-        self._veth(nat, "wan", "inet", port)
-        self.sh("inet", "ip", "link", "set", port, "master", "br0")
-        self.sh("inet", "ip", "link", "set", port, "up")
+        bridge, gateway = ("br0", INET_IP) if upstream == "inet" else ("lan", f"{CGNAT_NET}.1")
+        self._veth(nat, "wan", upstream, port)
+        self.sh(upstream, "ip", "link", "set", port, "master", bridge)
+        self.sh(upstream, "ip", "link", "set", port, "up")
         # the LAN side is a bridge, so that a second client can share the NAT (no hairpin)
         self.sh(nat, "ip", "link", "add", "lan", "type", "bridge")
-        self._lan_client(nat, client, lan_net, 2)
+        if client is not None:
+            self._lan_client(nat, client, lan_net, 2)
         self.sh(nat, "ip", "addr", "add", f"{wan_ip}/24", "dev", "wan")
         self.sh(nat, "ip", "addr", "add", f"{lan_net}.1/24", "dev", "lan")
         self.sh(nat, "ip", "link", "set", "wan", "up")
         self.sh(nat, "ip", "link", "set", "lan", "up")
-        self.sh(nat, "ip", "route", "add", "default", "via", INET_IP)
+        self.sh(nat, "ip", "route", "add", "default", "via", gateway)
         self.sh(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         # a home router: MASQUERADE out, and no unsolicited traffic in (FORWARD and INPUT,
         # see shared/NATLAB.md on why INPUT matters for hole punching)

@@ -26,8 +26,10 @@ def expected_path(kind_a: str, kind_b: str) -> str:
 
 @dataclass
 class CellResult:
-    path: str
+    path: str  # where the tunnel settled
+    first_path: str  # where it started (relayed first while the punch goes on)
     setup_s: float  # alice's start to the tunnel being up
+    first_byte_s: float  # alice's start to a byte's echo through the forward
     bytes_ok: bool
 
 
@@ -35,17 +37,27 @@ def _stamp(entry: dict[str, object]) -> float:
     return datetime.datetime.fromisoformat(str(entry["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
-def run_cell(kind_a: str, kind_b: str, size: int = 1 << 20) -> CellResult:
-    with NatLab(kind_a=kind_a, kind_b=kind_b) as lab, Scene(lab) as scene:
+def run_cell(kind_a: str, kind_b: str, size: int = 1 << 20, *, cgnat: bool = False) -> CellResult:
+    """``cgnat``: both home NATs behind one carrier-grade NAT (no hairpinning)."""
+    with NatLab(kind_a=kind_a, kind_b=kind_b, cgnat=cgnat) as lab, Scene(lab) as scene:
         broker = scene.broker(10000, "-probe", f"{INET_IP}:10001")
+        echo_port = scene.service("echo")
         sink_port = scene.service("sink")
         fixed_port = ("-udp-port", str(FULL_CONE_PORT))
         bob = scene.agent("bob", "bob", 10000, *fixed_port, "-listen")
         bob.wait_log(lambda e: "seen_by_probe" in e, timeout=20)
         broker.wait_log(lambda e: e.get("event") == "registered" and e.get("nat") is not None, timeout=20)
-        alice = scene.agent("alice", "alice", 10000, *fixed_port, f"8030:bob:{sink_port}")
+        alice = scene.agent(
+            "alice", "alice", 10000, *fixed_port, f"8029:bob:{echo_port}", f"8030:bob:{sink_port}"
+        )
+        first_byte = float(tool("first-byte", "127.0.0.1", "8029", "30", prefix=lab.prefix("alice")))
         started = _stamp(alice.wait_event("agent started"))
-        up = alice.wait_log(lambda e: "path up with bob" in str(e.get("event")), timeout=40)
+        up = alice.wait_kind("tunnel_up", peer="bob", timeout=40)
+        settled = str(up["path"])
+        expected = expected_path(kind_a, kind_b) if not cgnat else "relayed"
+        if settled != expected:  # started on the relay: the punch goes on
+            moved = alice.wait_kind("path_changed", peer="bob", new_kind=expected, timeout=20)
+            settled = str(moved["new_kind"])
         reply = tool("send", "127.0.0.1", "8030", str(size), prefix=lab.prefix("alice"))
         ok = reply.split() == [str(size), digest_of_pattern(size)]
-        return CellResult(str(up["path"]), _stamp(up) - started, ok)
+        return CellResult(settled, str(up["path"]), _stamp(up) - started, first_byte - started, ok)

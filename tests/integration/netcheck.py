@@ -15,6 +15,8 @@
                                                  <slowest>" (each connection's MB/s)
     python netcheck.py rtt HOST PORT [ROUNDS]    64-byte round trips through an echo server;
                                                  print the median in ms
+    python netcheck.py first-byte HOST PORT SECS connect (retrying) and send one byte to an
+                                                 echo server; print the time its echo came
 
 Servers print "ready PORT" on stdout when they listen, on NETCHECK_HOST (127.0.0.1 unless
 set: the benchmarks' port forwards need 0.0.0.0 inside a namespace).
@@ -163,6 +165,27 @@ async def echo_check(host: str, port: int, data: bytes) -> bool:
     return total == len(data) and received.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+async def first_byte(host: str, port: int, within: float) -> float:
+    """Connect (again, until the port takes it) and send one byte to an echo service:
+    the wall-clock time its echo came back (comparable with a log line's timestamp)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.005)
+    writer.write(b"x")
+    await writer.drain()
+    echoed = await asyncio.wait_for(reader.readexactly(1), timeout=max(0.1, deadline - time.monotonic()))
+    arrived = time.time()
+    assert echoed == b"x"
+    writer.close()
+    return arrived
+
+
 async def _serve(handler, port: int) -> None:  # type: ignore[no-untyped-def]
     server = await asyncio.start_server(handler, os.environ.get("NETCHECK_HOST", "127.0.0.1"), port)
     print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
@@ -229,6 +252,8 @@ def main(argv: list[str]) -> int:
     elif cmd == "parallel":
         total, rates = asyncio.run(parallel_blasts(rest[0], int(rest[1]), int(rest[2]), int(rest[3])))
         print(f"{total:.2f} {max(rates):.3f} {min(rates):.3f}")
+    elif cmd == "first-byte":
+        print(f"{asyncio.run(first_byte(rest[0], int(rest[1]), float(rest[2]))):.6f}")
     elif cmd == "rtt":
         rounds = int(rest[2]) if len(rest) > 2 else 200
         print(f"{asyncio.run(request_rtt(rest[0], int(rest[1]), rounds)) * 1000:.3f}")

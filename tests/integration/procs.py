@@ -118,6 +118,25 @@ class Proc:
 
         return self.wait_log(matches, timeout, since)
 
+    def wait_path(
+        self, peer: str, kind: str | Callable[[object], bool], timeout: float = 40.0
+    ) -> dict[str, Any]:
+        """The tunnel to peer on a path of this kind: its tunnel_up, or the path_changed that
+        moved it there (a slow punch starts on the relay and moves over). The entry's
+        ``endpoint`` is the path's remote endpoint, either way."""
+
+        def wanted(value: object) -> bool:
+            return kind(value) if callable(kind) else value == kind
+
+        def matches(entry: dict[str, Any]) -> bool:
+            if entry.get("peer") != peer:
+                return False
+            up = entry.get("kind") == "tunnel_up" and wanted(entry.get("path"))
+            return up or (entry.get("kind") == "path_changed" and wanted(entry.get("new_kind")))
+
+        entry = self.wait_log(matches, timeout)
+        return {**entry, "endpoint": entry.get("peer_endpoint", entry.get("new"))}
+
     def wait_event(self, text: str, timeout: float = 20.0, since: int = 0) -> dict[str, Any]:
         return self.wait_log(lambda e: text in str(e.get("event", "")), timeout, since)
 

@@ -62,7 +62,7 @@ def tunnel():  # type: ignore[no-untyped-def]
         f"{up_port}:bob:{sink_port}",
         f"{down_port}:bob:{source_port}",
     )
-    alice.wait_kind("tunnel_up", peer="bob", path=direct)
+    alice.wait_path("bob", direct)
     # warm up both paths so that the baseline includes imports, TLS and first buffers
     tool("send", "127.0.0.1", str(up_port), str(4 << 20))
     yield alice, bob, up_port, down_port

@@ -38,9 +38,9 @@ def test_seed_command_lines_forward_real_bytes(echo_server: int, engine_flag: tu
             "-name", "alice", "-broker", f"127.0.0.1:{bport}", *engine_flag, f"{lport}:bob:{echo_server}"
         )
         alice.wait_event(f"forwarding 127.0.0.1:{lport}")
-        up = alice.wait_kind("tunnel_up", peer="bob", path=direct)
-        assert up["peer_endpoint"].startswith("127.0.0.1:")
-        assert "rtt_ms" in up
+        up = alice.wait_path("bob", direct)
+        assert up["endpoint"].startswith("127.0.0.1:")
+        assert "rtt_ms" in alice.wait_kind("tunnel_up", peer="bob")
         assert tool("echo-check", "127.0.0.1", str(lport), str(3 << 20)) == "ok"
         assert tool("echo-check", "127.0.0.1", str(lport), "1") == "ok"
     finally:
@@ -174,7 +174,7 @@ def test_ssh_proxycommand_beside_a_forwarding_agent_of_the_same_name() -> None:
         alice = natter(
             "-name", "alice", "-broker", f"127.0.0.1:{bport}", "-state-dir", state, f"{lport}:bob:{ssh_port}"
         )
-        alice.wait_kind("tunnel_up", peer="bob", path=direct)
+        alice.wait_path("bob", direct)
         proxy = f"{NATTER} -name alice -broker 127.0.0.1:{bport} -state-dir {state} :bob:{ssh_port}"
         for round_ in range(3):
             result = subprocess.run(

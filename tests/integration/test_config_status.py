@@ -56,7 +56,7 @@ def test_config_file_equals_flags(style: str) -> None:
                 f"127.0.0.1:{l1}:bob:127.0.0.1:{allowed}", f"{l2}:bob:127.0.0.1:{other}",
             )  # fmt: skip
         procs += [bob, alice]
-        alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
+        alice.wait_path("bob", direct, timeout=30)
         reply = tool("send", "127.0.0.1", str(l1), "100000")
         assert reply.split()[0] == "100000"
         with pytest.raises(AssertionError):
@@ -116,7 +116,7 @@ def test_status_reports_a_real_tunnel() -> None:
             "-name", "alice", "-broker", f"127.0.0.1:{bport}", f"{local}:bob:{sink_port}", home=home
         )
         procs.append(alice)
-        alice.wait_kind("tunnel_up", peer="bob", path=direct)
+        alice.wait_path("bob", direct)
         size = 3_000_000
         assert tool("send", "127.0.0.1", str(local), str(size)).split()[0] == str(size)
         env = dict(os.environ, XDG_CONFIG_HOME=home)

@@ -105,7 +105,7 @@ def test_replica_killed_agents_move_and_tunnel_keeps_flowing(
         alice = fleet.agent(
             "forward", "--name", "alice", "--broker", fleet.addr(0), f"{up_port}:bob:{sink_port}"
         )
-        alice.wait_kind("tunnel_up", peer="bob", path=direct)
+        alice.wait_path("bob", direct)
         size = 24 << 20
         thread, result = background(tool, "send", "127.0.0.1", str(up_port), str(size))
         time.sleep(1.0)
@@ -123,7 +123,7 @@ def test_replica_killed_agents_move_and_tunnel_keeps_flowing(
         dave = fleet.agent(
             "forward", "--name", "dave", "--broker", fleet.addr(0), f"{new_port}:bob:{echo_port}"
         )
-        dave.wait_kind("tunnel_up", peer="bob", path=direct)
+        dave.wait_path("bob", direct)
         assert tool("echo-check", "127.0.0.1", str(new_port), str(1 << 20)) == "ok"
     finally:
         fleet.close()
@@ -144,7 +144,7 @@ def test_graceful_shutdown_sends_goaway_and_no_forward_fails(
         alice = fleet.agent(
             "forward", "--name", "alice", "--broker", fleet.addr(0), f"{port}:bob:{echo_port}"
         )
-        alice.wait_kind("tunnel_up", peer="bob", path=direct)
+        alice.wait_path("bob", direct)
 
         def many_checks() -> list[str]:
             return [tool("echo-check", "127.0.0.1", str(port), str(256 << 10)) for _ in range(12)]
@@ -179,7 +179,7 @@ def test_redis_restart_readiness_and_recovery(services: tuple[int, int]) -> None
         alice = fleet.agent(
             "forward", "--name", "alice", "--broker", fleet.addr(0), f"{port}:bob:{echo_port}"
         )
-        alice.wait_kind("tunnel_up", peer="bob", path=direct)
+        alice.wait_path("bob", direct)
         redis.stop()
         fleet.wait_ready(0, 503)
         fleet.wait_ready(1, 503)
@@ -194,7 +194,7 @@ def test_redis_restart_readiness_and_recovery(services: tuple[int, int]) -> None
         dave = fleet.agent(
             "forward", "--name", "dave", "--broker", fleet.addr(0), f"{new_port}:bob:{echo_port}"
         )
-        dave.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
+        dave.wait_path("bob", direct, timeout=30)
         assert tool("echo-check", "127.0.0.1", str(new_port), str(1 << 20)) == "ok"
     finally:
         fleet.close()

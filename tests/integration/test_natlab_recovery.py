@@ -64,7 +64,7 @@ def test_transfer_survives_the_listeners_nat_rebinding(lab: NatLab, nats: tuple[
         sink_port = scene.service("sink", str(4 << 20))  # slow start: in flight at the flush
         scene.listener(10020)
         alice = scene.agent("alice", "alice", 10020, f"8040:bob:{sink_port}")
-        alice.wait_kind("tunnel_up", peer="bob", path=direct, timeout=30)
+        alice.wait_path("bob", direct, timeout=30)
         transfer = scene.send_in_background(8040, 40 << 20)
         time.sleep(2.0)
         for nat in nats:

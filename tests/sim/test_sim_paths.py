@@ -5,7 +5,7 @@ from __future__ import annotations
 from simnet import Filtering, Mapping
 from simworld import SimAgent, World
 
-from natter_proto.agent.actions import Notice, NoticeKind, PathChanged, TunnelUp
+from natter_proto.agent.actions import Notice, NoticeKind, PathChanged, PeerReady, TunnelUp
 from natter_proto.agent.kinds import PathKind
 from natter_proto.agent.settings import AgentSettings
 
@@ -60,6 +60,11 @@ def test_symmetric_nats_on_both_sides_use_the_relay() -> None:
     assert world.broker.relayed_bytes > 50_000
 
 
+def settled(agent: SimAgent) -> list[PathKind]:
+    """The kinds of path the tunnel took, in order (its start, then each move)."""
+    return kinds(agent)[:1] + [new for _, new in changes(agent)]
+
+
 def changes(agent: SimAgent) -> list[tuple[PathKind, PathKind]]:
     return [(e.old_kind, e.new_kind) for e in agent.events if isinstance(e, PathChanged) and not e.replaced]
 
@@ -85,9 +90,18 @@ def test_nat_matrix(am: Mapping, af: Filtering, bm: Mapping, bf: Filtering, expe
     alice, bob = pair(
         world, alice_nat={"mapping": am, "filtering": af}, bob_nat={"mapping": bm, "filtering": bf}
     )
+    asked = world.net.clock.now
     connect(world, alice, seconds=12.0)
-    assert kinds(alice) == [expected]
-    assert kinds(bob) == [expected]
+    # a birthday punch may take longer than the relay's head start: such a tunnel starts on
+    # the relay and moves to the predicted path (relay first, punch in parallel)
+    assert settled(alice) in ([expected], [PathKind.RELAYED, expected])
+    assert settled(bob) == settled(alice)
+    assert ready_after(alice, asked) < 1.0  # never a punch timeout (5 s) before the first byte
+
+
+def ready_after(agent: SimAgent, since: float) -> float:
+    """Seconds from ``since`` to the agent's first usable tunnel."""
+    return next(t for e, t in zip(agent.events, agent.times, strict=True) if isinstance(e, PeerReady)) - since
 
 
 def test_lan_when_both_sit_behind_one_nat() -> None:

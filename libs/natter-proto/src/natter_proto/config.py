@@ -76,6 +76,9 @@ class Config:
     punch_interval: float = DEFAULTS.punch_interval
     punch_timeout: float = DEFAULTS.punch_timeout
     handshake_timeout: float = DEFAULTS.handshake_timeout
+    # a new tunnel's handshake starts on the relay this long after the punch began, unless a
+    # direct path answered first; the punch goes on and a direct path takes over when found
+    relay_head_start: float = DEFAULTS.relay_head_start
     # against a symmetric NAT (birthday method): sockets on the hard side, probes on the easy
     hard_nat_sockets: int = DEFAULTS.hard_nat_sockets
     # while relayed, punch again this often; a direct path takes over (0: never)

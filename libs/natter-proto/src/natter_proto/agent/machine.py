@@ -182,8 +182,19 @@ class AgentMachine:
         """The router placed a datagram on a path that is not the tunnel's route."""
         paths = self.peers.of(tunnel_id)
         if paths is not None:
-            paths.heard_on(tunnel_id, path, PathKind.RELAYED if path.relayed else PathKind.DIRECT, now)
+            paths.heard_on(tunnel_id, path, self._kind_of(paths.peer, path), now)
             self._service(now)
+
+    def _kind_of(self, peer: str, path: Path) -> PathKind:
+        """What a path the peer's datagrams came on is: relayed, or what the punch session
+        that found it says (lan, predicted), else direct."""
+        if path.relayed:
+            return PathKind.RELAYED
+        for session in self.sessions.by_id.values():
+            source = session.source_of(path.socket)
+            if session.punch.peer == peer and source is not None and session.punch.knows(path.addr, source):
+                return session.kind(path.addr)[0]
+        return PathKind.DIRECT
 
     # -- datagrams the router could not place -------------------------------------------
     def handle_datagram(
@@ -276,7 +287,8 @@ class AgentMachine:
             self.stats["dropped_relay_unknown_session"] += 1
             return
         self.stats["accepted_relay"] += 1
-        session.punch.succeed(addr)
+        # the punch goes on: the client started on the relay first, and moves to a direct
+        # path if one answers (our probes keep our NAT open to it)
         self.puncher.start_tunnel(session, Role.SERVER, path, PathKind.RELAYED, 0, now, initial=packet)
 
     def _on_quic(self, socket: int, addr: Endpoint, data: bytes, now: float, owner: int | None) -> None:

@@ -158,6 +158,17 @@ class PeerPaths:
             )
         self.signal(tunnel, Signal.PATH_FOUND, now)
 
+    def direct_found(self, tunnel_id: int, path: Path, kind: PathKind, probes: int, now: float) -> None:
+        """The punch of a tunnel that started on the relay (relay first) found a direct
+        path: the tunnel moves there, at once or as soon as its handshake is done (QUIC's
+        long-header packets are placed by path, not by connection ID)."""
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None or tunnel.role is not Role.CLIENT or not tunnel.route.relayed:
+            return
+        tunnel.found, tunnel.found_kind, tunnel.probes = path, kind, probes
+        if tunnel.health is not Health.HANDSHAKING:
+            self.signal(tunnel, Signal.PATH_FOUND, now)
+
     def punch_failed(self, purpose: Purpose, relay: Path | None, now: float) -> None:
         self.repairing = None
         tunnel = self.client_tunnel()
@@ -274,9 +285,12 @@ class PeerPaths:
                 )
             )
             self._retire(previous, f"moved to a {tunnel.kind.value} path")
-        if tunnel.role is Role.CLIENT and tunnel.route.relayed:
-            self._schedule_upgrade(tunnel, now)
         self._out.append(PeerReady(self.peer, tunnel.id))
+        if tunnel.role is Role.CLIENT and tunnel.route.relayed:
+            if tunnel.found is not None:  # its punch found a direct path while it shook hands
+                self.signal(tunnel, Signal.PATH_FOUND, now)
+            else:
+                self._schedule_upgrade(tunnel, now)
 
     def _on_suspect(self, tunnel: Tunnel, now: float) -> None:
         """Quiet for path_silence: ask the broker where it sees us and, as the client, punch

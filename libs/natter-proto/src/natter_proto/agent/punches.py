@@ -23,7 +23,7 @@ from .actions import (
     StartTunnel,
 )
 from .kinds import MAIN_SOCKET, NatKind, Path, PathKind, Role
-from .pathstate import Health, Purpose
+from .pathstate import Health, Purpose, Tunnel
 from .peers import Peers
 from .punching import Session, Sessions
 from .settings import AgentSettings
@@ -58,6 +58,11 @@ class Puncher:
     def handle_timer(self, now: float) -> None:
         for session in list(self.sessions.by_id.values()):
             session.punch.handle_timer(now)
+            if session.relay_at is not None and now >= session.relay_at:
+                session.relay_at = None
+                if session.punch.state is PunchState.PROBING and session.tunnel is None:
+                    head_start = self.settings.relay_head_start
+                    self._relay_tunnel(session, f"no probe answered within {head_start:g} s", now)
         for session in self.sessions.expired(now):
             self._end(session)
 
@@ -98,17 +103,16 @@ class Puncher:
             )
         if session.sockets:
             self._out.append(OpenSockets(tuple(session.sockets)))
-        hard = NatKind.HARD
-        if (
-            session.role is Role.CLIENT
-            and punch.relay
-            and purpose is Purpose.NEW
-            and nat is hard
-            and NatKind.parse(punch.peer_nat) is hard
-        ):
+        if session.role is not Role.CLIENT or not punch.relay or purpose is not Purpose.NEW:
+            return
+        if nat is NatKind.HARD and NatKind.parse(punch.peer_nat) is NatKind.HARD:
             # two symmetric NATs: no probe can meet a mapping, so do not wait for the punch
             session.punch.succeed(broker)
             self._relay_tunnel(session, "both NATs are symmetric", now)
+        else:
+            # relay first: the handshake starts there unless a probe answers by then, and the
+            # punch goes on (a direct path it finds takes the tunnel over: direct_found)
+            session.relay_at = now + punch.delay_ms / 1000 + self.settings.relay_head_start
 
     def _outcome(self, session: Session, event: PunchEvent, now: float) -> None:
         peer = session.punch.peer
@@ -145,12 +149,25 @@ class Puncher:
             path = session.path(event.path, event.source)
             kind, probes = session.kind(event.path)
             paths = self.peers.get(peer)
+            session.relay_at = None
             if session.purpose is not Purpose.NEW and paths.client_tunnel() is not None:
                 paths.punch_found(session.purpose, path, kind, probes, now)
+            elif session.tunnel is not None and session.tunnel in paths.tunnels:
+                paths.direct_found(session.tunnel, path, kind, probes, now)
             else:
                 self.start_tunnel(session, Role.CLIENT, path, kind, probes, now)
             return
         tried = ", ".join(str(c) for c in event.tried)
+        relayed = session.tunnel is not None and session.tunnel in self.peers.get(peer).tunnels
+        if relayed:  # the tunnel started on the relay carries on there (and tries to upgrade)
+            self._note(
+                NoticeKind.PUNCH_FAILED,
+                Level.INFO,
+                f"no direct path to {peer} answers: staying on the relay",
+                peer=peer,
+                tried=tried,
+            )
+            return
         self._note(NoticeKind.PUNCH_FAILED, Level.WARNING, "punch failed: no answer", peer=peer, tried=tried)
         if session.role is not Role.CLIENT:
             return
@@ -166,12 +183,18 @@ class Puncher:
 
     def _relay_tunnel(self, session: Session, why: str, now: float) -> None:
         peer = session.punch.peer
+        probing = session.punch.state is PunchState.PROBING
         self._note(
             NoticeKind.RELAY_FALLBACK,
             Level.INFO,
-            f"no direct path to {peer} ({why}): tunnelling through the broker's relay",
+            f"no direct path to {peer} yet ({why}): starting on the broker's relay, still punching"
+            if probing
+            else f"no direct path to {peer} ({why}): tunnelling through the broker's relay",
+            peer=peer,
+            relay=str(session.broker),
         )
-        self.start_tunnel(session, Role.CLIENT, session.relay(), PathKind.RELAYED, 0, now)
+        tunnel = self.start_tunnel(session, Role.CLIENT, session.relay(), PathKind.RELAYED, 0, now)
+        session.tunnel = tunnel.id
 
     def start_tunnel(
         self,
@@ -183,10 +206,11 @@ class Puncher:
         now: float,
         *,
         initial: bytes = b"",
-    ) -> None:
+    ) -> Tunnel:
         punch = session.punch.punch
         tunnel = self.peers.add(punch.peer, role, path, kind, probes, now)
         self._out.append(StartTunnel(tunnel.id, punch.peer, role, path, kind, punch.peer_key, initial))
+        return tunnel
 
     def _end(self, session: Session) -> None:
         """Its linger is over: close its extra sockets but those a tunnel uses."""

@@ -27,6 +27,8 @@ class Session:
     broker: Endpoint  # the broker that introduced it: its relay carries the session
     linger_until: float
     sockets: list[int] = field(default_factory=list)  # source index k -> sockets[k - 1]
+    relay_at: float | None = None  # a new tunnel's handshake starts on the relay then
+    tunnel: int | None = None  # the tunnel started on the relay while the punch goes on
 
     @property
     def role(self) -> Role:
@@ -136,4 +138,5 @@ class Sessions:
     def next_timer(self) -> float | None:
         times = [t for s in self.by_id.values() if (t := s.punch.get_timer()) is not None]
         times += [s.linger_until for s in self.by_id.values()]
+        times += [s.relay_at for s in self.by_id.values() if s.relay_at is not None]
         return min(times, default=None)

@@ -16,6 +16,10 @@ class AgentSettings:
     punch_timeout: float = 5.0
     handshake_timeout: float = 8.0
     nat_probe_wait: float = 3.0  # how long a first connect waits for our NAT type
+    # a new tunnel's punch has this long to answer before its QUIC handshake starts on the
+    # relay (where the broker offers one); the punch goes on, and a direct path that answers
+    # later takes the tunnel over (a working punch answers in a round trip or two; 0: at once)
+    relay_head_start: float = 0.2
     # against a symmetric NAT (birthday method): sockets on the hard side, probes on the easy
     hard_nat_sockets: int = 256
     spray_probes: int = 2048  # 255 mappings x 2048 probes: about 99.97% (1024: 98%)
