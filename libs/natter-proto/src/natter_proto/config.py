@@ -46,6 +46,17 @@ class Config:
     probe_addr: str = ""  # a second UDP port: agents learn whether their NAT is symmetric
     relay_bytes: int = 1 << 30  # per relayed session; 0 turns the relay off
     relay_seconds: float = 3600.0
+    # broker: the TCP way in for agents whose UDP is blocked (TLS, then WebSocket at
+    # /natter/v1): "" the UDP address's host and port, "off" none, else HOST:PORT (":443")
+    tcp_addr: str = ""
+    # PEM files (a Kubernetes TLS Secret's tls.crt and tls.key); none: a self-signed pair
+    # made once and kept in the state dir (memory only for a library broker without one)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tcp_per_ip: int = 32  # TCP connections at once from one address
+    tcp_max: int = 20000  # TCP connections at once in all
+    tcp_handshake_timeout: float = 10.0  # TLS and the WebSocket upgrade, together
+    tcp_idle_timeout: float = 75.0  # no message this long: closed (agents send every 20 s)
     # broker: who may register, which names are whose, address validation and rate limits
     tokens_file: str = ""
     names_file: str = ""  # NAME FINGERPRINT per line: names bound before anyone registers
@@ -88,6 +99,11 @@ class Config:
     path_silence: float = DEFAULTS.path_silence
     path_dead: float = DEFAULTS.path_dead
     spray_probes: int = DEFAULTS.spray_probes  # 255 mappings x 2048 probes: about 99.97% (1024: 98%)
+
+    # the TCP way to the broker, when its UDP gets no answer (TLS, then WebSocket)
+    proxy: str = ""  # an HTTP CONNECT proxy, http://[USER:PASS@]HOST:PORT; "": HTTPS_PROXY; "none"
+    broker_ca: str = ""  # verify the broker's certificate: a CA file, or "system"; "": any (remembered)
+    broker_key: str = ""  # or pin its key: SHA256:... (as `natter broker` logs it)
 
     # the agent's one UDP socket
     udp_host: str = "0.0.0.0"

@@ -217,6 +217,16 @@ class Registration:
         if self.state is RegState.REGISTERED:
             self._next_send = now
 
+    def retry_now(self, now: float) -> None:
+        """Send the next registration now (a new way to the broker just opened)."""
+        if self.state is RegState.REGISTERING:
+            self._next_send = now
+
+    def transport_lost(self, reason: str, now: float) -> None:
+        """The way our registration went is gone (the TCP stream closed): register again."""
+        if self.state is RegState.REGISTERED:
+            self._lose(reason, now)
+
     def stop(self) -> None:
         self.state = RegState.IDLE
         self._next_send = None

@@ -63,6 +63,15 @@ class BrokerMetrics:
             registry=r,
         )
         self.ready = Gauge("natter_broker_ready", "1 when the broker can serve", registry=r)
+        self.tcp_connections = Gauge(
+            "natter_broker_tcp_connections", "Agents' TCP (TLS, WebSocket) connections open", registry=r
+        )
+        self.tcp_closed = Counter(
+            "natter_broker_tcp_closed",
+            "TCP connections refused or closed, by reason",
+            ["reason"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -43,6 +43,7 @@ from natter_proto.names import NameBook, NamesFileError, parse_names_file
 from natter_proto.ratelimit import RateLimiter
 from natter_proto.registry import PeerRecord
 from natter_proto.relay import RELAY_PREFIX, RelayTable
+from natter_proto.tlskey import key_fingerprint
 from natter_proto.tokens import TokenList, TokenListError
 
 from .batcher import Batcher
@@ -52,6 +53,8 @@ from .namestore import NameStore
 from .registry import MemoryRegistry, Registry
 from .relaying import Relayer
 from .replicas import ReplicaIntroductions
+from .streams import StreamLimits, StreamListener
+from .tlscert import server_context
 from .udp import BrokerSocket
 
 log = structlog.get_logger("natter.broker")
@@ -113,6 +116,9 @@ class Broker:
         self._socket = BrokerSocket(self.datagram_received)
         self._probe = BrokerSocket(self.probe_received)
         self.probe_address: Endpoint | None = None
+        self._streams: StreamListener | None = None
+        self.tcp_address: Endpoint | None = None  # the TCP (TLS, WebSocket) way in
+        self.tls_key = ""  # its certificate's key, as agents pin it
         self._health: HealthServer | None = None
         self._registers: Batcher[tuple[Register, Endpoint]] | None = None
         self._keepalives: Batcher[tuple[Keepalive, Endpoint]] | None = None
@@ -173,6 +179,12 @@ class Broker:
                 raise AddressError(f"cannot listen on {self.config.probe_addr}: {exc.strerror}") from None
             self.probe_address = Endpoint(bound[0], bound[1])
             self.core.probe_port = bound[1]
+        try:
+            await self._start_streams()
+        except AddressError:
+            self._socket.close()
+            self._probe.close()
+            raise
         await self.registry.start(self.broker_id, self.replicas.on_bus)
         self._registers = Batcher(lambda batch: self._guard(self._on_registers(batch), "register"))
         self._keepalives = Batcher(lambda batch: self._guard(self._on_keepalives(batch), "keepalive"))
@@ -193,8 +205,36 @@ class Broker:
             f"broker listening on {self.address}",
             mode=mode,
             metrics=self.config.metrics_addr or None,
+            tcp=str(self.tcp_address) if self.tcp_address else None,
+            tls_key=self.tls_key or None,
         )
         return self.address
+
+    async def _start_streams(self) -> None:
+        """The TCP way in, on the UDP address's port unless told otherwise. Where that
+        port is taken for TCP the broker serves UDP alone, and says so; an address given
+        with --tcp-listen must be free."""
+        wanted = self.config.tcp_addr
+        if wanted == "off":
+            return
+        host, port = split_host_port(wanted, default_host=self.host) if wanted else (self.host, self.port)
+        port = port or (self.address.port if self.address is not None else 0)
+        tls, der = server_context(self.config.tls_cert, self.config.tls_key, self.config.state_dir)
+        c = self.config
+        limits = StreamLimits(c.tcp_per_ip, c.tcp_max, c.tcp_handshake_timeout, c.tcp_idle_timeout)
+        streams = StreamListener(self.datagram_received, tls, limits, self.metrics)
+        try:
+            self.tcp_address = await streams.start(host, port)
+        except OSError as exc:
+            if wanted:
+                raise AddressError(f"cannot listen on TCP {wanted}: {exc.strerror}") from None
+            self._log.warning(
+                f"cannot listen on TCP {host}:{port} ({exc.strerror}): agents whose UDP is "
+                "blocked cannot reach this broker (--tcp-listen picks another address)"
+            )
+            return
+        self._streams = streams
+        self.tls_key = key_fingerprint(der)
 
     def is_ready(self) -> bool:
         return self._socket.is_open and not self._closing and self.registry.is_ready()
@@ -222,6 +262,8 @@ class Broker:
                 await batcher.close()
         if self._health is not None:
             await self._health.close()
+        if self._streams is not None:
+            await self._streams.close()
         await self.registry.close()
         self._socket.close()
         self._probe.close()
@@ -434,6 +476,9 @@ class Broker:
         self._sendto(frames.encode(message), addr)
 
     def _sendto(self, data: bytes, addr: Endpoint) -> None:
+        """To an agent's TCP connection if addr is one, else over UDP."""
+        if self._streams is not None and self._streams.sendto(data, addr):
+            return
         self._socket.sendto(data, (addr.host, addr.port))
 
     def _render_metrics(self) -> bytes:

@@ -28,6 +28,8 @@ from natter_proto.identity import Identity
 from natter_proto.registration import Registration
 from natter_proto.relay import encode_relay
 
+from .brokerstream import BrokerStream, proxy_for
+from .brokertrust import BrokerTrust
 from .engines import QuicEngine, warm_up
 from .errors import NatterError, PeerUnavailable
 from .eventlog import log_event
@@ -70,7 +72,7 @@ class Agent:
         self.identity_created = False
         self.settings = agent_settings(config)
         self.sock = self._new_socket(MAIN_SOCKET)
-        self.sockets: dict[int, AgentSocket] = {MAIN_SOCKET: self.sock}
+        self.sockets: dict[int, AgentSocket | BrokerStream] = {MAIN_SOCKET: self.sock}
         self.router = Router()
         self.tunnels: dict[int, PeerLink] = {}
         self.machine: AgentMachine | None = None
@@ -129,12 +131,19 @@ class Agent:
     identity: Identity
     trust: PeerTrust
     engine: QuicEngine
+    _broker_names: dict[Endpoint, str]  # the host each broker was named by (TLS server name)
+    _broker_trust: BrokerTrust
 
     def _load(self) -> None:
         """The blocking part of starting: DNS, the key file and known peers, the engine."""
         loaded = load(self.config, self._engine)
-        self.brokers, self.identity, self.identity_created = loaded.brokers, loaded.identity, loaded.created
+        self.brokers, self.identity, self.identity_created = (
+            list(loaded.brokers),
+            loaded.identity,
+            loaded.created,
+        )
         self.trust, self.engine = loaded.trust, loaded.engine
+        self._broker_names, self._broker_trust = loaded.brokers, loaded.broker_trust
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -271,6 +280,8 @@ class Agent:
             self._close_tunnel(action)
         elif isinstance(action, act.OpenSockets):
             self._open_sockets(action.sockets)
+        elif isinstance(action, act.OpenStream):
+            self._open_stream(action)
         elif isinstance(action, act.CloseSocket):
             sock = self.sockets.pop(action.socket, None)
             if sock is not None:
@@ -356,6 +367,48 @@ class Agent:
             except OSError:
                 break  # out of ports or descriptors: punch with what we have
             self.sockets[number] = sock
+
+    def _open_stream(self, action: act.OpenStream) -> None:
+        """The TCP way to the broker (its UDP gets no answer): TLS, then WebSocket."""
+        old = self.sockets.pop(action.socket, None)
+        if old is not None:
+            old.close()
+        name = self._broker_names.get(action.addr, action.addr.host)
+        try:
+            proxy = proxy_for(name, self.config.proxy)
+        except AddressError as exc:
+            self._stream_closed(action.socket, None, str(exc))
+            return
+        stream = BrokerStream(
+            action.addr,
+            name,
+            self._broker_trust,
+            proxy,
+            functools.partial(self._datagram, action.socket),
+            lambda: self._stream_opened(action.socket),
+            lambda reason: self._stream_closed(action.socket, stream, reason),
+            lambda text: self._log.warning(text, broker=str(action.addr)),
+        )
+        self.sockets[action.socket] = stream
+        self._log.info(
+            "no UDP answer from the broker yet: trying TCP",
+            broker=str(action.addr),
+            proxy=f"{proxy.host}:{proxy.port}" if proxy is not None else None,
+        )
+        stream.start()
+
+    def _stream_opened(self, socket: int) -> None:
+        if self.machine is not None:
+            self.machine.stream_opened(socket, self._now())
+            self._pump()
+
+    def _stream_closed(self, socket: int, stream: BrokerStream | None, reason: str) -> None:
+        if stream is not None and self.sockets.get(socket) is stream:
+            del self.sockets[socket]
+        self._log.info("TCP stream to the broker ended", reason=reason)
+        if self.machine is not None and not self._closed:
+            self.machine.stream_closed(socket, reason, self._now())
+            self._pump()
 
     def _tell(self, event: act.Action) -> None:
         """Events become log lines (the machine's words)."""

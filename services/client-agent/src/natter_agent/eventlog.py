@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from natter_proto.agent import actions as act
+from natter_proto.agent.kinds import path_label
 
 from .link import PeerLink
 
@@ -14,9 +15,11 @@ def log_event(log: Any, event: act.Action, link: PeerLink | None) -> None:
     if isinstance(event, act.Notice):
         getattr(log, event.level.value)(event.text, kind=event.kind.value, **event.fields)
     elif isinstance(event, act.TunnelUp):
+        words = path_label(event.path, event.kind) if event.path.relayed else "direct"
         log.info(
-            f"{'relayed' if event.path.relayed else 'direct'} path up with {event.peer}",
+            f"{words} path up with {event.peer}",
             kind="tunnel_up",
+            transport=event.path.transport.carrier,
             peer=event.peer,
             peer_endpoint=str(event.path),
             path=event.kind.value,
@@ -39,6 +42,7 @@ def log_event(log: Any, event: act.Action, link: PeerLink | None) -> None:
             new_kind=event.new_kind.value,
             old=str(event.old),
             new=str(event.new),
+            new_path=path_label(event.new, event.new_kind),
             reason=event.reason,
             open_connections=link.open_streams if link is not None else 0,
             migrated=not event.replaced,

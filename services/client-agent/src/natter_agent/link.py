@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from natter_proto.agent.kinds import QUIC_PEER, Path, PathKind, Role
+from natter_proto.agent.kinds import QUIC_PEER, Path, PathKind, Role, path_label
 from natter_proto.fairqueue import FairQueue
 from natter_proto.sendqueue import SendQueue
 
@@ -343,7 +343,7 @@ class PeerLink:
         """What `natter status` shows for this tunnel."""
         return {
             "peer": self.peer,
-            "path": self.kind.value,
+            "path": path_label(self.route, self.kind),  # direct, lan, predicted, relayed (udp|tcp)
             "endpoint": str(self.route),
             "role": self.role.value,
             "rtt_ms": round(self.rtt * 1000, 2),

@@ -12,6 +12,7 @@ from natter_proto.config import Config, broker_list
 from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
 from natter_proto.identity import Identity
 
+from .brokertrust import BrokerTrust
 from .engines import QuicEngine, make_engine
 from .keystore import KNOWN_PEERS, KnownPeers, load_identity, state_dir
 from .tls import credentials_for
@@ -31,12 +32,13 @@ def broker_addresses(addrs: str | list[str]) -> list[tuple[str, int]]:
     return found
 
 
-def resolve_brokers(addrs: str | list[str]) -> list[Endpoint]:
-    """Resolve broker HOST:PORTs to IPv4 endpoints (the agent's socket is IPv4); blocking.
+def resolve_brokers(addrs: str | list[str]) -> dict[Endpoint, str]:
+    """Resolve broker HOST:PORTs to IPv4 endpoints (the agent's socket is IPv4), each with
+    the host as given (the TCP stream's TLS server name); blocking.
 
     A name with several addresses yields each of them: several brokers to fail over between.
     """
-    found: dict[Endpoint, None] = {}
+    found: dict[Endpoint, str] = {}
     for host, port in broker_addresses(addrs):
         try:
             infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
@@ -44,8 +46,8 @@ def resolve_brokers(addrs: str | list[str]) -> list[Endpoint]:
             raise AddressError(f"cannot resolve broker host {host!r}: {exc.strerror}") from None
         for info in infos:
             ip, resolved_port = info[4][:2]
-            found.setdefault(endpoint(str(ip), int(resolved_port)), None)
-    return list(found)
+            found.setdefault(endpoint(str(ip), int(resolved_port)), host)
+    return found
 
 
 def agent_settings(config: Config) -> AgentSettings:
@@ -56,11 +58,12 @@ def agent_settings(config: Config) -> AgentSettings:
 
 @dataclass
 class Loaded:
-    brokers: list[Endpoint]
+    brokers: dict[Endpoint, str]  # each with its host name as given
     identity: Identity
     created: bool  # the key was made just now
     trust: PeerTrust
     engine: QuicEngine
+    broker_trust: BrokerTrust
 
 
 def load(config: Config, engine: QuicEngine | None = None) -> Loaded:
@@ -84,4 +87,5 @@ def load(config: Config, engine: QuicEngine | None = None) -> Loaded:
         connection_window=config.connection_window,
         max_streams=config.max_streams,
     )
-    return Loaded(brokers, identity, created, trust, engine)
+    broker_trust = BrokerTrust(config.broker_ca, config.broker_key, directory)
+    return Loaded(brokers, identity, created, trust, engine, broker_trust)

@@ -37,6 +37,15 @@ class CloseSocket:
 
 
 @dataclass(frozen=True)
+class OpenStream:
+    """Open the TCP stream (TLS, then WebSocket) to the broker at ``addr`` as socket
+    ``socket``; report ``stream_opened`` or ``stream_closed``. Its messages are datagrams."""
+
+    socket: int
+    addr: Endpoint
+
+
+@dataclass(frozen=True)
 class StartTunnel:
     """Start a QUIC connection for ``peer`` on ``path``: as its client, or as its server
     from the client's first datagram ``initial``."""
@@ -118,6 +127,7 @@ class NoticeKind(enum.Enum):
     REGISTRATION_LOST = "registration_lost"
     BROKER_CHANGED = "broker_changed"
     REGISTRATION_REFUSED = "registration_refused"
+    BROKER_TRANSPORT = "broker_transport"  # UDP got no answer: the stream, and back
     NAT_LEARNED = "nat_learned"
     ASKING_BROKER = "asking_broker"
     INTRODUCTION_FAILED = "introduction_failed"
@@ -176,6 +186,7 @@ Action = (
     SendFrame
     | OpenSockets
     | CloseSocket
+    | OpenStream
     | StartTunnel
     | RouteTunnel
     | DeliverDatagram

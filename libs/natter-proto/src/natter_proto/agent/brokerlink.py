@@ -1,6 +1,7 @@
 """Our standing with the broker: registration, the NAT-type probe that follows it, how
-frames to the broker are stamped, and the "where do you see us" check a quiet tunnel asks
-for. Pure: it returns frames and notices, and says when our public endpoint moved."""
+frames to the broker are stamped and which way they go (UDP, or the TCP stream: see
+``brokerpath``), and the "where do you see us" check a quiet tunnel asks for. Pure: it
+returns frames and notices, and says when our public endpoint moved."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ from .. import frames
 from ..endpoints import Endpoint
 from ..frames import ConnectRequest, Keepalive, MappingReply, Message, Register
 from ..identity import Identity
-from ..registration import PublicEndpointChanged, Registration, RegState
+from ..registration import (
+    BrokerChanged,
+    PublicEndpointChanged,
+    Registration,
+    RegistrationLost,
+    RegistrationUp,
+    RegState,
+)
 from .actions import Action, SendFrame
-from .kinds import MAIN_SOCKET
+from .brokerpath import BrokerPath
+from .kinds import BROKER_STREAM, MAIN_SOCKET
 from .registration_notes import NatNotes, registration_notice
 from .settings import AgentSettings
 
@@ -36,7 +45,9 @@ class BrokerLink:
             name, local_endpoints, keepalive_interval=settings.keepalive_interval, brokers=len(brokers)
         )
         self.nat = NatNotes()
+        self.path = BrokerPath(settings)
         self._endpoint_checked: float | None = None
+        self._heard_on = MAIN_SOCKET  # the socket the broker's latest frame came on
 
     @property
     def broker(self) -> Endpoint:
@@ -46,8 +57,27 @@ class BrokerLink:
     def registered(self) -> bool:
         return self.registration.state is RegState.REGISTERED
 
+    @property
+    def socket(self) -> int:
+        """The way to the broker that carries our registration (and relayed tunnels)."""
+        return self.path.socket
+
     def receive_mapping(self, message: MappingReply, addr: Endpoint) -> bool:
         return self.nat.receive(message, addr)
+
+    def heard(self, socket: int) -> None:
+        """A frame from the broker came on this socket (before the registration reads it)."""
+        self._heard_on = socket
+        self.path.heard(socket)
+
+    def stream_opened(self, now: float) -> None:
+        self.path.stream_opened()
+        self.registration.retry_now(now)  # register over it at once
+        self.registration.handle_timer(now)
+
+    def stream_closed(self, reason: str, now: float) -> None:
+        if self.path.stream_closed(reason, now):
+            self.registration.transport_lost(f"TCP stream to the broker closed: {reason}", now)
 
     def check_endpoint(self, now: float) -> list[SendFrame]:
         """Ask the broker where it sees us (a tunnel went quiet), at most this often: the
@@ -58,7 +88,7 @@ class BrokerLink:
         self._endpoint_checked = now
         self.registration.check_endpoint(now)
         self.registration.handle_timer(now)
-        return [self.frame(m) for m in self.registration.frames_to_send()]
+        return [f for m in self.registration.frames_to_send() for f in self.frames(m)]
 
     def service(self, now: float, *, listening: bool) -> tuple[list[Action], bool]:
         """Frames to send and notices to tell; True if our public endpoint moved."""
@@ -70,17 +100,29 @@ class BrokerLink:
             out.append(learned)
             if reg.nat != nat.kind.value:
                 reg.update(nat=nat.kind.value, now=now)
-        out += [self.frame(m) for m in reg.frames_to_send()]
+        if reg.state is RegState.REGISTERING:
+            self.path.racing(now)
+        for message in reg.frames_to_send():
+            out += self.frames(message)
         moved = False
         while (event := reg.next_event()) is not None:
+            if isinstance(event, RegistrationUp):
+                self.path.registered_on(self._heard_on, self.broker)
+            elif isinstance(event, BrokerChanged):
+                self.path.changed_broker(now)
+            elif isinstance(event, RegistrationLost):
+                self.path.racing(now)
             out.append(registration_notice(event, self.name, self.broker, self.brokers, listening))
-            nat.on_registration(event, reg, self.broker, now)
+            if self.path.socket != BROKER_STREAM:  # the probe port measures a UDP mapping
+                nat.on_registration(event, reg, self.broker, now)
             moved = moved or isinstance(event, PublicEndpointChanged)
+        out += self.path.actions()
         return out, moved
 
-    def frame(self, message: Message) -> SendFrame:
-        """A frame for the broker, stamped: frames carry its latest cookie; a register also
-        carries our key, the token and a signature over all of it."""
+    def frames(self, message: Message) -> list[SendFrame]:
+        """A frame for the broker, stamped, on each way it goes now (both while racing):
+        frames carry its latest cookie; a register also carries our key, the token and a
+        signature over all of it."""
         cookie = self.registration.cookie
         if isinstance(message, Register):
             message = replace(
@@ -91,11 +133,13 @@ class BrokerLink:
             isinstance(message, Keepalive) and message.cookie is None
         ):
             message = replace(message, cookie=cookie)  # a keepalive answering a challenge has its own
-        return SendFrame(MAIN_SOCKET, self.broker, frames.encode(message))
+        data = frames.encode(message)
+        return [SendFrame(socket, self.broker, data) for socket in self.path.sockets()]
 
     def get_timer(self) -> list[float | None]:
-        return [self.registration.get_timer(), self.nat.get_timer()]
+        return [self.registration.get_timer(), self.nat.get_timer(), self.path.get_timer()]
 
     def handle_timer(self, now: float) -> None:
         self.registration.handle_timer(now)
         self.nat.handle_timer(now)
+        self.path.handle_timer(now, self.broker)

@@ -47,14 +47,23 @@ class Transport(enum.StrEnum):
 
     UDP_DIRECT = "udp"
     UDP_RELAY = "udp-relay"
+    TCP_RELAY = "tcp-relay"  # through the broker over the agent's TCP stream (UDP blocked)
 
     @property
     def relayed(self) -> bool:
         """Through the broker: budget-limited, a fallback that an upgrade should replace."""
-        return self is Transport.UDP_RELAY
+        return self in (Transport.UDP_RELAY, Transport.TCP_RELAY)
+
+    @property
+    def carrier(self) -> str:
+        """What carries the datagrams out of this host: udp or tcp (status, logs)."""
+        return "tcp" if self is Transport.TCP_RELAY else "udp"
 
 
 MAIN_SOCKET = 0  # the agent's one socket; birthday sockets get higher numbers
+# the agent's TCP stream to its broker (TLS, WebSocket: one message per datagram), opened
+# when UDP gets no answer; the machine treats it as one more socket
+BROKER_STREAM = -1
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ class Path:
 
     def __str__(self) -> str:
         if self.relayed:
-            return f"relay {self.addr}"
+            return f"relay {self.addr}" + (" (tcp)" if self.transport is Transport.TCP_RELAY else "")
         return str(self.addr)
 
 
@@ -81,8 +90,17 @@ def direct_path(addr: Endpoint, socket: int = MAIN_SOCKET) -> Path:
     return Path(Transport.UDP_DIRECT, addr, socket)
 
 
-def relay_path(broker: Endpoint, key: bytes) -> Path:
-    return Path(Transport.UDP_RELAY, broker, MAIN_SOCKET, key)
+def relay_path(broker: Endpoint, key: bytes, socket: int = MAIN_SOCKET) -> Path:
+    """The broker's relay, reached on ``socket`` (the UDP socket, or the broker stream)."""
+    transport = Transport.TCP_RELAY if socket == BROKER_STREAM else Transport.UDP_RELAY
+    return Path(transport, broker, socket, key)
+
+
+def path_label(path: Path, kind: PathKind) -> str:
+    """What status and logs call a tunnel's path: direct, lan, predicted, relayed (udp|tcp)."""
+    if path.relayed:
+        return f"{kind.value} ({path.transport.carrier})"
+    return kind.value
 
 
 # The address every tunnel's QUIC connection believes its peer has. natter routes each

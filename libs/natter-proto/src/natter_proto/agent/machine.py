@@ -41,7 +41,7 @@ from .actions import (
 )
 from .brokerlink import BrokerLink
 from .introductions import Introductions, Outcome
-from .kinds import MAIN_SOCKET, Path, PathKind, Role, direct_path, relay_path
+from .kinds import BROKER_STREAM, Path, PathKind, Role, direct_path, relay_path
 from .paths import PeerPaths
 from .pathstate import Health, Purpose
 from .peers import Peers
@@ -136,6 +136,19 @@ class AgentMachine:
             if self._building(paths.peer):
                 self._unreachable(paths.peer, "closed", "agent closed")
 
+    # -- the broker stream ---------------------------------------------------------------
+    def stream_opened(self, socket: int, now: float) -> None:
+        """The TCP stream to the broker is up (TLS and WebSocket done)."""
+        if socket == BROKER_STREAM:
+            self.link.stream_opened(now)
+            self._service(now)
+
+    def stream_closed(self, socket: int, reason: str, now: float) -> None:
+        """The stream failed to open, or ended (``reason`` says how, in a few words)."""
+        if socket == BROKER_STREAM:
+            self.link.stream_closed(reason, now)
+            self._service(now)
+
     # -- what the shell's tunnels did --------------------------------------------------
     def tunnel_ready(self, tunnel_id: int, now: float) -> None:
         paths = self.peers.of(tunnel_id)
@@ -226,7 +239,7 @@ class AgentMachine:
             session.punch.receive(message, addr, now, source)
             self.stats["accepted_probe"] += 1
             return
-        if socket != MAIN_SOCKET:
+        if not self.link.path.carries(socket):
             self.stats["dropped_unknown_session"] += 1
             return
         if isinstance(message, MappingReply):
@@ -239,6 +252,7 @@ class AgentMachine:
             self.stats["dropped_not_from_broker"] += 1
             return
         self.stats["accepted_broker"] += 1
+        self.link.heard(socket)
         self._on_broker_message(message, now)
 
     def _on_broker_message(self, message: Message, now: float) -> None:
@@ -268,7 +282,7 @@ class AgentMachine:
             self.stats["dropped_unexpected"] += 1
 
     def _on_relay(self, socket: int, addr: Endpoint, data: bytes, now: float, owner: int | None) -> None:
-        if socket != MAIN_SOCKET or addr != self.broker:
+        if socket != self.link.socket or addr != self.broker:
             self.stats["dropped_relay_not_from_broker"] += 1
             return
         try:
@@ -276,7 +290,7 @@ class AgentMachine:
         except RelayFrameError:
             self.stats["dropped_relay_bad_frame"] += 1
             return
-        path = relay_path(addr, key)
+        path = relay_path(addr, key, socket)
         if owner is not None and self.peers.of(owner) is not None:
             self.stats["accepted_relay"] += 1
             self.tunnel_heard_on(owner, path, now)  # the client moved this tunnel onto the relay
@@ -331,7 +345,7 @@ class AgentMachine:
             self._out.append(CloseTunnel(tunnel_id, "QUIC handshake timed out"))
             self.tunnel_closed(tunnel_id, "QUIC handshake timed out", now)
         for peer, pending in self.introductions.expired(now, registered=self.registered):
-            text = f"broker {self.broker} did not answer within {self.settings.register_timeout:g} s"
+            text = f"{self.link.path.unanswered(self.broker)} within {self.settings.register_timeout:g} s"
             self._fail_purpose(peer, pending.purpose, "timeout", text, now)
         self._service(now)
 
@@ -343,7 +357,8 @@ class AgentMachine:
             self._out.append(note)
 
     def _start_punch(self, punch: Punch, purpose: Purpose, now: float) -> None:
-        self.puncher.start(punch, purpose, self.nat.kind, self.broker, self.listening, now)
+        relay = relay_path(self.broker, b"", self.link.socket)  # how the relay is reached now
+        self.puncher.start(punch, purpose, self.nat.kind, relay, self.listening, now)
 
     def _fail_purpose(self, peer: str, purpose: Purpose, code: str, message: str, now: float) -> None:
         if purpose is Purpose.NEW:
@@ -403,7 +418,7 @@ class AgentMachine:
                 self._out.extend(self.link.check_endpoint(now))
 
     def _send_broker(self, message: Message) -> None:
-        self._out.append(self.link.frame(message))
+        self._out.extend(self.link.frames(message))
 
     def _note(self, kind: NoticeKind, level: Level, text: str, **fields: object) -> None:
         self._out.append(Notice(kind, level, text, fields))

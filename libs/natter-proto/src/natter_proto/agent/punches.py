@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import deque
 
-from ..endpoints import Endpoint
 from ..frames import Punch, encode
 from ..punch import PathFound, PeerLostTunnel, PunchEvent, PunchState
 from .actions import (
@@ -22,7 +21,7 @@ from .actions import (
     SendFrame,
     StartTunnel,
 )
-from .kinds import MAIN_SOCKET, NatKind, Path, PathKind, Role
+from .kinds import MAIN_SOCKET, NatKind, Path, PathKind, Role, Transport
 from .pathstate import Health, Purpose, Tunnel
 from .peers import Peers
 from .punching import Session, Sessions
@@ -61,8 +60,11 @@ class Puncher:
             if session.relay_at is not None and now >= session.relay_at:
                 session.relay_at = None
                 if session.punch.state is PunchState.PROBING and session.tunnel is None:
-                    head_start = self.settings.relay_head_start
-                    self._relay_tunnel(session, f"no probe answered within {head_start:g} s", now)
+                    if session.via.transport is Transport.TCP_RELAY:
+                        why = "our UDP gets no answer from the broker"
+                    else:
+                        why = f"no probe answered within {self.settings.relay_head_start:g} s"
+                    self._relay_tunnel(session, why, now)
         for session in self.sessions.expired(now):
             self._end(session)
 
@@ -70,7 +72,7 @@ class Puncher:
         self._out.append(Notice(kind, level, text, fields))
 
     def start(
-        self, punch: Punch, purpose: Purpose, nat: NatKind, broker: Endpoint, listening: bool, now: float
+        self, punch: Punch, purpose: Purpose, nat: NatKind, via: Path, listening: bool, now: float
     ) -> None:
         """Begin the punch an instruction from the broker asks for (once per session)."""
         if punch.role == Role.SERVER.value and not listening:
@@ -92,7 +94,7 @@ class Puncher:
         paths = self.peers.by_name.get(punch.peer)
         alive = paths is not None and any(t.health is not Health.CLOSED for t in paths.tunnels.values())
         no_tunnel = punch.role == Role.SERVER.value and not alive
-        session = self.sessions.start(self.name, punch, purpose, nat, broker, now, no_tunnel=no_tunnel)
+        session = self.sessions.start(self.name, punch, purpose, nat, via, now, no_tunnel=no_tunnel)
         if session.sockets or session.punch.predicting:
             self._note(
                 NoticeKind.BIRTHDAY,
@@ -107,12 +109,14 @@ class Puncher:
             return
         if nat is NatKind.HARD and NatKind.parse(punch.peer_nat) is NatKind.HARD:
             # two symmetric NATs: no probe can meet a mapping, so do not wait for the punch
-            session.punch.succeed(broker)
+            session.punch.succeed(via.addr)
             self._relay_tunnel(session, "both NATs are symmetric", now)
         else:
             # relay first: the handshake starts there unless a probe answers by then, and the
             # punch goes on (a direct path it finds takes the tunnel over: direct_found)
-            session.relay_at = now + punch.delay_ms / 1000 + self.settings.relay_head_start
+            # (with no UDP to the broker a punch is unlikely to work: the relay at once)
+            head_start = 0.0 if via.transport is Transport.TCP_RELAY else self.settings.relay_head_start
+            session.relay_at = now + punch.delay_ms / 1000 + head_start
 
     def _outcome(self, session: Session, event: PunchEvent, now: float) -> None:
         peer = session.punch.peer
@@ -191,7 +195,7 @@ class Puncher:
             if probing
             else f"no direct path to {peer} ({why}): tunnelling through the broker's relay",
             peer=peer,
-            relay=str(session.broker),
+            relay=str(session.via),
         )
         tunnel = self.start_tunnel(session, Role.CLIENT, session.relay(), PathKind.RELAYED, 0, now)
         session.tunnel = tunnel.id

@@ -9,13 +9,13 @@ index (0: the agent's main socket).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..endpoints import Endpoint
 from ..frames import Punch
 from ..punch import PunchSession
 from ..relay import session_key
-from .kinds import MAIN_SOCKET, NatKind, Path, PathKind, Role, direct_path, relay_path
+from .kinds import MAIN_SOCKET, NatKind, Path, PathKind, Role, direct_path
 from .pathstate import Purpose
 from .settings import AgentSettings
 
@@ -24,7 +24,7 @@ from .settings import AgentSettings
 class Session:
     punch: PunchSession
     purpose: Purpose
-    broker: Endpoint  # the broker that introduced it: its relay carries the session
+    via: Path  # the relay of the broker that introduced it (and how it is reached; no key)
     linger_until: float
     sockets: list[int] = field(default_factory=list)  # source index k -> sockets[k - 1]
     relay_at: float | None = None  # a new tunnel's handshake starts on the relay then
@@ -46,7 +46,11 @@ class Session:
         return direct_path(addr, self.socket_of(source))
 
     def relay(self) -> Path:
-        return relay_path(self.broker, session_key(self.punch.session_id))
+        return replace(self.via, relay_key=session_key(self.punch.session_id))
+
+    @property
+    def broker(self) -> Endpoint:
+        return self.via.addr
 
     def kind(self, addr: Endpoint) -> tuple[PathKind, int]:
         """lan, predicted (birthday method, with its probes) or direct; for status and logs."""
@@ -81,7 +85,7 @@ class Sessions:
         punch: Punch,
         purpose: Purpose,
         nat: NatKind,
-        broker: Endpoint,
+        via: Path,
         now: float,
         *,
         no_tunnel: bool = False,
@@ -101,7 +105,7 @@ class Sessions:
                 no_tunnel=no_tunnel,
             ),
             purpose,
-            broker,
+            via,
             now + linger,
             [next(self._socket_ids) for _ in range(sources - 1)],
         )

@@ -10,6 +10,10 @@ class AgentSettings:
     # registration with the broker
     keepalive_interval: float = 20.0
     register_timeout: float = 10.0
+    # the broker's UDP unanswered this long: open the TCP stream too (happy eyeballs), and
+    # register over whichever answers first; a stream that fails is tried again with backoff
+    stream_after: float = 0.5
+    stream_retry_max: float = 30.0
     # introduction and hole punching
     connect_timeout: float = 10.0
     punch_interval: float = 0.075
