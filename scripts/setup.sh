@@ -19,6 +19,7 @@ command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v redis-benchmark >/dev/null 2>&1 || need_apt+=(redis-tools)  # bench/latency.py
+[[ -x /usr/bin/tinyproxy ]] || need_apt+=(tinyproxy)  # an HTTP CONNECT proxy in the NAT lab
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

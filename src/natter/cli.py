@@ -61,6 +61,9 @@ async def run_broker(args: argparse.Namespace) -> int:
         names_file=args.names,
         state_dir=args.state_dir or str(default_state_dir()),  # the command keeps name bindings
         probe_addr=args.probe,
+        tcp_addr=args.tcp_listen,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         relay_bytes=int(args.relay_mb * (1 << 20)),
         relay_seconds=args.relay_seconds,
         rate_per_ip=args.ip_rate,
@@ -92,6 +95,9 @@ async def run_client(args: argparse.Namespace) -> int:
         allow_peers=args.allow,
         allow_targets=args.allow_targets,
         max_connections=args.max_connections,
+        proxy=args.proxy,
+        broker_ca=args.broker_ca,
+        broker_key=args.broker_key,
     )
     forwards: list[ForwardSpec] = args.forwards
     if forwards and forwards[0].is_stdio:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from natter_agent.brokerstream import Proxy
 from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
 from natter_proto.endpoints import split_host_port
 from natter_proto.frames import valid_name
@@ -34,6 +35,12 @@ ENVIRONMENT = {
     "ip_rate": "NATTER_IP_RATE",
     "probe": "NATTER_PROBE",
     "relay_mb": "NATTER_RELAY_MB",
+    "tcp_listen": "NATTER_TCP_LISTEN",
+    "tls_cert": "NATTER_TLS_CERT",
+    "tls_key": "NATTER_TLS_KEY",
+    "proxy": "NATTER_PROXY",
+    "broker_ca": "NATTER_BROKER_CA",
+    "broker_key": "NATTER_BROKER_KEY",
     "relay_seconds": "NATTER_RELAY_SECONDS",
     "name": "NATTER_NAME",
     "broker": "NATTER_BROKER",
@@ -155,6 +162,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             raise UsageError(
                 f"bad Redis URL {args.redis!r}: expected redis://HOST:PORT/DB or redis+sentinel://..."
             )
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        if args.tcp_listen and args.tcp_listen != "off":
+            try:
+                split_host_port(args.tcp_listen)
+            except ValueError as exc:
+                raise UsageError(f"bad TCP listen address: {exc}") from None
         for what, value in (("metrics", args.metrics), ("probe", args.probe)):
             if value:
                 try:
@@ -177,6 +191,15 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             split_host_port(args.metrics)
         except ValueError as exc:
             raise UsageError(f"bad metrics address: {exc}") from None
+    if args.proxy and args.proxy != "none":
+        try:
+            Proxy.parse(args.proxy)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if args.broker_key and not args.broker_key.startswith("SHA256:"):
+        raise UsageError(f"bad --broker-key {args.broker_key!r}: expected SHA256:... as the broker logs it")
+    if args.broker_ca and args.broker_ca != "system" and not Path(args.broker_ca).is_file():
+        raise UsageError(f"--broker-ca {args.broker_ca}: no such file")
     if not args.broker:
         raise UsageError("a client needs -broker HOST:PORT")
     for broker in args.broker:

@@ -67,6 +67,29 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         help="broker HOST:PORT; repeat it (or use a name with several addresses) to fail over",
     )
     parser.add_argument(
+        *_flags(dash, "proxy"),
+        dest="proxy",
+        metavar="URL",
+        default="",
+        help="HTTP CONNECT proxy for the TCP way to the broker, http://HOST:PORT"
+        " (default: HTTPS_PROXY; 'none': never)",
+    )
+    parser.add_argument(
+        *_flags(dash, "broker-ca"),
+        dest="broker_ca",
+        metavar="FILE",
+        default="",
+        help="verify the broker's TLS certificate against FILE's CAs ('system': the system's);"
+        " default: any, its key remembered and a change warned about",
+    )
+    parser.add_argument(
+        *_flags(dash, "broker-key"),
+        dest="broker_key",
+        metavar="SHA256",
+        default="",
+        help="pin the broker's TLS key (SHA256:..., as the broker logs it at start)",
+    )
+    parser.add_argument(
         *_flags(dash, "udp-port"),
         dest="udp_port",
         type=int,
@@ -205,6 +228,28 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         metavar="ADDR",
         default="",
         help="second UDP port (e.g. :10001) where agents learn whether their NAT is symmetric",
+    )
+    parser.add_argument(
+        *_flags(dash, "tcp-listen"),
+        dest="tcp_listen",
+        metavar="ADDR",
+        default="",
+        help="take agents whose UDP is blocked over TCP (TLS, WebSocket) on ADDR, e.g. :443"
+        " (default: the UDP address's port; 'off': none)",
+    )
+    parser.add_argument(
+        *_flags(dash, "tls-cert"),
+        dest="tls_cert",
+        metavar="FILE",
+        default="",
+        help="PEM certificate chain for the TCP way in (default: a self-signed one kept in the state dir)",
+    )
+    parser.add_argument(
+        *_flags(dash, "tls-key"),
+        dest="tls_key",
+        metavar="FILE",
+        default="",
+        help="PEM private key for --tls-cert",
     )
     parser.add_argument(
         *_flags(dash, "relay-mb"),

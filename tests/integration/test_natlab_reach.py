@@ -1,13 +1,19 @@
-"""Networks where a punch cannot work, or works late, through real NATs: two homes behind
-one carrier-grade NAT (relay first: the first byte does not wait for the punch).
-Needs root (see test_natlab.py)."""
+"""Networks people sit on, through real NATs: two homes behind one carrier-grade NAT
+(relay first: the first byte does not wait for the punch), UDP blocked (TCP to the
+broker), UDP blocked behind an HTTP CONNECT proxy. Needs root (see test_natlab.py)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
-from natlab import remove_stale_namespaces, require_lab
+from labscene import Scene
+from natlab import INET_IP, NatLab, remove_stale_namespaces, require_lab
 from natmatrix import run_cell
+from procs import Proc, natter, tool
+from test_natlab_recovery import status
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(120)]
 
@@ -21,3 +27,54 @@ def test_shared_cgnat_first_byte_within_half_a_second() -> None:
     assert result.bytes_ok
     assert result.path == "relayed" and result.first_path == "relayed", result
     assert result.first_byte_s < 0.5, result
+
+
+def proxy_config(directory: Path, listen: str) -> Path:
+    """tinyproxy on natA's LAN side: CONNECT to the broker's port only, nothing cached."""
+    config = directory / "tinyproxy.conf"
+    config.write_text(
+        f"Port 8888\nListen {listen}\nTimeout 60\nMaxClients 20\nAllow 192.168.1.0/24\n"
+        f"ConnectPort 10000\nLogLevel Info\n"
+    )
+    return config
+
+
+@pytest.mark.parametrize("through", ["udp-blocked", "connect-proxy"])
+def test_udp_blocked_seed_lines_unchanged(through: str, tmp_path: Path) -> None:
+    """Seen: behind a firewall that lets only TCP out, nothing ever connected ('broker did
+    not answer within 10 s', retried forever). Now the seed's lines, unchanged, register
+    over TCP (TLS, WebSocket) and tunnel through the broker's relay over it. With
+    ``connect-proxy`` alice's network lets nothing out at all but an HTTP CONNECT proxy
+    (tinyproxy), named by HTTPS_PROXY."""
+    require_lab()
+    remove_stale_namespaces()
+    with NatLab() as lab, Scene(lab) as scene:
+        if through == "udp-blocked":
+            lab.sh("natA", "iptables", "-I", "FORWARD", "-i", "lan", "-p", "udp", "-j", "DROP")
+            env: list[str] = []
+        else:
+            lab.sh("natA", "iptables", "-I", "FORWARD", "-i", "lan", "-j", "DROP")
+            if shutil.which("tinyproxy") is None:
+                pytest.fail("tinyproxy is missing: scripts/setup.sh installs it")
+            config = proxy_config(tmp_path, "192.168.1.1")
+            scene.add(Proc(["tinyproxy", "-d", "-c", str(config)], prefix=lab.prefix("natA")))
+            env = ["env", "HTTPS_PROXY=http://192.168.1.1:8888"]
+        scene.broker(10000)
+        sink_port = scene.service("sink")
+        echo_port = scene.service("echo")
+        bob = scene.listener(10000)
+        alice = scene.add(
+            natter(
+                "-name", "alice", "-broker", f"{INET_IP}:10000",
+                f"8031:bob:{sink_port}", f"8032:bob:{echo_port}",
+                prefix=[*lab.prefix("alice"), *env],
+            )
+        )  # fmt: skip
+        said = alice.wait_kind("broker_transport", transport="tcp", timeout=20)
+        assert said["event"] == f"no UDP answer from the broker {INET_IP}:10000: using TCP"
+        alice.wait_path("bob", "relayed", timeout=20)
+        assert tool("echo-check", "127.0.0.1", "8032", str(1 << 20), prefix=lab.prefix("alice")) == "ok"
+        scene.send_checked(8031, 8 << 20)
+        tunnels = status(alice)["tunnels"]
+        assert isinstance(tunnels, list) and [t["path"] for t in tunnels] == ["relayed (tcp)"], tunnels
+        assert bob.popen.poll() is None
