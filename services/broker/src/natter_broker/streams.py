@@ -61,7 +61,8 @@ class StreamListener:
         self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> Endpoint:
-        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Gate(self._admit), host, port, reuse_address=True)
         bound = self._server.sockets[0].getsockname()
         return Endpoint(bound[0], bound[1])
 
@@ -95,55 +96,81 @@ class StreamListener:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     # -- one connection -----------------------------------------------------------------
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        peer = writer.get_extra_info("peername")
+    def _admit(self, transport: asyncio.Transport) -> None:
+        """A new TCP connection, not yet read from: within the limits, TLS starts."""
+        peer = transport.get_extra_info("peername")
         try:
             source = endpoint(str(peer[0]), int(peer[1]))
         except (AddressError, TypeError, IndexError):
-            writer.close()
+            transport.abort()
             return
         if self._open >= self.limits.total or self._per_ip[source.host] >= self.limits.per_ip:
             reason = "too_many" if self._open >= self.limits.total else "per_ip"
             self._metrics.tcp_closed.labels(reason).inc()
-            writer.transport.abort()
+            transport.abort()
             return
         self._open += 1
         self._per_ip[source.host] += 1
-        self._handlers.add(task)
         self._metrics.tcp_connections.set(self._open)
+        task = asyncio.get_running_loop().create_task(self._connection(transport, source))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _connection(self, raw: asyncio.Transport, source: Endpoint) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=ws.MAX_HEAD * 2, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        writer: asyncio.StreamWriter | None = None
+        transport: asyncio.Transport = raw
         reason = "closed"
         try:
-            reason = await self._serve(reader, writer, source)
+            deadline = loop.time() + self.limits.handshake_timeout
+            try:
+                tls = await loop.start_tls(
+                    raw,
+                    protocol,
+                    self._tls,
+                    server_side=True,
+                    ssl_handshake_timeout=self.limits.handshake_timeout,
+                )
+            except (TimeoutError, ConnectionError):
+                reason = "handshake_timeout"
+                return
+            except (ssl.SSLError, OSError):
+                reason = "tls_failed"
+                return
+            if tls is None:
+                return
+            transport = tls
+            protocol.connection_made(tls)
+            writer = asyncio.StreamWriter(tls, protocol, reader, loop)
+            reason = await self._serve(reader, writer, source, max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
             reason = "shutdown"
         except (OSError, ssl.SSLError, EOFError):
             reason = "reset"
         finally:
-            if self._agents.get(source) is writer:
+            if writer is not None and self._agents.get(source) is writer:
                 del self._agents[source]
             self._open -= 1
             self._per_ip[source.host] -= 1
             if self._per_ip[source.host] <= 0:
                 del self._per_ip[source.host]
-            self._handlers.discard(task)
             self._metrics.tcp_connections.set(self._open)
             self._metrics.tcp_closed.labels(reason).inc()
-            if reason in ("idle", "handshake_timeout"):
-                writer.transport.abort()  # no goodbye to a client that said nothing
+            if reason in ("idle", "handshake_timeout", "tls_failed") or writer is None:
+                transport.abort()  # no goodbye to a client that said nothing (or no TLS)
             else:
                 writer.close()
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: Endpoint
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: Endpoint, left: float
     ) -> str:
+        """The upgrade (within what is left of the handshake time), then messages."""
         try:
-            leftover = await asyncio.wait_for(self._upgrade(reader, writer), self.limits.handshake_timeout)
+            leftover = await asyncio.wait_for(self._upgrade(reader, writer), left)
         except TimeoutError:
             return "handshake_timeout"
-        except ssl.SSLError:
-            return "tls_failed"
         except ws.WebSocketError as exc:
             with contextlib.suppress(Exception):
                 writer.write(ws.refusal(400, str(exc)))
@@ -175,8 +202,7 @@ class StreamListener:
                 return "closed"
 
     async def _upgrade(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-        """TLS, then the WebSocket upgrade; returns what the client sent after its head."""
-        await writer.start_tls(self._tls)
+        """The WebSocket upgrade; returns what the client sent after its head."""
         buffer = bytearray()
         while (end := ws.head_end(buffer)) < 0:
             chunk = await reader.read(ws.MAX_HEAD)
@@ -186,3 +212,16 @@ class StreamListener:
         key = ws.parse_request(bytes(buffer[:end]))
         writer.write(ws.server_response(key))
         return bytes(buffer[end:])
+
+
+class _Gate(asyncio.Protocol):
+    """A TCP connection before TLS: nothing is read until the listener has admitted it
+    (the TLS layer takes over the transport, paused, with nothing lost)."""
+
+    def __init__(self, admit: Callable[[asyncio.Transport], None]) -> None:
+        self._admit = admit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self._admit(transport)

@@ -41,7 +41,7 @@ def server_context(cert: str, key: str, state_dir: str) -> tuple[ssl.SSLContext,
         except (OSError, ssl.SSLError) as exc:
             raise AddressError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from None
         return ctx, x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    cert_pem, key_pem = _kept_pair(Path(state_dir).expanduser()) if state_dir else _new_pair()
+    cert_pem, key_pem = _kept_pair(Path(state_dir).expanduser()) if state_dir else self_signed_pair()
     with tempfile.TemporaryDirectory() as tmp:  # ssl loads from files only
         cert_path, key_path = Path(tmp) / CERT_FILE, Path(tmp) / KEY_FILE
         cert_path.write_bytes(cert_pem)
@@ -55,7 +55,7 @@ def _kept_pair(directory: Path) -> tuple[bytes, bytes]:
     try:
         if cert_path.exists() and key_path.exists():
             return cert_path.read_bytes(), key_path.read_bytes()
-        cert_pem, key_pem = _new_pair()
+        cert_pem, key_pem = self_signed_pair()
         directory.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "wb") as handle:
@@ -66,7 +66,8 @@ def _kept_pair(directory: Path) -> tuple[bytes, bytes]:
     return cert_pem, key_pem
 
 
-def _new_pair() -> tuple[bytes, bytes]:
+def self_signed_pair() -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for this host, valid ten years."""
     key = ec.generate_private_key(ec.SECP256R1())
     host = socket.gethostname()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"natter broker {host}")])

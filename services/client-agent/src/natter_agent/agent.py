@@ -174,9 +174,10 @@ class Agent:
         try:
             await asyncio.wait_for(self.registered.wait(), timeout)
         except TimeoutError:
-            raise NatterError(
-                f"broker {broker_list(self.config.broker_addr)} did not answer within {timeout:g} s"
-            ) from None
+            if self.machine is None:
+                raise NatterError(f"broker {broker_list(self.config.broker_addr)} did not answer") from None
+            tried = self.machine.link.path.unanswered(self.machine.broker)
+            raise NatterError(f"{tried} (within {timeout:g} s)") from None
 
     def set_listening(self, handler: IncomingHandler) -> None:
         self.listening = True

@@ -150,9 +150,8 @@ class BrokerStream:
         reader, writer = await asyncio.open_connection(*target)
         if proxy is not None:
             await self._through_proxy(reader, writer, proxy)
-        ctx = self.trust.context()
-        named = self.server_name if not _is_ip(self.server_name) else None
-        await writer.start_tls(ctx, server_hostname=named)
+        # an IP literal sends no SNI but is checked against the certificate's IP names
+        await writer.start_tls(self.trust.context(), server_hostname=self.server_name.strip("[]"))
         ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         warning = self.trust.check(str(self.broker), der)
@@ -206,13 +205,3 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes:
     if len(head) > ws.MAX_HEAD:
         raise ws.WebSocketError("HTTP head too long")
     return head
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
