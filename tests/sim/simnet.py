@@ -115,6 +115,7 @@ class Nat:
         timeout: float = 120.0,
         hairpin: bool = False,
         udp_blocked: bool = False,
+        tcp_blocked: bool = False,
         mtu: int = 1500,
     ) -> None:
         self.net = net
@@ -122,6 +123,7 @@ class Nat:
         self.public_ip = public_ip
         self.mapping, self.filtering, self.timeout = mapping, filtering, timeout
         self.hairpin, self.udp_blocked, self.mtu = hairpin, udp_blocked, mtu
+        self.tcp_blocked = tcp_blocked  # agents' TCP streams to the broker cannot pass
         self.deny: set[str] = set()  # a firewall: nothing to or from these addresses
         self.paused = False  # the host behind it is stopped (SIGSTOP): nothing in or out
         self.inside = Realm(net, upstream=self)

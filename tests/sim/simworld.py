@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from simnet import Network, Realm
@@ -34,6 +35,7 @@ from natter_proto.agent.actions import (
     DeliverDatagram,
     Notice,
     OpenSockets,
+    OpenStream,
     PathChanged,
     PeerReady,
     PeerUnreachable,
@@ -43,7 +45,7 @@ from natter_proto.agent.actions import (
     StartTunnel,
     TunnelUp,
 )
-from natter_proto.agent.kinds import QUIC_PEER, Path, PathKind, Role
+from natter_proto.agent.kinds import BROKER_STREAM, QUIC_PEER, Path, PathKind, Role
 from natter_proto.agent.machine import AgentMachine
 from natter_proto.agent.settings import AgentSettings
 from natter_proto.broker import BrokerCore, RecentSessions
@@ -78,6 +80,8 @@ class SimBroker:
         self.relayed_bytes = 0
         self.keepalives: list[tuple[float, str]] = []  # when, from whom
         self.up = True
+        self.tcp = True  # takes agents' TCP streams (TLS, WebSocket)
+        self.streams: dict[Endpoint, SimStream] = {}
         net.internet.bind(addr, self.receive)
         if probe:
             self.probe_addr = Endpoint(addr.host, addr.port + 1)
@@ -85,7 +89,18 @@ class SimBroker:
             net.internet.bind(self.probe_addr, self.probe)
 
     def send(self, message: frames.Message, to: Endpoint) -> None:
-        self.net.internet.send(self.addr, to, frames.encode(message))
+        self.deliver(to, frames.encode(message))
+
+    def deliver(self, to: Endpoint, data: bytes) -> None:
+        """To an agent's TCP stream if ``to`` is one, else over UDP."""
+        stream = self.streams.get(to)
+        if stream is not None:
+            stream.to_agent(data)
+        else:
+            self.net.internet.send(self.addr, to, data)
+
+    def stream_received(self, data: bytes, source: Endpoint) -> None:
+        self.receive(data, source)
 
     def restart(self) -> None:
         """A standalone broker restarts: it forgets every registration and cookie."""
@@ -169,7 +184,54 @@ class SimBroker:
         record = self.table.get(receiver) if receiver is not None else None
         if record is not None:
             self.relayed_bytes += len(packet)
-            self.net.internet.send(self.addr, record.public, encode_relay(key, packet))
+            self.deliver(record.public, encode_relay(key, packet))
+
+
+class SimStream:
+    """An agent's TCP stream to the broker: reliable and in order, one RTT and a half to
+    open (TCP, TLS and the upgrade are overlapped in this model: three one-way delays),
+    seen by the broker from the agent's outermost NAT's address and a port of its own."""
+
+    ports = itertools.count(61000)
+
+    def __init__(self, agent: SimAgent, broker: SimBroker, public_ip: str) -> None:
+        self.agent, self.broker = agent, broker
+        self.source = Endpoint(public_ip, next(SimStream.ports))
+        self.delay = agent.world.net.latency * 3
+        self.open = False
+
+    def connect(self) -> None:
+        clock = self.agent.world.net.clock
+
+        def opened() -> None:
+            if self.agent.streams.get(BROKER_STREAM) is not self:
+                return
+            if not self.broker.up or not self.broker.tcp:
+                self.agent.stream_failed(self, "connection refused")
+                return
+            self.open = True
+            self.broker.streams[self.source] = self
+            self.agent.machine.stream_opened(BROKER_STREAM, clock.now)
+            self.agent.pump()
+
+        clock.at(clock.now + 3 * self.delay, opened)
+
+    def to_broker(self, data: bytes) -> None:
+        self._later(lambda: self.broker.stream_received(data, self.source))
+
+    def to_agent(self, data: bytes) -> None:
+        self._later(lambda: self.agent.datagram(BROKER_STREAM, data, self.broker.addr))
+
+    def _later(self, arrive: Callable[[], None]) -> None:
+        """One way across, if the stream is still open when it gets there."""
+        clock = self.agent.world.net.clock
+        if self.open:
+            clock.at(clock.now + self.delay, lambda: arrive() if self.open else None)
+
+    def close(self) -> None:
+        self.open = False
+        if self.broker.streams.get(self.source) is self:
+            del self.broker.streams[self.source]
 
 
 @dataclass
@@ -219,6 +281,8 @@ class SimAgent:
         self.ready: dict[str, int] = {}
         self.unreachable: dict[str, PeerUnreachable] = {}
         self._ports = itertools.count(41000)
+        self.streams: dict[int, SimStream] = {}
+        self.stream_attempts = 0
         realm.bind(self.main, lambda data, src: self.datagram(0, data, src))
 
     @property
@@ -252,9 +316,14 @@ class SimAgent:
                 self.sockets[socket] = addr
                 self.realm.bind(addr, lambda data, src, s=socket: self.datagram(s, data, src))
         elif isinstance(action, CloseSocket):
+            stream = self.streams.pop(action.socket, None)
+            if stream is not None:
+                stream.close()
             addr = self.sockets.pop(action.socket, None)
             if addr is not None:
                 self.realm.unbind(addr)
+        elif isinstance(action, OpenStream):
+            self._open_stream()
         elif isinstance(action, StartTunnel):
             self._start(action)
         elif isinstance(action, RouteTunnel):
@@ -285,6 +354,32 @@ class SimAgent:
         if isinstance(action, Notice | TunnelUp | PathChanged | PeerReady | PeerUnreachable):
             self.events.append(action)
             self.times.append(self.now)
+
+    def _open_stream(self) -> None:
+        """TCP to the broker: through every NAT up to the internet, unless one blocks TCP."""
+        old = self.streams.pop(BROKER_STREAM, None)
+        if old is not None:
+            old.close()
+        nat, public_ip = self.realm.upstream, self.ip
+        blocked = False
+        while nat is not None:
+            blocked = blocked or nat.tcp_blocked
+            public_ip, nat = nat.public_ip, nat.outside.upstream
+        stream = SimStream(self, self.world.broker, public_ip)
+        self.streams[BROKER_STREAM] = stream
+        self.stream_attempts += 1
+        if blocked:
+            clock = self.world.net.clock
+            clock.at(clock.now + 1.0, lambda: self.stream_failed(stream, "no connection"))
+        else:
+            stream.connect()
+
+    def stream_failed(self, stream: SimStream, reason: str) -> None:
+        if self.streams.get(BROKER_STREAM) is stream:
+            del self.streams[BROKER_STREAM]
+            stream.close()
+            self.machine.stream_closed(BROKER_STREAM, reason, self.now)
+            self.pump()
 
     def _start(self, action: StartTunnel) -> None:
         if action.role is Role.CLIENT:
@@ -353,6 +448,10 @@ class SimAgent:
                 self._send_on(route.socket, route.addr, data)
 
     def _send_on(self, socket: int, addr: Endpoint, data: bytes) -> None:
+        stream = self.streams.get(socket)
+        if stream is not None:
+            stream.to_broker(data)
+            return
         src = self.sockets.get(socket)
         if src is not None:
             self.realm.send(src, addr, data)
