@@ -17,7 +17,7 @@ ENV PATH=/opt/natter/bin:$PATH \
     NATTER_METRICS=:9100 \
     NATTER_LOG_FORMAT=json
 USER 10001:10001
-EXPOSE 10000/udp 9100/tcp
+EXPOSE 10000/udp 10000/tcp 9100/tcp
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('NATTER_METRICS', ':9100').rsplit(':', 1)[1]; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["natter"]

@@ -108,7 +108,20 @@ def test_broker_service_keeps_client_source_addresses() -> None:
     service = by_kind("Service", "natter-broker")
     assert service["spec"]["type"] == "LoadBalancer"
     assert service["spec"]["externalTrafficPolicy"] == "Local"  # SNAT would break punching
-    assert {p["protocol"] for p in service["spec"]["ports"]} == {"UDP"}
+    ports = {(p["port"], p["protocol"], p["targetPort"]) for p in service["spec"]["ports"]}
+    # UDP, and TCP beside it for networks that block UDP (a mixed-protocol LoadBalancer)
+    assert ports == {
+        (10000, "UDP", "rendezvous"),
+        (10000, "TCP", "rendezvous-tcp"),
+        (443, "TCP", "rendezvous-tcp"),
+    }
+    deployment = by_kind("Deployment", "natter-broker")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    named = {p["name"]: (p["containerPort"], p["protocol"]) for p in container["ports"]}
+    assert named["rendezvous"] == (10000, "UDP") and named["rendezvous-tcp"] == (10000, "TCP")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert env["NATTER_TLS_CERT"].startswith("/etc/natter/tls/") and "/etc/natter/tls" in mounts
 
 
 def test_broker_deployment_probes_and_shutdown() -> None:

@@ -219,7 +219,9 @@ class Broker:
             return
         host, port = split_host_port(wanted, default_host=self.host) if wanted else (self.host, self.port)
         port = port or (self.address.port if self.address is not None else 0)
-        tls, der = server_context(self.config.tls_cert, self.config.tls_key, self.config.state_dir)
+        tls, der, warning = server_context(self.config.tls_cert, self.config.tls_key, self.config.state_dir)
+        if warning:
+            self._log.warning(warning)
         c = self.config
         limits = StreamLimits(c.tcp_per_ip, c.tcp_max, c.tcp_handshake_timeout, c.tcp_idle_timeout)
         streams = StreamListener(self.datagram_received, tls, limits, self.metrics)

@@ -28,8 +28,9 @@ CERT_FILE = "broker-tls.crt"
 KEY_FILE = "broker-tls.key"
 
 
-def server_context(cert: str, key: str, state_dir: str) -> tuple[ssl.SSLContext, bytes]:
-    """A TLS server context and the certificate it presents (DER), for logging its key."""
+def server_context(cert: str, key: str, state_dir: str) -> tuple[ssl.SSLContext, bytes, str]:
+    """A TLS server context, the certificate it presents (DER, for logging its key), and
+    a warning to log, or "" (a state dir that cannot keep the pair: one for this run)."""
     if bool(cert) != bool(key):
         raise AddressError("--tls-cert and --tls-key go together")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -40,14 +41,19 @@ def server_context(cert: str, key: str, state_dir: str) -> tuple[ssl.SSLContext,
             pem = Path(cert).read_bytes()
         except (OSError, ssl.SSLError) as exc:
             raise AddressError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from None
-        return ctx, x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    cert_pem, key_pem = _kept_pair(Path(state_dir).expanduser()) if state_dir else self_signed_pair()
+        return ctx, x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER), ""
+    warning = ""
+    try:
+        cert_pem, key_pem = _kept_pair(Path(state_dir).expanduser()) if state_dir else self_signed_pair()
+    except AddressError as exc:
+        cert_pem, key_pem = self_signed_pair()
+        warning = f"{exc}: a new TLS key for this run only (agents that remember it will warn)"
     with tempfile.TemporaryDirectory() as tmp:  # ssl loads from files only
         cert_path, key_path = Path(tmp) / CERT_FILE, Path(tmp) / KEY_FILE
         cert_path.write_bytes(cert_pem)
         key_path.write_bytes(key_pem)
         ctx.load_cert_chain(str(cert_path), str(key_path))
-    return ctx, x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+    return ctx, x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER), warning
 
 
 def _kept_pair(directory: Path) -> tuple[bytes, bytes]:
