@@ -94,6 +94,9 @@ class NatLab:
     # both home NATs behind one carrier-grade NAT (RFC 6598 space, one public IP, no
     # hairpinning): natA and natB sit on the cgnat's inside bridge instead of the internet's
     cgnat: bool = False
+    # a third home router, natC (LAN 192.168.3.0/24, nobody behind it yet): somewhere for a
+    # client to move to (``move``), as a laptop moves from one network to another
+    spare: bool = False
 
     def ns(self, role: str) -> str:
         return f"{PREFIX}{os.getpid()}-{self.tag}-{role}"
@@ -117,7 +120,8 @@ class NatLab:
         self.destroy()
 
     def build(self) -> None:
-        roles = ["inet", "natA", "natB", "alice", "bob", "carol"] + (["cgnat"] if self.cgnat else [])
+        roles = ["inet", "natA", "natB", "alice", "bob", "carol"]
+        roles += (["cgnat"] if self.cgnat else []) + (["natC"] if self.spare else [])
         for role in roles:
             run("ip", "netns", "add", self.ns(role))
             self.created.append(self.ns(role))
@@ -137,6 +141,17 @@ class NatLab:
                 self._public_client(client, public)
             else:
                 self._nat(nat, client, kind, wan_ip=wan, lan_net=lan, upstream=upstream)
+        if self.spare:
+            self._nat(
+                "natC", None, "restricted", wan_ip=f"{wan_net}.5", lan_net="192.168.3", upstream=upstream
+            )
+
+    def move(self, client: str, nat: str = "natC", lan_net: str = "192.168.3") -> str:
+        """Unplug the client from its LAN and plug it into ``nat``'s: its address changes
+        (its sockets stay; their packets leave from the new address). Returns it."""
+        self.sh(client, "ip", "link", "del", "eth0")  # its peer end on the old LAN goes too
+        self._lan_client(nat, client, lan_net, 2)
+        return f"{lan_net}.2"
 
     def _public_client(self, client: str, address: str) -> None:
         """A client straight on the internet bridge, no NAT."""

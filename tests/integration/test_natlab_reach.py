@@ -1,10 +1,12 @@
 """Networks people sit on, through real NATs: two homes behind one carrier-grade NAT
 (relay first: the first byte does not wait for the punch), UDP blocked (TCP to the
-broker), UDP blocked behind an HTTP CONNECT proxy. Needs root (see test_natlab.py)."""
+broker), UDP blocked behind an HTTP CONNECT proxy, and both ends roaming (the forwarding
+side moving to another network, a shared CGNAT flushed). Needs root (see test_natlab.py)."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,8 @@ import pytest
 from labscene import Scene
 from natlab import INET_IP, NatLab, remove_stale_namespaces, require_lab
 from natmatrix import run_cell
-from procs import Proc, natter, tool
-from test_natlab_recovery import status
+from procs import Proc, direct, natter, tool
+from test_natlab_recovery import flush, status
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(120)]
 
@@ -78,3 +80,47 @@ def test_udp_blocked_seed_lines_unchanged(through: str, tmp_path: Path) -> None:
         tunnels = status(alice)["tunnels"]
         assert isinstance(tunnels, list) and [t["path"] for t in tunnels] == ["relayed (tcp)"], tunnels
         assert bob.popen.poll() is None
+
+
+def test_the_forwarding_side_moves_to_another_network_mid_transfer() -> None:
+    """alice's laptop leaves natA's LAN for natC's mid-transfer: her address and public
+    endpoint change under the same socket. She notices the silence, learns her new endpoint
+    from the broker, punches again through bob's filtering NAT, and the same tunnel carries
+    the transfer on, byte-exact, logged as a path change."""
+    require_lab()
+    remove_stale_namespaces()
+    with NatLab(spare=True) as lab, Scene(lab) as scene:
+        scene.broker(10000)
+        sink_port = scene.service("sink", str(4 << 20))  # slow start: in flight at the move
+        bob = scene.listener(10000)
+        alice = scene.agent("alice", "alice", 10000, f"8033:bob:{sink_port}")
+        alice.wait_path("bob", direct, timeout=30)
+        transfer = scene.send_in_background(8033, 30 << 20)
+        time.sleep(2.0)
+        lab.move("alice")  # now 192.168.3.2 behind natC (10.200.0.5)
+        moved = bob.wait_kind("path_changed", peer="alice", reason="peer moved", timeout=40)
+        assert moved["new"].startswith("10.200.0.5:"), moved
+        transfer.finish()
+        alice.wait_kind("endpoint_changed", timeout=5)
+        assert not [e for e in alice.lines if e.get("kind") in ("tunnel_closed", "tunnel_failed")]
+
+
+def test_shared_cgnat_flushed_mid_transfer_on_the_relay() -> None:
+    """Two homes behind one CGNAT, tunnelling through the relay: the CGNAT and both home
+    NATs forget every mapping at once mid-transfer. Both agents' ways to the broker move;
+    the relayed tunnel recovers (on a fresh relay session if it must) and the transfer
+    completes byte-exact."""
+    require_lab()
+    remove_stale_namespaces()
+    with NatLab(cgnat=True) as lab, Scene(lab) as scene:
+        scene.broker(10000)
+        sink_port = scene.service("sink", str(4 << 20))
+        scene.listener(10000)
+        alice = scene.agent("alice", "alice", 10000, f"8034:bob:{sink_port}")
+        alice.wait_path("bob", "relayed", timeout=30)
+        transfer = scene.send_in_background(8034, 20 << 20)
+        time.sleep(2.0)
+        for nat in ("cgnat", "natA", "natB"):
+            flush(lab, nat)
+        transfer.finish()
+        assert not [e for e in alice.lines if e.get("kind") in ("tunnel_closed", "tunnel_failed")]
