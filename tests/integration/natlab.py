@@ -24,12 +24,14 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 
 PREFIX = "ntl"
 FULL_CONE_PORT = 40000  # agents behind a "full" NAT must use this UDP port (--udp-port)
 INET_IP = "10.200.0.1"
+INET_IP6 = "fd00:200::1"  # the internet's IPv6 side, where a broker listens (family != "v4")
 CGNAT_IP = "10.200.0.4"  # the carrier-grade NAT's public address (NatLab(cgnat=True))
 CGNAT_NET = "100.64.0"  # its inside: the home NATs' WAN addresses (RFC 6598)
 
@@ -97,6 +99,10 @@ class NatLab:
     # a third home router, natC (LAN 192.168.3.0/24, nobody behind it yet): somewhere for a
     # client to move to (``move``), as a laptop moves from one network to another
     spare: bool = False
+    # IPv6 too: "v6" an IPv6-only network (alice and bob have no IPv4 at all), "dual" both;
+    # natA and natB are then also IPv6 routers with a stateful firewall (the home default:
+    # no NAT, unsolicited inbound dropped); the internet is fd00:200::/64, INET_IP6 the broker
+    family: str = "v4"
 
     def ns(self, role: str) -> str:
         return f"{PREFIX}{os.getpid()}-{self.tag}-{role}"
@@ -141,10 +147,42 @@ class NatLab:
                 self._public_client(client, public)
             else:
                 self._nat(nat, client, kind, wan_ip=wan, lan_net=lan, upstream=upstream)
+        if self.family != "v4":
+            self._ipv6()
         if self.spare:
             self._nat(
                 "natC", None, "restricted", wan_ip=f"{wan_net}.5", lan_net="192.168.3", upstream=upstream
             )
+
+    def _ipv6(self) -> None:
+        """IPv6 on the internet and behind natA (fd00:1::/64) and natB (fd00:2::/64)."""
+        self.sh("inet", "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        self.sh("inet", "ip", "-6", "addr", "add", f"{INET_IP6}/64", "dev", "br0", "nodad")
+        homes = (("natA", "alice", "fd00:200::2", "fd00:1::"), ("natB", "bob", "fd00:200::3", "fd00:2::"))
+        for nat, client, wan, lan in homes:
+            self.sh("inet", "ip", "-6", "route", "add", f"{lan}/64", "via", wan)
+            self.sh(nat, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+            self.sh(nat, "ip", "-6", "addr", "add", f"{wan}/64", "dev", "wan", "nodad")
+            self.sh(nat, "ip", "-6", "addr", "add", f"{lan}1/64", "dev", "lan", "nodad")
+            self.sh(nat, "ip", "-6", "route", "add", "default", "via", INET_IP6)
+            for chain in ("FORWARD", "INPUT"):  # stateful: replies in, nothing unsolicited
+                self.sh(nat, "ip6tables", "-A", chain, "-i", "wan", "-m", "conntrack", "--ctstate",
+                        "ESTABLISHED,RELATED", "-j", "ACCEPT")  # fmt: skip
+                self.sh(nat, "ip6tables", "-A", chain, "-i", "wan", "-p", "ipv6-icmp", "-j", "ACCEPT")
+                self.sh(nat, "ip6tables", "-A", chain, "-i", "wan", "-j", "DROP")
+            self.sh(client, "ip", "-6", "addr", "add", f"{lan}2/64", "dev", "eth0", "nodad")
+            self.sh(client, "ip", "-6", "route", "add", "default", "via", f"{lan}1")
+            if self.family == "v6":  # no IPv4 at all on the hosts
+                self.sh(client, "ip", "-4", "route", "flush", "all")
+                self.sh(client, "ip", "-4", "addr", "flush", "dev", "eth0")
+        # link-local addresses (neighbour discovery's) are tentative for a second after a
+        # link comes up: wait, so that no test's first packets meet a network still starting
+        deadline = time.monotonic() + 5
+        roles = ("inet", "natA", "natB", "alice", "bob")
+        while time.monotonic() < deadline and any(
+            self.sh(role, "ip", "-6", "addr", "show", "tentative").stdout.strip() for role in roles
+        ):
+            time.sleep(0.1)
 
     def move(self, client: str, nat: str = "natC", lan_net: str = "192.168.3") -> str:
         """Unplug the client from its LAN and plug it into ``nat``'s: its address changes

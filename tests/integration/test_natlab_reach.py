@@ -1,7 +1,8 @@
 """Networks people sit on, through real NATs: two homes behind one carrier-grade NAT
 (relay first: the first byte does not wait for the punch), UDP blocked (TCP to the
 broker), UDP blocked behind an HTTP CONNECT proxy, and both ends roaming (the forwarding
-side moving to another network, a shared CGNAT flushed). Needs root (see test_natlab.py)."""
+side moving to another network, a shared CGNAT flushed), IPv6-only and dual-stack
+networks. Needs root (see test_natlab.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from labscene import Scene
-from natlab import INET_IP, NatLab, remove_stale_namespaces, require_lab
+from natlab import INET_IP, INET_IP6, NatLab, remove_stale_namespaces, require_lab
 from natmatrix import run_cell
 from procs import Proc, direct, natter, tool
 from test_natlab_recovery import flush, status
@@ -124,3 +125,29 @@ def test_shared_cgnat_flushed_mid_transfer_on_the_relay() -> None:
             flush(lab, nat)
         transfer.finish()
         assert not [e for e in alice.lines if e.get("kind") in ("tunnel_closed", "tunnel_failed")]
+
+
+@pytest.mark.parametrize("family", ["v6", "dual"])
+def test_ipv6_only_and_dual_stack_networks(family: str) -> None:
+    """Seen: on an IPv6-only network 'cannot resolve broker host ...: Address family for
+    hostname not supported' (the agent's socket was IPv4 only, with no IPv6 candidates).
+    Now the seed's lines with a broker at [fd00:200::1]:10000 register over IPv6, and bob,
+    behind a stateful IPv6 firewall (no NAT, unsolicited inbound dropped), is punched
+    directly. On a dual-stack network a broker listening on :10000 takes both families."""
+    require_lab()
+    remove_stale_namespaces()
+    with NatLab(family=family) as lab, Scene(lab) as scene:
+        listen = f"[{INET_IP6}]:10000" if family == "v6" else ":10000"
+        broker = scene.add(natter("-server", listen, prefix=lab.prefix("inet")))
+        broker.wait_event("broker listening")
+        sink_port = scene.service("sink")
+        broker_addr = f"[{INET_IP6}]:10000"
+        bob = scene.add(natter("-name", "bob", "-broker", broker_addr, "-listen", prefix=lab.prefix("bob")))
+        bob.wait_kind("registered", name="bob", timeout=20)
+        spec = f"8035:bob:{sink_port}"
+        alice = scene.add(natter("-name", "alice", "-broker", broker_addr, spec, prefix=lab.prefix("alice")))
+        up = alice.wait_path("bob", direct, timeout=30)
+        if family == "v6":
+            assert up["endpoint"].startswith("[fd00:2::2]:"), up  # bob's own address: no NAT
+        scene.send_checked(8035, 8 << 20)
+        assert not [e for e in alice.lines if e.get("kind") == "broker_transport"]  # UDP worked

@@ -80,3 +80,29 @@ def split_host_port(text: str, *, default_host: str = "") -> tuple[str, int]:
 
 def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- one socket for both families ------------------------------------------------------
+ANY_HOSTS = ("", "0.0.0.0", "::")  # "any address": a dual-stack socket where IPv6 works
+V4_MAPPED = "::ffff:"
+
+
+def dual_stack(host: str) -> bool:
+    """Should a socket for ``host`` take both families (IPv6 with v4-mapped addresses)?"""
+    return host in ANY_HOSTS
+
+
+def from_socket(host: str, port: int) -> Endpoint:
+    """What a socket reports, as an Endpoint: v4-mapped addresses become IPv4 (a dual-stack
+    socket reports every IPv4 peer so), so one peer has one spelling."""
+    if host.startswith(V4_MAPPED) and "." in host:
+        host = host[len(V4_MAPPED) :]
+    return Endpoint(host, port)
+
+
+def to_socket(addr: Endpoint | tuple[str, int], v6_socket: bool) -> tuple[str, int]:
+    """Where a socket sends ``addr``: an IPv4 address from a dual-stack socket is v4-mapped."""
+    host, port = addr[0], addr[1]
+    if v6_socket and ":" not in host:
+        return V4_MAPPED + host, port
+    return host, port

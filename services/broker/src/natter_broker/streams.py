@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import structlog
 
 from natter_proto import websocket as ws
-from natter_proto.endpoints import AddressError, Endpoint, endpoint
+from natter_proto.endpoints import AddressError, Endpoint, dual_stack, endpoint
 
 from .metrics import BrokerMetrics
 
@@ -62,7 +62,8 @@ class StreamListener:
 
     async def start(self, host: str, port: int) -> Endpoint:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Gate(self._admit), host, port, reuse_address=True)
+        where = None if dual_stack(host) else host  # "any": every family the host has
+        self._server = await loop.create_server(lambda: _Gate(self._admit), where, port, reuse_address=True)
         bound = self._server.sockets[0].getsockname()
         return Endpoint(bound[0], bound[1])
 

@@ -33,7 +33,7 @@ from .brokertrust import BrokerTrust
 from .engines import QuicEngine, warm_up
 from .errors import NatterError, PeerUnavailable
 from .eventlog import log_event
-from .interfaces import local_ipv4_addresses
+from .interfaces import local_ipv4_addresses, local_ipv6_addresses
 from .link import PeerLink
 from .router import Router
 from .startup import agent_settings, broker_addresses, load
@@ -152,7 +152,8 @@ class Agent:
         self._load()
         self._loop = asyncio.get_running_loop()
         bound = self.sock.bind(self.config.udp_host, self.config.udp_port)
-        locals_ = tuple(Endpoint(ip, bound.port) for ip in local_ipv4_addresses())
+        hosts = local_ipv4_addresses() + (local_ipv6_addresses() if self.sock.v6 else [])
+        locals_ = tuple(Endpoint(ip, bound.port) for ip in hosts)
         self.machine = AgentMachine(
             self.name, self.identity, self.brokers, locals_, self.settings, token=self.config.token
         )

@@ -33,20 +33,23 @@ def broker_addresses(addrs: str | list[str]) -> list[tuple[str, int]]:
 
 
 def resolve_brokers(addrs: str | list[str]) -> dict[Endpoint, str]:
-    """Resolve broker HOST:PORTs to IPv4 endpoints (the agent's socket is IPv4), each with
-    the host as given (the TCP stream's TLS server name); blocking.
+    """Resolve broker HOST:PORTs to endpoints of both families, each with the host as given
+    (the TCP stream's TLS server name); blocking.
 
-    A name with several addresses yields each of them: several brokers to fail over between.
+    A name with several addresses yields each of them: several brokers to fail over between,
+    IPv4 first (where a host has both, as most do, its IPv4 is what works today), then
+    IPv6: an IPv6-only network's broker is reached the same way.
     """
     found: dict[Endpoint, str] = {}
     for host, port in broker_addresses(addrs):
         try:
-            infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+            infos = socket.getaddrinfo(host.strip("[]"), port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
         except socket.gaierror as exc:
             raise AddressError(f"cannot resolve broker host {host!r}: {exc.strerror}") from None
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)
         for info in infos:
             ip, resolved_port = info[4][:2]
-            found.setdefault(endpoint(str(ip), int(resolved_port)), host)
+            found.setdefault(endpoint(str(ip).split("%")[0], int(resolved_port)), host)
     return found
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from natter_proto.endpoints import Endpoint
+from natter_proto.endpoints import Endpoint, dual_stack, from_socket, to_socket
 
 Handler = Callable[[bytes, Endpoint], None]
 
@@ -40,9 +40,12 @@ class AgentSocket:
         offload = not os.environ.get("NATTER_NO_GSO")  # NATTER_NO_GSO=1: both ways off
         self.gso = offload and hasattr(socket.socket, "sendmsg")  # off for good after a refusal
         self.gro = offload
+        self.v6 = False  # a dual-stack (or IPv6) socket: IPv4 peers are v4-mapped
 
     def bind(self, host: str, port: int) -> Endpoint:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        """Bind to host:port; "any" (0.0.0.0) takes both families where IPv6 works."""
+        sock = open_udp(host)
+        self.v6 = sock.family == socket.AF_INET6
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):  # capped by net.core.*mem_max: fine
                 sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
@@ -52,7 +55,11 @@ class AgentSocket:
             except OSError:
                 self.gro = False  # an older kernel: one datagram per read
         sock.setblocking(False)
-        sock.bind((host, port))
+        try:
+            sock.bind(("::" if self.v6 and dual_stack(host) else host, port))
+        except OSError:
+            sock.close()
+            raise
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -62,13 +69,13 @@ class AgentSocket:
     def local_endpoint(self) -> Endpoint:
         assert self._sock is not None
         host, port = self._sock.getsockname()[:2]
-        return Endpoint(host, port)
+        return from_socket(host, port)
 
     def sendto(self, data: bytes, addr: Endpoint | tuple[str, int]) -> None:
         if self._sock is None:
             return
         try:
-            self._sock.sendto(data, (addr[0], addr[1]))
+            self._sock.sendto(data, to_socket(addr, self.v6))
         except (BlockingIOError, InterruptedError):
             self.send_errors += 1  # a full buffer is loss; QUIC and the probes resend
         except OSError:
@@ -108,7 +115,7 @@ class AgentSocket:
                 [b"".join(segments)],
                 [(socket.SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))],
                 0,
-                (addr[0], addr[1]),
+                to_socket(addr, self.v6),
             )
         except (BlockingIOError, InterruptedError):
             self.send_errors += 1  # as in sendto: loss that QUIC recovers
@@ -137,7 +144,7 @@ class AgentSocket:
             received += 1
             if not data:
                 continue
-            source = Endpoint(addr[0], addr[1])
+            source = from_socket(addr[0], addr[1])
             if ancillary and ancillary[0][1] == UDP_GRO:
                 step = int.from_bytes(ancillary[0][2][:4], sys.byteorder)
                 if 0 < step < len(data):
@@ -160,3 +167,26 @@ class AgentSocket:
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+
+
+def open_udp(host: str) -> socket.socket:
+    """A UDP socket for ``host``: an IPv6 literal's family, IPv4's, or for "any" IPv6 with
+    IPv4 too (v4-mapped) where the host has IPv6, else IPv4 alone."""
+    if ":" in host and not dual_stack(host):
+        return socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    if not dual_stack(host) or not socket.has_ipv6:
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))  # can this host bind IPv6 at all (ipv6.disable=1)?
+    except OSError:
+        sock.close()
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.close()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    return sock
