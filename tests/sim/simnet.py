@@ -117,6 +117,7 @@ class Nat:
         udp_blocked: bool = False,
         tcp_blocked: bool = False,
         mtu: int = 1500,
+        translate: bool = True,
     ) -> None:
         self.net = net
         self.outside = outside
@@ -124,6 +125,9 @@ class Nat:
         self.mapping, self.filtering, self.timeout = mapping, filtering, timeout
         self.hairpin, self.udp_blocked, self.mtu = hairpin, udp_blocked, mtu
         self.tcp_blocked = tcp_blocked  # agents' TCP streams to the broker cannot pass
+        # False: a stateful firewall, as IPv6 home routers are (the host behind it keeps
+        # its address, public_ip; what comes in unsolicited is filtered all the same)
+        self.translate = translate
         self.deny: set[str] = set()  # a firewall: nothing to or from these addresses
         self.paused = False  # the host behind it is stopped (SIGSTOP): nothing in or out
         self.inside = Realm(net, upstream=self)
@@ -149,7 +153,7 @@ class Nat:
         public = self._out.get(key)
         binding = self._in.get(public) if public is not None else None
         if binding is None or now - binding.last_used > self.timeout:
-            public = Endpoint(self.public_ip, next(self._ports))
+            public = Endpoint(self.public_ip, next(self._ports)) if self.translate else src
             binding = _Binding(src, now)
             self._out[key] = public
             self._in[public] = binding

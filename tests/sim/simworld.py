@@ -526,11 +526,12 @@ class World:
         settings: AgentSettings | None = None,
         engine: str = "qh3",
         relay: bool = True,
+        broker_ip: str = "198.51.100.1",
     ) -> None:
         self.net = Network(seed=seed, latency=latency, loss=loss)
         self.settings = settings or AgentSettings()
         self.engine = engine
-        self.broker = SimBroker(self.net, Endpoint("198.51.100.1", 10000), relay=relay)
+        self.broker = SimBroker(self.net, Endpoint(broker_ip, 10000), relay=relay)
         self.agents: list[SimAgent] = []
 
     def agent(
