@@ -1,5 +1,6 @@
 """The NAT matrix as a table: for alice and bob each behind {no NAT, full cone,
-port-restricted cone, symmetric}, and for other networks (two homes behind one CGNAT),
+port-restricted cone, symmetric}, and for other networks (a shared CGNAT, UDP blocked,
+only an HTTP proxy out, IPv6-only, dual-stack),
 the path chosen and the time from alice's start to the first byte echoed through her
 forward (needs root: the NAT lab). The relay's throughput beside the direct
 path's is bench/relay_bench.py.
@@ -15,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 
 from natlab import unavailable_reason
-from natmatrix import KINDS, CellResult, expected_path, run_cell
+from natmatrix import KINDS, NETWORKS, CellResult, expected_path, run_cell
 
 
 def cell_text(result: CellResult, expected: str) -> str:
@@ -35,9 +36,10 @@ def main() -> int:
     for kind_a in KINDS:
         cells = [cell_text(run_cell(kind_a, kind_b), expected_path(kind_a, kind_b)) for kind_b in KINDS]
         print(f"{kind_a:<14}" + "".join(f"{c:>26}" for c in cells), flush=True)
-    print("\nother networks (alice and bob each behind a port-restricted home NAT)")
-    shared = run_cell("restricted", "restricted", cgnat=True)
-    print(f"{'both homes behind one CGNAT (no hairpin)':<44}{cell_text(shared, 'relayed'):>26}", flush=True)
+    print("\nother networks (alice and bob each behind a port-restricted home router)")
+    for network in NETWORKS:
+        result = run_cell("restricted", "restricted", network=network)
+        print(f"{network.name:<46}{cell_text(result, network.expected):>26}", flush=True)
     return 0
 
 

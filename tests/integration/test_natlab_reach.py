@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from labscene import Scene
 from natlab import INET_IP, INET_IP6, NatLab, remove_stale_namespaces, require_lab
-from natmatrix import run_cell
-from procs import Proc, direct, natter, tool
+from natmatrix import NETWORKS, block, run_cell
+from procs import direct, natter, tool
 from test_natlab_recovery import flush, status
 
 pytestmark = [pytest.mark.natlab, pytest.mark.timeout(120)]
@@ -26,24 +25,14 @@ def test_shared_cgnat_first_byte_within_half_a_second() -> None:
     first byte after 5.5 s, the relay being used only once the punch had timed out."""
     require_lab()
     remove_stale_namespaces()
-    result = run_cell("restricted", "restricted", size=2 << 20, cgnat=True)
+    result = run_cell("restricted", "restricted", size=2 << 20, network=NETWORKS[0])
     assert result.bytes_ok
     assert result.path == "relayed" and result.first_path == "relayed", result
     assert result.first_byte_s < 0.5, result
 
 
-def proxy_config(directory: Path, listen: str) -> Path:
-    """tinyproxy on natA's LAN side: CONNECT to the broker's port only, nothing cached."""
-    config = directory / "tinyproxy.conf"
-    config.write_text(
-        f"Port 8888\nListen {listen}\nTimeout 60\nMaxClients 20\nAllow 192.168.1.0/24\n"
-        f"ConnectPort 10000\nLogLevel Info\n"
-    )
-    return config
-
-
 @pytest.mark.parametrize("through", ["udp-blocked", "connect-proxy"])
-def test_udp_blocked_seed_lines_unchanged(through: str, tmp_path: Path) -> None:
+def test_udp_blocked_seed_lines_unchanged(through: str) -> None:
     """Seen: behind a firewall that lets only TCP out, nothing ever connected ('broker did
     not answer within 10 s', retried forever). Now the seed's lines, unchanged, register
     over TCP (TLS, WebSocket) and tunnel through the broker's relay over it. With
@@ -52,16 +41,9 @@ def test_udp_blocked_seed_lines_unchanged(through: str, tmp_path: Path) -> None:
     require_lab()
     remove_stale_namespaces()
     with NatLab() as lab, Scene(lab) as scene:
-        if through == "udp-blocked":
-            lab.sh("natA", "iptables", "-I", "FORWARD", "-i", "lan", "-p", "udp", "-j", "DROP")
-            env: list[str] = []
-        else:
-            lab.sh("natA", "iptables", "-I", "FORWARD", "-i", "lan", "-j", "DROP")
-            if shutil.which("tinyproxy") is None:
-                pytest.fail("tinyproxy is missing: scripts/setup.sh installs it")
-            config = proxy_config(tmp_path, "192.168.1.1")
-            scene.add(Proc(["tinyproxy", "-d", "-c", str(config)], prefix=lab.prefix("natA")))
-            env = ["env", "HTTPS_PROXY=http://192.168.1.1:8888"]
+        if through == "connect-proxy" and shutil.which("tinyproxy") is None:
+            pytest.fail("tinyproxy is missing: scripts/setup.sh installs it")
+        env = block(lab, scene, "udp" if through == "udp-blocked" else "proxy")
         scene.broker(10000)
         sink_port = scene.service("sink")
         echo_port = scene.service("echo")
