@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-NATTER = str(Path(sys.executable).parent / "natter")
+# NATTER_BIN: another build's command (bench/nat_matrix.py --natter, for before and after)
+NATTER = os.environ.get("NATTER_BIN") or str(Path(sys.executable).parent / "natter")
 NETCHECK = [sys.executable, str(HERE / "netcheck.py")]
 
 

@@ -7,25 +7,18 @@ import hashlib
 import os
 import socket
 import struct
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 import structlog
 
-from natter import Broker, Client, Config, PeerUnavailable
+from libconfig import config
+from natter import Broker, Client, PeerUnavailable
 from natter_proto import frames
 from netcheck import echo_check, echo_handler, send_and_get_reply, sink_handler
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def config(**kw: object) -> Config:
-    base = dict(keepalive_interval=2.0, registration_ttl=6.0, connect_timeout=5.0, punch_timeout=3.0)
-    base.update(kw)
-    base.setdefault("state_dir", tempfile.mkdtemp(prefix="natter-state-"))
-    return Config(**base)  # type: ignore[arg-type]
 
 
 @dataclass

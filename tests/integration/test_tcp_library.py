@@ -21,20 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from natter import Broker, Client, Config
+from libconfig import config
+from natter import Broker, Client
 from natter_agent.errors import NatterError
 from natter_broker.tlscert import CERT_FILE, self_signed_pair
 from natter_proto import websocket as ws
 from netcheck import echo_check, echo_handler
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def config(**kw: object) -> Config:
-    base = dict(keepalive_interval=2.0, registration_ttl=6.0, connect_timeout=5.0, punch_timeout=3.0)
-    base.update(kw)
-    base.setdefault("state_dir", tempfile.mkdtemp(prefix="natter-state-"))
-    return Config(**base)  # type: ignore[arg-type]
 
 
 @dataclass

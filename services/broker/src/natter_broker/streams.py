@@ -36,10 +36,12 @@ WRITE_LIMIT = 256 << 10  # queued towards one agent beyond this: dropped, as UDP
 
 @dataclass(frozen=True)
 class StreamLimits:
-    per_ip: int = 32
-    total: int = 20000
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 75.0
+    """Config's tcp_* settings (their defaults are written there)."""
+
+    per_ip: int
+    total: int
+    handshake_timeout: float
+    idle_timeout: float
 
 
 class StreamListener:
