@@ -27,6 +27,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PREFIX = "ntl"
 FULL_CONE_PORT = 40000  # agents behind a "full" NAT must use this UDP port (--udp-port)
@@ -79,6 +80,10 @@ def remove_stale_namespaces() -> None:
         match = re.match(rf"^{PREFIX}(\d+)-", name)
         if match and not os.path.exists(f"/proc/{match.group(1)}"):
             run("ip", "netns", "del", name, check=False)
+    for directory in Path("/etc/netns").glob(f"{PREFIX}*-*") if Path("/etc/netns").is_dir() else []:
+        match = re.match(rf"^{PREFIX}(\d+)-", directory.name)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            shutil.rmtree(directory, ignore_errors=True)  # a dead run's name_hosts
 
 
 @dataclass
@@ -87,6 +92,7 @@ class NatLab:
 
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
     created: list[str] = field(default_factory=list)
+    etc: list[Path] = field(default_factory=list)  # /etc/netns/NS directories made for it
     # what stands in front of alice (natA) and bob (natB), in RFC 4787 terms:
     # "restricted" endpoint-independent mapping, address-and-port-dependent filtering (the
     # common home router); "full" the same with endpoint-independent filtering for the
@@ -183,6 +189,15 @@ class NatLab:
             self.sh(role, "ip", "-6", "addr", "show", "tentative").stdout.strip() for role in roles
         ):
             time.sleep(0.1)
+
+    def name_hosts(self, text: str, *roles: str) -> None:
+        """An /etc/hosts of their own for these namespaces (``ip netns exec`` mounts
+        /etc/netns/NS/hosts over /etc/hosts); removed with the lab."""
+        for role in roles:
+            directory = Path("/etc/netns") / self.ns(role)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n" + text)
+            self.etc.append(directory)
 
     def move(self, client: str, nat: str = "natC", lan_net: str = "192.168.3") -> str:
         """Unplug the client from its LAN and plug it into ``nat``'s: its address changes
@@ -289,6 +304,9 @@ class NatLab:
         return total
 
     def destroy(self) -> None:
+        for directory in self.etc:
+            shutil.rmtree(directory, ignore_errors=True)
+        self.etc.clear()
         for name in reversed(self.created):
             pids = run("ip", "netns", "pids", name, check=False).stdout.split()
             for pid in pids:

@@ -123,7 +123,10 @@ def test_ipv6_only_and_dual_stack_networks(family: str) -> None:
         broker = scene.add(natter("-server", listen, prefix=lab.prefix("inet")))
         broker.wait_event("broker listening")
         sink_port = scene.service("sink")
-        broker_addr = f"[{INET_IP6}]:10000"
+        # a name with both families: an IPv6-only host has no route to the IPv4 one, and
+        # uses the IPv6 one at once; a dual-stack host takes IPv4 first
+        lab.name_hosts(f"{INET_IP} broker.lab\n{INET_IP6} broker.lab\n", "alice", "bob")
+        broker_addr = "broker.lab:10000"
         bob = scene.add(natter("-name", "bob", "-broker", broker_addr, "-listen", prefix=lab.prefix("bob")))
         bob.wait_kind("registered", name="bob", timeout=20)
         spec = f"8035:bob:{sink_port}"
@@ -133,3 +136,6 @@ def test_ipv6_only_and_dual_stack_networks(family: str) -> None:
             assert up["endpoint"].startswith("[fd00:2::2]:"), up  # bob's own address: no NAT
         scene.send_checked(8035, 8 << 20)
         assert not [e for e in alice.lines if e.get("kind") == "broker_transport"]  # UDP worked
+        registered = alice.wait_kind("registered", name="alice")
+        assert registered["event"].endswith(f"[{INET_IP6}]:10000" if family == "v6" else f"{INET_IP}:10000")
+        assert not [e for e in alice.lines if e.get("kind") == "broker_changed"]  # no failover needed

@@ -127,6 +127,9 @@ class SimBroker:
             message = frames.decode(data)
         except FrameError:
             return
+        if isinstance(message, MappingQuery):  # the main port answers it too (agents on TCP)
+            self.deliver(source, frames.encode(MappingReply(source)))
+            return
         admission = self.core.admit(message, source, len(data), now)
         if not admission.ok:
             if admission.reply is not None:

@@ -75,3 +75,22 @@ def test_nothing_gets_through_says_what_was_tried_and_keeps_trying_with_backoff(
     )
     attempts = alice.stream_attempts
     assert 3 <= attempts <= 10, attempts  # backoff: 1, 2, 4, 8, 16, 30 s ...
+
+
+def test_registration_moves_back_to_udp_when_it_answers_again() -> None:
+    """Registered over TCP, the agent asks the broker's UDP port now and then; once it
+    answers, the agent registers over UDP and closes the stream. A transfer relayed over the
+    stream meanwhile carries on, byte-exact, on another path (the stream is gone)."""
+    world = World(settings=AgentSettings(udp_recheck_interval=5.0))
+    alice, bob, a_nat = udp_blocked_pair(world)
+    connect(world, alice, seconds=1.0)
+    stream = alice.send("bob", b"c" * 100_000)
+    world.run(1.0)
+    a_nat.udp_blocked = False
+    world.run(12.0)
+    assert alice.machine.registered and alice.machine.link.path.via == "udp"
+    assert world.broker.streams == {}  # the stream is closed
+    alice.send("bob", b"d" * 100_000, fin=True, stream=stream)
+    world.run(10.0)
+    assert bob.received_from("alice") == b"c" * 100_000 + b"d" * 100_000
+    assert len([e for e in alice.events if isinstance(e, TunnelUp)]) == 1  # the same tunnel

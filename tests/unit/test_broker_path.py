@@ -24,7 +24,7 @@ def test_udp_that_answers_never_opens_a_stream() -> None:
     path = BrokerPath(AgentSettings())
     path.racing(0.0)
     path.heard(MAIN_SOCKET)
-    path.registered_on(MAIN_SOCKET, BROKER)
+    path.registered_on(MAIN_SOCKET, BROKER, 0.0)
     path.handle_timer(5.0, BROKER)
     assert path.actions() == [] and path.sockets() == (MAIN_SOCKET,) and path.via == "udp"
 
@@ -37,12 +37,12 @@ def test_silent_udp_opens_the_stream_and_the_first_answer_wins() -> None:
     assert path.actions() == [OpenStream(BROKER_STREAM, BROKER)]
     path.stream_opened()
     assert path.sockets() == (MAIN_SOCKET, BROKER_STREAM)  # racing: both ways
-    path.registered_on(BROKER_STREAM, BROKER)
+    path.registered_on(BROKER_STREAM, BROKER, 0.0)
     assert path.sockets() == (BROKER_STREAM,) and path.via == "tcp"
     (notice,) = path.actions()
     assert isinstance(notice, Notice) and notice.text == f"no UDP answer from the broker {BROKER}: using TCP"
     # UDP answers later (a registration raced both ways): UDP wins, the stream closes
-    path.registered_on(MAIN_SOCKET, BROKER)
+    path.registered_on(MAIN_SOCKET, BROKER, 0.0)
     assert path.sockets() == (MAIN_SOCKET,) and path.actions() == [CloseSocket(BROKER_STREAM)]
 
 
@@ -64,7 +64,7 @@ def test_losing_the_stream_that_carried_us_starts_the_race_again() -> None:
     path.racing(0.0)
     path.handle_timer(0.5, BROKER)
     path.stream_opened()
-    path.registered_on(BROKER_STREAM, BROKER)
+    path.registered_on(BROKER_STREAM, BROKER, 0.0)
     assert path.stream_closed("the broker closed the connection", 10.0)  # it carried us
     assert path.sockets() == (MAIN_SOCKET,) and not path.won
     assert path.get_timer() is not None  # opened again after a backoff

@@ -222,6 +222,14 @@ class Registration:
         if self.state is RegState.REGISTERING:
             self._next_send = now
 
+    def reannounce(self, now: float) -> None:
+        """Register again now, while still registered (another way to the broker works):
+        the answer keeps us registered, on whichever way it came."""
+        if self.state is RegState.REGISTERED:
+            self.state = RegState.REGISTERING
+            self.backoff.reset()
+            self._send_register(now)
+
     def transport_lost(self, reason: str, now: float) -> None:
         """The way our registration went is gone (the TCP stream closed): register again."""
         if self.state is RegState.REGISTERED:

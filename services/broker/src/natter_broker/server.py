@@ -327,6 +327,8 @@ class Broker:
             self._registers.submit((message, source))
         elif isinstance(message, ConnectRequest):
             self._connects.submit((message, source))
+        elif isinstance(message, MappingQuery):  # an agent on TCP asks whether UDP works again
+            self._answer_mapping(message, source, len(data), self._socket)
         else:
             self.metrics.dropped.labels("unexpected_type").inc()
 
@@ -342,12 +344,16 @@ class Broker:
         if not isinstance(message, MappingQuery):
             self.metrics.dropped.labels("probe_unexpected").inc()
             return
+        self._answer_mapping(message, source, len(data), self._probe)
+
+    def _answer_mapping(self, query: MappingQuery, source: Endpoint, size: int, sock: BrokerSocket) -> None:
+        """Where we see the asker, from ``sock``; never more bytes than were asked with."""
         reply = frames.encode(MappingReply(source))
-        if len(reply) > len(data):
+        if len(reply) > size:
             self.metrics.dropped.labels("probe_small").inc()
             return
         self.metrics.probes.inc()
-        self._probe.sendto(reply, (source.host, source.port))
+        sock.sendto(reply, (source.host, source.port))
 
     def _reject(self, exc: FrameError, addr: Endpoint, size: int) -> None:
         """Count and log a bad frame; tell the sender why, where the answer is no larger

@@ -47,10 +47,22 @@ def resolve_brokers(addrs: str | list[str]) -> dict[Endpoint, str]:
         except socket.gaierror as exc:
             raise AddressError(f"cannot resolve broker host {host!r}: {exc.strerror}") from None
         infos.sort(key=lambda info: info[0] != socket.AF_INET)
-        for info in infos:
+        routable = [info for info in infos if _routable(info[0], info[4])] or infos
+        for info in routable:
             ip, resolved_port = info[4][:2]
             found.setdefault(endpoint(str(ip).split("%")[0], int(resolved_port)), host)
     return found
+
+
+def _routable(family: int, address: tuple[object, ...]) -> bool:
+    """Does this host have a route to address (an IPv6-only host has none to IPv4)?
+    A UDP connect only looks the route up; nothing is sent."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+    except OSError:
+        return False
+    return True
 
 
 def agent_settings(config: Config) -> AgentSettings:

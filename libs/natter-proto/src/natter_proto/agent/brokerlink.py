@@ -62,7 +62,14 @@ class BrokerLink:
         """The way to the broker that carries our registration (and relayed tunnels)."""
         return self.path.socket
 
-    def receive_mapping(self, message: MappingReply, addr: Endpoint) -> bool:
+    def receive_mapping(self, message: MappingReply, addr: Endpoint, socket: int, now: float) -> bool:
+        """The probe port's answer (NAT type), or the main port's to our UDP question while
+        the TCP stream carries us: UDP works again, so register over it (the stream closes
+        once UDP is answered)."""
+        if addr == self.broker and socket == MAIN_SOCKET:
+            if self.path.udp_answered(now):
+                self.registration.reannounce(now)
+            return True
         return self.nat.receive(message, addr)
 
     def heard(self, socket: int) -> None:
@@ -107,7 +114,7 @@ class BrokerLink:
         moved = False
         while (event := reg.next_event()) is not None:
             if isinstance(event, RegistrationUp):
-                self.path.registered_on(self._heard_on, self.broker)
+                self.path.registered_on(self._heard_on, self.broker, now)
             elif isinstance(event, BrokerChanged):
                 self.path.changed_broker(now)
             elif isinstance(event, RegistrationLost):

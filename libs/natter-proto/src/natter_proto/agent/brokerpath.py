@@ -4,17 +4,23 @@ Happy eyeballs (RFC 8305 in spirit): registration starts over UDP; if nothing at
 back from the broker within ``stream_after``, the TCP stream (TLS, WebSocket) opens too
 and registration goes both ways; the first way the broker answers a registration on wins,
 and carries every frame from then on (relay packets too). The race starts again when the
-registration is lost. A stream that fails is opened again with backoff. Pure: it returns
-actions and says where frames go; the shell opens and closes the stream.
+registration is lost. A stream that fails is opened again with backoff. While it carries
+the registration, a small question goes to the broker's UDP port now and then
+(``udp_recheck_interval``); once UDP answers, the agent registers over UDP again and the
+stream closes. Pure: it returns actions and says where frames go; the shell opens and
+closes the stream.
 """
 
 from __future__ import annotations
 
 import enum
 
+from .. import frames
 from ..backoff import Backoff
 from ..endpoints import Endpoint
-from .actions import Action, CloseSocket, Level, Notice, NoticeKind, OpenStream
+from ..frames import MappingQuery
+from ..natmap import QUERY_PAD
+from .actions import Action, CloseSocket, Level, Notice, NoticeKind, OpenStream, SendFrame
 from .kinds import BROKER_STREAM, MAIN_SOCKET
 from .settings import AgentSettings
 
@@ -36,6 +42,9 @@ class BrokerPath:
         self._race_since: float | None = None
         self._open_at: float | None = None
         self._backoff = Backoff(initial=1.0, maximum=settings.stream_retry_max)
+        self._recheck_at: float | None = None  # on TCP: ask UDP again then
+        self.udp_back = False  # UDP answered while on TCP: register over it again
+        self._udp_back_until = 0.0
         self._out: list[Action] = []
 
     @property
@@ -46,6 +55,8 @@ class BrokerPath:
         """Where a frame for the broker goes now."""
         if self.won:
             return (self.socket,)
+        if self.udp_back:  # registering over UDP again, for a moment over UDP alone
+            return (MAIN_SOCKET,)
         if self.stream is StreamState.OPEN:
             return (MAIN_SOCKET, BROKER_STREAM)
         return (MAIN_SOCKET,)
@@ -70,11 +81,12 @@ class BrokerPath:
             if self.stream is StreamState.CLOSED and not self.won:
                 self._open_at = None  # UDP works: no stream unless it fails again
 
-    def registered_on(self, socket: int, broker: Endpoint) -> None:
+    def registered_on(self, socket: int, broker: Endpoint, now: float) -> None:
         """The broker answered a registration that came on ``socket``: that way wins."""
         first = not self.won or socket != self.socket
         self.won, self.socket, self._race_since = True, socket, None
-        self._open_at = None
+        self._open_at, self.udp_back = None, False
+        self._recheck_at = now + self.settings.udp_recheck_interval if socket == BROKER_STREAM else None
         if socket == MAIN_SOCKET and self.stream is not StreamState.CLOSED:
             self.stream = StreamState.CLOSED
             self._out.append(CloseSocket(BROKER_STREAM))
@@ -115,11 +127,29 @@ class BrokerPath:
         self._backoff.reset()
         self.racing(now)
 
+    def udp_answered(self, now: float) -> bool:
+        """A reply to our UDP question came while the stream carries us: True the first
+        time (the caller registers again, over UDP alone; if UDP does not answer that
+        within a moment, over both ways as in any race)."""
+        if not (self.won and self.socket == BROKER_STREAM) or self.udp_back:
+            return False
+        self.udp_back = True
+        self._udp_back_until = now + 4 * self.settings.stream_after
+        return True
+
     # -- time and output --------------------------------------------------------------
     def get_timer(self) -> float | None:
-        return self._open_at
+        back = self._udp_back_until if self.udp_back and not self.won else None
+        return min((t for t in (self._open_at, self._recheck_at, back) if t is not None), default=None)
 
     def handle_timer(self, now: float, broker: Endpoint) -> None:
+        if self.udp_back and not self.won and now >= self._udp_back_until:
+            self.udp_back = False  # UDP did not carry the registration after all: both ways
+        if self._recheck_at is not None and now >= self._recheck_at:
+            self._recheck_at = now + self.settings.udp_recheck_interval
+            if self.won and self.socket == BROKER_STREAM:
+                question = frames.encode(MappingQuery(pad=b"\0" * QUERY_PAD))
+                self._out.append(SendFrame(MAIN_SOCKET, broker, question))
         if self._open_at is None or now < self._open_at:
             return
         self._open_at = None

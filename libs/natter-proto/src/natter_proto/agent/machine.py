@@ -243,7 +243,7 @@ class AgentMachine:
             self.stats["dropped_unknown_session"] += 1
             return
         if isinstance(message, MappingReply):
-            if not self.link.receive_mapping(message, addr):
+            if not self.link.receive_mapping(message, addr, socket, now):
                 self.stats["dropped_not_from_broker"] += 1
                 return
             self.stats["accepted_broker"] += 1

@@ -14,6 +14,7 @@ class AgentSettings:
     # register over whichever answers first; a stream that fails is tried again with backoff
     stream_after: float = 0.5
     stream_retry_max: float = 30.0
+    udp_recheck_interval: float = 30.0  # registered over TCP: does the broker's UDP answer now?
     # introduction and hole punching
     connect_timeout: float = 10.0
     punch_interval: float = 0.075
