@@ -139,3 +139,32 @@ def test_ipv6_only_and_dual_stack_networks(family: str) -> None:
         registered = alice.wait_kind("registered", name="alice")
         assert registered["event"].endswith(f"[{INET_IP6}]:10000" if family == "v6" else f"{INET_IP}:10000")
         assert not [e for e in alice.lines if e.get("kind") == "broker_changed"]  # no failover needed
+
+
+def test_dual_stack_races_the_broker_families() -> None:
+    """Dual-stack, but alice's router drops IPv4 UDP: her registration to the broker's
+    IPv4 address gets no answer, so 0.25 s in it goes to its IPv6 address too (RFC 8305),
+    which answers first; she registers over IPv6 (no TCP needed) and punches bob there."""
+    require_lab()
+    remove_stale_namespaces()
+    with NatLab(family="dual") as lab, Scene(lab) as scene:
+        lab.sh("natA", "iptables", "-I", "FORWARD", "-i", "lan", "-p", "udp", "-j", "DROP")
+        broker = scene.add(natter("-server", ":10000", prefix=lab.prefix("inet")))
+        broker.wait_event("broker listening")
+        sink_port = scene.service("sink")
+        lab.name_hosts(f"{INET_IP} broker.lab\n{INET_IP6} broker.lab\n", "alice", "bob")
+        bob = scene.add(
+            natter("-name", "bob", "-broker", "broker.lab:10000", "-listen", prefix=lab.prefix("bob"))
+        )
+        bob.wait_kind("registered", name="bob", timeout=20)
+        spec = f"8036:bob:{sink_port}"
+        alice = scene.add(
+            natter("-name", "alice", "-broker", "broker.lab:10000", spec, prefix=lab.prefix("alice"))
+        )
+        registered = alice.wait_kind("registered", name="alice", timeout=10)
+        assert registered["event"] == f"registered as alice at [{INET_IP6}]:10000", registered
+        alice.wait_kind("broker_changed", timeout=1)  # the race's winner, said once
+        up = alice.wait_path("bob", direct, timeout=30)
+        assert up["endpoint"].startswith("[fd00:2::2]:"), up
+        scene.send_checked(8036, 4 << 20)
+        assert not [e for e in alice.lines if e.get("kind") == "broker_transport"]  # no TCP

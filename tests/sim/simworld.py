@@ -538,9 +538,19 @@ class World:
         self.agents: list[SimAgent] = []
 
     def agent(
-        self, name: str, realm: Realm, ip: str, *, identity: Identity | None = None, port: int = 40000
+        self,
+        name: str,
+        realm: Realm,
+        ip: str,
+        *,
+        identity: Identity | None = None,
+        port: int = 40000,
+        brokers: list[Endpoint] | None = None,
     ) -> SimAgent:
+        """``brokers``: the addresses the agent is given (default: the broker's one)."""
         agent = SimAgent(self, name, realm, ip, self.broker.addr, self.settings, self.engine, identity, port)
+        if brokers is not None:
+            agent.machine = AgentMachine(name, agent.identity, brokers, (agent.main,), self.settings)
         self.agents.append(agent)
         return agent
 

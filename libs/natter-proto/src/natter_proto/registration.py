@@ -269,6 +269,14 @@ class Registration:
         self._unanswered += 1
         self._next_send = now + self.backoff.next_delay()
 
+    def use_broker(self, index: int, reason: str) -> None:
+        """Frames go to broker ``index`` from now on (it answered a registration first)."""
+        if index != self.broker_index and 0 <= index < self.brokers:
+            self._unanswered = 0
+            self.cookie = None  # cookies are per broker
+            self.broker_index = index
+            self._events.append(BrokerChanged(index, reason))
+
     def _rotate(self, reason: str) -> None:
         self._unanswered = 0
         if self.brokers > 1:

@@ -48,6 +48,7 @@ class BrokerLink:
         self.path = BrokerPath(settings)
         self._endpoint_checked: float | None = None
         self._heard_on = MAIN_SOCKET  # the socket the broker's latest frame came on
+        self._raced: float | None = None  # the race (its start) whose other family was asked
 
     @property
     def broker(self) -> Endpoint:
@@ -56,6 +57,37 @@ class BrokerLink:
     @property
     def registered(self) -> bool:
         return self.registration.state is RegState.REGISTERED
+
+    def race_partner(self) -> int | None:
+        """The next broker address of the other family (IPv4 / IPv6), if any."""
+        here = ":" in self.broker.host
+        count = len(self.brokers)
+        for step in range(1, count):
+            index = (self.registration.broker_index + step) % count
+            if (":" in self.brokers[index].host) != here:
+                return index
+        return None
+
+    def racing_families(self, now: float) -> int | None:
+        """The partner a registration goes to as well: registering, nothing heard from the
+        broker yet, and family_race_after gone since the race began."""
+        since = self.path.race_since
+        if self.registration.state is not RegState.REGISTERING or since is None or self.path.udp_heard:
+            return None
+        if now - since < self.settings.family_race_after:
+            return None
+        return self.race_partner()
+
+    def adopt(self, addr: Endpoint) -> bool:
+        """A frame from the other family's broker address we raced: it answered first, so
+        it is our broker from now on. False if addr is not that address."""
+        partner = self.race_partner()
+        if self.registration.state is not RegState.REGISTERING or partner is None:
+            return False
+        if self.brokers[partner] != addr:
+            return False
+        self.registration.use_broker(partner, f"{addr} answered first (IPv4 and IPv6 raced)")
+        return True
 
     @property
     def socket(self) -> int:
@@ -109,8 +141,11 @@ class BrokerLink:
                 reg.update(nat=nat.kind.value, now=now)
         if reg.state is RegState.REGISTERING:
             self.path.racing(now)
+        partner = self.racing_families(now)
         for message in reg.frames_to_send():
             out += self.frames(message)
+            if partner is not None and isinstance(message, Register):  # RFC 8305: race it
+                out.append(replace(self.frames(message)[0], addr=self.brokers[partner], socket=MAIN_SOCKET))
         moved = False
         while (event := reg.next_event()) is not None:
             if isinstance(event, RegistrationUp):
@@ -143,10 +178,24 @@ class BrokerLink:
         data = frames.encode(message)
         return [SendFrame(socket, self.broker, data) for socket in self.path.sockets()]
 
+    def _family_race_at(self) -> float | None:
+        """When the registration under way goes to the other family's address as well."""
+        since = self.path.race_since
+        if since is None or since == self._raced or self.race_partner() is None:
+            return None
+        if self.registration.state is not RegState.REGISTERING or self.path.udp_heard:
+            return None
+        return since + self.settings.family_race_after
+
     def get_timer(self) -> list[float | None]:
-        return [self.registration.get_timer(), self.nat.get_timer(), self.path.get_timer()]
+        timers = [self.registration.get_timer(), self.nat.get_timer(), self.path.get_timer()]
+        return [*timers, self._family_race_at()]
 
     def handle_timer(self, now: float) -> None:
+        race = self._family_race_at()
+        if race is not None and now >= race:
+            self._raced = self.path.race_since  # once per race: now, not at the next backoff
+            self.registration.retry_now(now)
         self.registration.handle_timer(now)
         self.nat.handle_timer(now)
         self.path.handle_timer(now, self.broker)

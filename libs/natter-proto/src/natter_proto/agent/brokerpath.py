@@ -39,13 +39,17 @@ class BrokerPath:
         self.stream = StreamState.CLOSED
         self.failure = ""  # why the stream last failed, for the one-line answer
         self.udp_heard = False  # anything from the broker over UDP, since the race began
-        self._race_since: float | None = None
+        self._race_since: float | None = None  # when registration began, and has not won yet
         self._open_at: float | None = None
         self._backoff = Backoff(initial=1.0, maximum=settings.stream_retry_max)
         self._recheck_at: float | None = None  # on TCP: ask UDP again then
         self.udp_back = False  # UDP answered while on TCP: register over it again
         self._udp_back_until = 0.0
         self._out: list[Action] = []
+
+    @property
+    def race_since(self) -> float | None:
+        return self._race_since
 
     @property
     def via(self) -> str:

@@ -41,7 +41,7 @@ from .actions import (
 )
 from .brokerlink import BrokerLink
 from .introductions import Introductions, Outcome
-from .kinds import BROKER_STREAM, Path, PathKind, Role, direct_path, relay_path
+from .kinds import BROKER_STREAM, MAIN_SOCKET, Path, PathKind, Role, direct_path, relay_path
 from .paths import PeerPaths
 from .pathstate import Health, Purpose
 from .peers import Peers
@@ -248,7 +248,7 @@ class AgentMachine:
                 return
             self.stats["accepted_broker"] += 1
             return
-        if addr != self.broker:
+        if addr != self.broker and not (socket == MAIN_SOCKET and self.link.adopt(addr)):
             self.stats["dropped_not_from_broker"] += 1
             return
         self.stats["accepted_broker"] += 1

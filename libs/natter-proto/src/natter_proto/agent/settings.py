@@ -13,6 +13,9 @@ class AgentSettings:
     # the broker's UDP unanswered this long: open the TCP stream too (happy eyeballs), and
     # register over whichever answers first; a stream that fails is tried again with backoff
     stream_after: float = 0.5
+    # registering and no answer yet this long: also register with a broker address of the
+    # other family (IPv4 / IPv6, RFC 8305's connection attempt delay); the first to answer wins
+    family_race_after: float = 0.25
     stream_retry_max: float = 30.0
     udp_recheck_interval: float = 30.0  # registered over TCP: does the broker's UDP answer now?
     # introduction and hole punching
