@@ -7,13 +7,13 @@ import asyncio
 import os
 import socket
 import subprocess
-import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis as redis_client
 
+import libconfig
 from natter import Broker, Client, Config, PeerUnavailable
 from natter_proto import frames
 from netcheck import echo_check, echo_handler
@@ -33,12 +33,8 @@ def redis() -> Iterator[RedisProcess | RedisContainer]:
 
 
 def config(**kw: object) -> Config:
-    base: dict[str, object] = dict(
-        keepalive_interval=1.0, registration_ttl=4.0, connect_timeout=5.0, punch_timeout=3.0
-    )
-    base.update(kw)
-    base.setdefault("state_dir", tempfile.mkdtemp(prefix="natter-state-"))
-    return Config(**base)  # type: ignore[arg-type]
+    """libconfig's, with a fleet's quicker keepalives (replicas notice silence sooner)."""
+    return libconfig.config(**{"keepalive_interval": 1.0, "registration_ttl": 4.0, **kw})
 
 
 @pytest.fixture
