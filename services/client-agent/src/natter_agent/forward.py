@@ -25,7 +25,7 @@ from .errors import NatterError, PeerUnavailable
 from .link import PeerLink
 from .stdio import StdioEnd
 from .stream import StreamChannel, StreamClosed
-from .tcpend import TcpEnd, open_tcp
+from .tcpend import TcpEnd, open_first
 
 log = structlog.get_logger("natter.forward")
 
@@ -92,14 +92,14 @@ class Listener:
             self._pending[link] -= 1
             if self._pending[link] <= 0:
                 del self._pending[link]
-        address, refusal = await self._resolve_allowed(host, port)
-        if address is None:
+        addresses, refusal = await self._resolve_allowed(host, port)
+        if not addresses:
             self.refused["target"] += 1
             log.warning("refused stream", peer=peer, target=target, reason=refusal)
             await _refuse(channel, refusal)
             return
         try:
-            local = await asyncio.wait_for(open_tcp(address, port), 10)
+            local = await asyncio.wait_for(open_first(addresses, port), 10)
         except (OSError, TimeoutError) as exc:
             self.refused["connect"] += 1
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
@@ -123,17 +123,17 @@ class Listener:
         channel.reset()
         channel.link.release(channel)
 
-    async def _resolve_allowed(self, host: str, port: int) -> tuple[str | None, str]:
-        """The address to connect to (resolved once, so a name cannot change between the
-        check and the connect), or None and why not."""
+    async def _resolve_allowed(self, host: str, port: int) -> tuple[list[str], str]:
+        """The addresses to connect to, in order (resolved once, so a name cannot change
+        between the check and the connect), or none and why not."""
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
-            return None, f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}"
+            return [], f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}"
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         if not self.allow.allows(host, port, addresses):
-            return None, "target not allowed"
-        return addresses[0], ""
+            return [], "target not allowed"
+        return addresses, ""
 
 
 async def _refuse(channel: StreamChannel, reason: str) -> None:

@@ -141,3 +141,17 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
 async def open_tcp(host: str, port: int) -> TcpEnd:
     _transport, end = await asyncio.get_running_loop().create_connection(TcpEnd, host, port)
     return end
+
+
+async def open_first(hosts: list[str], port: int) -> TcpEnd:
+    """The first of hosts (one name's addresses, in order) that takes the connection, as
+    ssh -L does: "localhost" is ::1 before 127.0.0.1 on most hosts, and many services
+    listen on one of them only. Raises the last failure."""
+    failure: OSError | None = None
+    for host in hosts:
+        try:
+            return await open_tcp(host, port)
+        except OSError as exc:
+            failure = exc
+    assert failure is not None
+    raise failure
