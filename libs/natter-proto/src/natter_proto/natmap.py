@@ -18,6 +18,11 @@ ATTEMPTS = 4
 INTERVAL = 0.5
 
 
+def mapping_query() -> MappingQuery:
+    """Where do you see me? Padded to QUERY_PAD, so that no answer is larger."""
+    return MappingQuery(pad=b"\0" * QUERY_PAD)
+
+
 @dataclass(frozen=True)
 class NatLearned:
     kind: str  # "easy", "hard" or "unknown"
@@ -43,7 +48,7 @@ class NatProbe:
         if self._sent >= ATTEMPTS:
             self.result = NatLearned("unknown", None)
             return
-        self._outbox.append(MappingQuery(pad=b"\0" * QUERY_PAD))
+        self._outbox.append(mapping_query())
         self._sent += 1
         self._next = now + INTERVAL
 

@@ -124,9 +124,7 @@ class Registration:
         if nat is not None and nat != self.nat:
             self.nat, changed = nat, True
         if changed and self.state is not RegState.IDLE:
-            self.state = RegState.REGISTERING
-            self.backoff.reset()
-            self._send_register(now)
+            self._register_again(now)
 
     def receive(self, message: Message, now: float) -> bool:
         """Handle a frame from the current broker; returns False if it is not ours."""
@@ -226,9 +224,7 @@ class Registration:
         """Register again now, while still registered (another way to the broker works):
         the answer keeps us registered, on whichever way it came."""
         if self.state is RegState.REGISTERED:
-            self.state = RegState.REGISTERING
-            self.backoff.reset()
-            self._send_register(now)
+            self._register_again(now)
 
     def transport_lost(self, reason: str, now: float) -> None:
         """The way our registration went is gone (the TCP stream closed): register again."""
@@ -264,26 +260,29 @@ class Registration:
             nat=self.nat,
         )
 
+    def _register_again(self, now: float) -> None:
+        """Announce ourselves afresh; registered again only once the broker answers."""
+        self.state = RegState.REGISTERING
+        self.backoff.reset()
+        self._send_register(now)
+
     def _send_register(self, now: float) -> None:
         self._outbox.append(self._register_frame())
         self._unanswered += 1
         self._next_send = now + self.backoff.next_delay()
 
     def use_broker(self, index: int, reason: str) -> None:
-        """Frames go to broker ``index`` from now on (it answered a registration first)."""
+        """Frames go to broker ``index`` from now on (the next, or one that answered first)."""
         if index != self.broker_index and 0 <= index < self.brokers:
             self._unanswered = 0
             self.cookie = None  # cookies are per broker
             self.broker_index = index
+            self._outbox.clear()  # nothing queued for the old broker goes to the new one
             self._events.append(BrokerChanged(index, reason))
 
     def _rotate(self, reason: str) -> None:
         self._unanswered = 0
-        if self.brokers > 1:
-            self.cookie = None  # cookies are per broker
-            self.broker_index = (self.broker_index + 1) % self.brokers
-            self._outbox.clear()  # nothing queued for the old broker goes to the new one
-            self._events.append(BrokerChanged(self.broker_index, reason))
+        self.use_broker((self.broker_index + 1) % self.brokers, reason)
 
     def _loss_deadline(self) -> float | None:
         if self.state is RegState.REGISTERED and self._last_heard is not None:

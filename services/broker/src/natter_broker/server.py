@@ -25,7 +25,7 @@ from natter_proto import frames
 from natter_proto.broker import BrokerCore, new_session_id
 from natter_proto.config import Config
 from natter_proto.cookies import CookieJar
-from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_port
+from natter_proto.endpoints import AddressError, Endpoint, endpoint, from_socket, split_host_port
 from natter_proto.frames import (
     ConnectRequest,
     Error,
@@ -307,7 +307,7 @@ class Broker:
             source = endpoint(host, port)
             message = frames.decode(data)
         except FrameError as exc:
-            self._reject(exc, Endpoint(host, port), len(data))
+            self._reject(exc, from_socket(host, port), len(data))
             return
         except AddressError:
             self.metrics.dropped.labels("bad_source").inc()

@@ -41,6 +41,8 @@ class BrokerSocket:
 
     @staticmethod
     def _bound(host: str, port: int) -> socket.socket:
+        """Bound to host:port; for "any", IPv6 with IPv4 too (v4-mapped) where the host
+        has IPv6 (as the agent's socket: natter_proto stays free of sockets)."""
         if dual_stack(host) and socket.has_ipv6:
             try:
                 sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -83,8 +85,7 @@ class BrokerSocket:
                 return
             except OSError:
                 continue  # ICMP errors surface here on Linux
-            source = from_socket(addr[0], addr[1])
-            self._on_datagram(data, source.host, source.port)
+            self._on_datagram(data, addr[0], addr[1])  # the handler normalises (endpoint())
 
     def close(self) -> None:
         if self._sock is not None:

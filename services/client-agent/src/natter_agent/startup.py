@@ -36,9 +36,9 @@ def resolve_brokers(addrs: str | list[str]) -> dict[Endpoint, str]:
     """Resolve broker HOST:PORTs to endpoints of both families, each with the host as given
     (the TCP stream's TLS server name); blocking.
 
-    A name with several addresses yields each of them: several brokers to fail over between,
-    IPv4 first (where a host has both, as most do, its IPv4 is what works today), then
-    IPv6: an IPv6-only network's broker is reached the same way.
+    A name with several addresses yields each of them: several brokers to fail over
+    between, IPv4 first, then IPv6 (the agent races the two families: BrokerLink), without
+    those this host has no route to (an IPv6-only host's IPv4 ones).
     """
     found: dict[Endpoint, str] = {}
     for host, port in broker_addresses(addrs):

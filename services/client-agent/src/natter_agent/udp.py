@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -44,7 +45,7 @@ class AgentSocket:
 
     def bind(self, host: str, port: int) -> Endpoint:
         """Bind to host:port; "any" (0.0.0.0) takes both families where IPv6 works."""
-        sock = open_udp(host)
+        sock = bound_udp(host, port)
         self.v6 = sock.family == socket.AF_INET6
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):  # capped by net.core.*mem_max: fine
@@ -55,11 +56,6 @@ class AgentSocket:
             except OSError:
                 self.gro = False  # an older kernel: one datagram per read
         sock.setblocking(False)
-        try:
-            sock.bind(("::" if self.v6 and dual_stack(host) else host, port))
-        except OSError:
-            sock.close()
-            raise
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -169,24 +165,29 @@ class AgentSocket:
             self._sock = None
 
 
-def open_udp(host: str) -> socket.socket:
-    """A UDP socket for ``host``: an IPv6 literal's family, IPv4's, or for "any" IPv6 with
-    IPv4 too (v4-mapped) where the host has IPv6, else IPv4 alone."""
-    if ":" in host and not dual_stack(host):
-        return socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    if not dual_stack(host) or not socket.has_ipv6:
-        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def bound_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to host:port; for "any", IPv6 with IPv4 too (v4-mapped) where the
+    host has IPv6, else IPv4 alone. (The broker's socket opens the same way: its own
+    package, natter_proto being free of sockets.)"""
+    if dual_stack(host) and socket.has_ipv6:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:
+            pass  # no IPv6 here: IPv4 alone
+        else:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", port))
+                return sock
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise
+        host = "0.0.0.0"
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    except OSError:
-        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", 0))  # can this host bind IPv6 at all (ipv6.disable=1)?
+        sock.bind((host, port))
     except OSError:
         sock.close()
-        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.close()
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        raise
     return sock

@@ -68,15 +68,21 @@ class BrokerLink:
                 return index
         return None
 
-    def racing_families(self, now: float) -> int | None:
-        """The partner a registration goes to as well: registering, nothing heard from the
-        broker yet, and family_race_after gone since the race began."""
+    def _unanswered_race(self) -> tuple[float, int] | None:
+        """(when it began, the other family's broker) of a registration under way that has
+        heard nothing from the broker yet, where there is another family to race."""
         since = self.path.race_since
         if self.registration.state is not RegState.REGISTERING or since is None or self.path.udp_heard:
             return None
-        if now - since < self.settings.family_race_after:
+        partner = self.race_partner()
+        return (since, partner) if partner is not None else None
+
+    def racing_families(self, now: float) -> int | None:
+        """The partner a registration goes to as well, once family_race_after has gone by."""
+        race = self._unanswered_race()
+        if race is None or now - race[0] < self.settings.family_race_after:
             return None
-        return self.race_partner()
+        return race[1]
 
     def adopt(self, addr: Endpoint) -> bool:
         """A frame from the other family's broker address we raced: it answered first, so
@@ -143,9 +149,10 @@ class BrokerLink:
             self.path.racing(now)
         partner = self.racing_families(now)
         for message in reg.frames_to_send():
-            out += self.frames(message)
+            sent = self.frames(message)  # stamped (and a register signed) once
+            out += sent
             if partner is not None and isinstance(message, Register):  # RFC 8305: race it
-                out.append(replace(self.frames(message)[0], addr=self.brokers[partner], socket=MAIN_SOCKET))
+                out.append(replace(sent[0], addr=self.brokers[partner], socket=MAIN_SOCKET))
         moved = False
         while (event := reg.next_event()) is not None:
             if isinstance(event, RegistrationUp):
@@ -180,12 +187,10 @@ class BrokerLink:
 
     def _family_race_at(self) -> float | None:
         """When the registration under way goes to the other family's address as well."""
-        since = self.path.race_since
-        if since is None or since == self._raced or self.race_partner() is None:
+        race = self._unanswered_race()
+        if race is None or race[0] == self._raced:
             return None
-        if self.registration.state is not RegState.REGISTERING or self.path.udp_heard:
-            return None
-        return since + self.settings.family_race_after
+        return race[0] + self.settings.family_race_after
 
     def get_timer(self) -> list[float | None]:
         timers = [self.registration.get_timer(), self.nat.get_timer(), self.path.get_timer()]

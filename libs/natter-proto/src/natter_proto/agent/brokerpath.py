@@ -18,8 +18,7 @@ import enum
 from .. import frames
 from ..backoff import Backoff
 from ..endpoints import Endpoint
-from ..frames import MappingQuery
-from ..natmap import QUERY_PAD
+from ..natmap import mapping_query
 from .actions import Action, CloseSocket, Level, Notice, NoticeKind, OpenStream, SendFrame
 from .kinds import BROKER_STREAM, MAIN_SOCKET
 from .settings import AgentSettings
@@ -50,6 +49,16 @@ class BrokerPath:
     @property
     def race_since(self) -> float | None:
         return self._race_since
+
+    @property
+    def on_stream(self) -> bool:
+        """Registered over the TCP stream."""
+        return self.won and self.socket == BROKER_STREAM
+
+    @property
+    def on_udp(self) -> bool:
+        """Registered over UDP."""
+        return self.won and self.socket == MAIN_SOCKET
 
     @property
     def via(self) -> str:
@@ -112,13 +121,13 @@ class BrokerPath:
 
     def stream_closed(self, reason: str, now: float) -> bool:
         """The stream failed or ended; True if it carried our registration (now lost)."""
-        carried = self.won and self.socket == BROKER_STREAM
+        carried = self.on_stream
         was_open = self.stream is not StreamState.CLOSED
         self.stream = StreamState.CLOSED
         self.failure = reason
         if carried:
             self.won, self.socket = False, MAIN_SOCKET
-        if was_open and not (self.won and self.socket == MAIN_SOCKET):
+        if was_open and not self.on_udp:
             self._open_at = now + self._backoff.next_delay()
         return carried
 
@@ -135,7 +144,7 @@ class BrokerPath:
         """A reply to our UDP question came while the stream carries us: True the first
         time (the caller registers again, over UDP alone; if UDP does not answer that
         within a moment, over both ways as in any race)."""
-        if not (self.won and self.socket == BROKER_STREAM) or self.udp_back:
+        if not self.on_stream or self.udp_back:
             return False
         self.udp_back = True
         self._udp_back_until = now + 4 * self.settings.stream_after
@@ -151,13 +160,12 @@ class BrokerPath:
             self.udp_back = False  # UDP did not carry the registration after all: both ways
         if self._recheck_at is not None and now >= self._recheck_at:
             self._recheck_at = now + self.settings.udp_recheck_interval
-            if self.won and self.socket == BROKER_STREAM:
-                question = frames.encode(MappingQuery(pad=b"\0" * QUERY_PAD))
-                self._out.append(SendFrame(MAIN_SOCKET, broker, question))
+            if self.on_stream:
+                self._out.append(SendFrame(MAIN_SOCKET, broker, frames.encode(mapping_query())))
         if self._open_at is None or now < self._open_at:
             return
         self._open_at = None
-        if self.stream is StreamState.CLOSED and not (self.won and self.socket == MAIN_SOCKET):
+        if self.stream is StreamState.CLOSED and not self.on_udp:
             self.stream = StreamState.OPENING
             self._out.append(OpenStream(BROKER_STREAM, broker))
 

@@ -156,14 +156,13 @@ class Puncher:
             session.relay_at = None
             if session.purpose is not Purpose.NEW and paths.client_tunnel() is not None:
                 paths.punch_found(session.purpose, path, kind, probes, now)
-            elif session.tunnel is not None and session.tunnel in paths.tunnels:
+            elif session.tunnel is not None and self._relayed_first(session):
                 paths.direct_found(session.tunnel, path, kind, probes, now)
             else:
                 self.start_tunnel(session, Role.CLIENT, path, kind, probes, now)
             return
         tried = ", ".join(str(c) for c in event.tried)
-        relayed = session.tunnel is not None and session.tunnel in self.peers.get(peer).tunnels
-        if relayed:  # the tunnel started on the relay carries on there (and tries to upgrade)
+        if self._relayed_first(session):  # its tunnel carries on on the relay (and tries to upgrade)
             self._note(
                 NoticeKind.PUNCH_FAILED,
                 Level.INFO,
@@ -184,6 +183,11 @@ class Puncher:
             self._out.append(
                 PeerUnreachable(peer, "punch_failed", f"no direct path to {peer} (tried {tried})")
             )
+
+    def _relayed_first(self, session: Session) -> bool:
+        """Is the tunnel this session started on the relay (relay first) still there?"""
+        paths = self.peers.by_name.get(session.punch.peer)
+        return session.tunnel is not None and paths is not None and session.tunnel in paths.tunnels
 
     def _relay_tunnel(self, session: Session, why: str, now: float) -> None:
         peer = session.punch.peer

@@ -48,10 +48,6 @@ class Session:
     def relay(self) -> Path:
         return replace(self.via, relay_key=session_key(self.punch.session_id))
 
-    @property
-    def broker(self) -> Endpoint:
-        return self.via.addr
-
     def kind(self, addr: Endpoint) -> tuple[PathKind, int]:
         """lan, predicted (birthday method, with its probes) or direct; for status and logs."""
         instruction = self.punch.punch
