@@ -137,7 +137,7 @@ def test_ipv6_only_and_dual_stack_networks(family: str) -> None:
         scene.send_checked(8035, 8 << 20)
         assert not [e for e in alice.lines if e.get("kind") == "broker_transport"]  # UDP worked
         registered = alice.wait_kind("registered", name="alice")
-        assert registered["event"].endswith(f"[{INET_IP6}]:10000" if family == "v6" else f"{INET_IP}:10000")
+        assert registered["broker"] == (f"[{INET_IP6}]:10000" if family == "v6" else f"{INET_IP}:10000")
         assert not [e for e in alice.lines if e.get("kind") == "broker_changed"]  # no failover needed
 
 
@@ -162,7 +162,7 @@ def test_dual_stack_races_the_broker_families() -> None:
             natter("-name", "alice", "-broker", "broker.lab:10000", spec, prefix=lab.prefix("alice"))
         )
         registered = alice.wait_kind("registered", name="alice", timeout=10)
-        assert registered["event"] == f"registered as alice at [{INET_IP6}]:10000", registered
+        assert registered["broker"] == f"[{INET_IP6}]:10000", registered
         alice.wait_kind("broker_changed", timeout=1)  # the race's winner, said once
         up = alice.wait_path("bob", direct, timeout=30)
         assert up["endpoint"].startswith("[fd00:2::2]:"), up

@@ -32,7 +32,12 @@ def registration_notice(
             NoticeKind.REGISTERED,
             Level.INFO,
             f"registered as {name} at {broker}",
-            {"public_endpoint": str(event.public), "broker_id": event.broker_id, "listening": listening},
+            {
+                "public_endpoint": str(event.public),
+                "broker": str(broker),
+                "broker_id": event.broker_id,
+                "listening": listening,
+            },
         )
     if isinstance(event, PublicEndpointChanged):
         return Notice(
