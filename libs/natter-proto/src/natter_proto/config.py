@@ -22,7 +22,7 @@ def default_state_dir() -> Path:
     return Path(base) / "natter"
 
 
-QUIC_ENGINES = ("aioquic", "qh3")
+QUIC_ENGINES = ("aioquic", "qh3", "native")  # native: libs/natter-quic, where it is built
 DEFAULT_ENGINE = "qh3"  # both peers of a tunnel need the same (bench/README.md)
 
 

@@ -14,6 +14,7 @@ import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -30,11 +31,18 @@ from natter_proto.relay import encode_relay
 
 from .brokerstream import BrokerStream, proxy_for
 from .brokertrust import BrokerTrust
+from . import nativeforward
 from .engines import QuicEngine, warm_up
 from .errors import NatterError, PeerUnavailable
 from .eventlog import log_event
 from .interfaces import local_ipv4_addresses, local_ipv6_addresses
+from .engines.native import NativeEngine
 from .link import PeerLink
+from .nativelink import NativeLink
+from .nativeplane import NativePlane
+
+if TYPE_CHECKING:
+    from .forward import Listener
 from .router import Router
 from .startup import agent_settings, broker_addresses, load
 from .stream import StreamChannel
@@ -74,7 +82,8 @@ class Agent:
         self.sock = self._new_socket(MAIN_SOCKET)
         self.sockets: dict[int, AgentSocket | BrokerStream] = {MAIN_SOCKET: self.sock}
         self.router = Router()
-        self.tunnels: dict[int, PeerLink] = {}
+        self.tunnels: dict[int, PeerLink | NativeLink] = {}
+        self.plane: NativePlane | None = None  # the native engine's data plane, when it runs
         self.machine: AgentMachine | None = None
         self.registered = asyncio.Event()
         self.listening = False
@@ -114,11 +123,11 @@ class Agent:
         unbound = Counter({f"unbound_{k}": v for k, v in self.machine.registration.unbound.items()})
         return self._stats + self.machine.stats + unbound
 
-    def links(self) -> list[PeerLink]:
+    def links(self) -> list[PeerLink | NativeLink]:
         """Live tunnels that new connections may use, one per peer."""
         return [link for peer in self._peers() if (link := self.link_to(peer)) is not None]
 
-    def link_to(self, peer: str) -> PeerLink | None:
+    def link_to(self, peer: str) -> PeerLink | NativeLink | None:
         paths = self.machine.peers.by_name.get(peer) if self.machine is not None else None
         tunnel = paths.usable() if paths is not None else None
         link = self.tunnels.get(tunnel.id) if tunnel is not None else None
@@ -130,7 +139,7 @@ class Agent:
     # the agent's key, the peers it trusts and its QUIC engine, set by start()
     identity: Identity
     trust: PeerTrust
-    engine: QuicEngine
+    engine: QuicEngine | NativeEngine
     _broker_names: dict[Endpoint, str]  # the host each broker was named by (TLS server name)
     _broker_trust: BrokerTrust
 
@@ -145,6 +154,33 @@ class Agent:
         self.trust, self.engine = loaded.trust, loaded.engine
         self._broker_names, self._broker_trust = loaded.brokers, loaded.broker_trust
 
+    @property
+    def wants_native(self) -> bool:
+        """This agent will run the native engine (known before start, for the forwards)."""
+        if self._engine is not None:
+            return isinstance(self._engine, NativeEngine)
+        return self.config.quic_engine == "native"
+
+    def serve_native(self, listener: Listener) -> None:
+        """Incoming streams of the native engine go to the listener's checks."""
+        plane = self.plane
+        assert plane is not None
+
+        def incoming(tunnel: int, conn: int, header: bytes) -> None:
+            link = self.tunnels.get(tunnel)
+            if not isinstance(link, NativeLink) or not self.listening:
+                plane.engine.refuse(conn)
+                return
+            if self.machine is not None:
+                self.machine.tunnel_activity(tunnel, self._now())
+            self._track(nativeforward.serve_incoming(listener, plane, link, conn, header))
+
+        def refused(tunnel: int, reason: str) -> None:
+            link = self.tunnels.get(tunnel)
+            nativeforward.count_refusal(listener, reason, link.peer if link is not None else "?")
+
+        plane.on_incoming, plane.on_refused = incoming, refused
+
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self.machine is not None:
@@ -152,6 +188,8 @@ class Agent:
         self._load()
         self._loop = asyncio.get_running_loop()
         bound = self.sock.bind(self.config.udp_host, self.config.udp_port)
+        if isinstance(self.engine, NativeEngine):
+            self._start_native(self.engine)
         hosts = local_ipv4_addresses() + (local_ipv6_addresses() if self.sock.v6 else [])
         locals_ = tuple(Endpoint(ip, bound.port) for ip in hosts)
         self.machine = AgentMachine(
@@ -169,7 +207,25 @@ class Agent:
             self.machine.listen(self._now())
         self.machine.start(self._now())
         self._pump()
-        warm_up(self.engine)  # while the broker answers: the first tunnel comes up sooner
+        if not isinstance(self.engine, NativeEngine):
+            warm_up(self.engine)  # while the broker answers: the first tunnel comes up sooner
+
+    def _start_native(self, engine: NativeEngine) -> None:
+        """The native engine reads the main socket from now on; what is not a tunnel's
+        QUIC comes back here, as if this agent had read it."""
+        native = engine.open(
+            self.sock.hand_over(),
+            header_timeout=self.config.header_timeout,
+            max_pending_streams=self.config.max_pending_streams,
+        )
+        self.plane = NativePlane(
+            native,
+            on_datagram=functools.partial(self._datagram, MAIN_SOCKET),
+            on_send=lambda tunnel, packets: self._send_tunnel(tunnel, [(p, None) for p in packets]),
+            on_batch_done=self._pump,
+            link_of=lambda tunnel: link if isinstance(link := self.tunnels.get(tunnel), NativeLink) else None,
+        )
+        self.plane.start()
 
     async def wait_registered(self, timeout: float) -> None:
         try:
@@ -202,10 +258,13 @@ class Agent:
         if self._timer is not None:
             self._timer.cancel()
         await asyncio.sleep(0)  # let the CONNECTION_CLOSE datagrams leave
+        if self.plane is not None:
+            await asyncio.sleep(0.05)  # the native engine sends them from its own threads
+            self.plane.close()
         for sock in self.sockets.values():
             sock.close()
 
-    async def connect(self, peer: str, target: str = "") -> PeerLink:
+    async def connect(self, peer: str, target: str = "") -> PeerLink | NativeLink:
         """Return a live tunnel to peer, asking the broker and punching if there is none."""
         link = self.link_to(peer)
         if link is not None:
@@ -295,6 +354,9 @@ class Agent:
             self._tell(action)
 
     def _start_tunnel(self, action: act.StartTunnel) -> None:
+        if self.plane is not None:
+            self._start_native_tunnel(self.plane, action)
+            return
         if action.role is Role.CLIENT:
             conn = self.engine.client_connection()
         else:
@@ -330,6 +392,27 @@ class Agent:
         else:
             link.datagram_received(action.initial)
 
+    def _start_native_tunnel(self, plane: NativePlane, action: act.StartTunnel) -> None:
+        link = NativeLink(
+            tunnel=action.tunnel,
+            engine=plane.engine,
+            peer=action.peer,
+            route=action.path,
+            kind=action.kind,
+            role=action.role,
+            on_ready=self._on_link_ready,
+            on_pong=self._on_link_pong,
+            on_closed=self._on_link_closed,
+            verify=self._verify_peer,
+            expected_key=action.expected_key,
+        )
+        self.tunnels[action.tunnel] = link
+        self.router.route(action.tunnel, action.path)  # relayed packets come back through here
+        if action.role is Role.CLIENT:
+            link.start_client()
+        elif not plane.engine.accept_initial(action.tunnel, action.initial):
+            link.close("too many packets waiting for the native engine")
+
     def _send_tunnel(self, tunnel: int, datagrams: list[tuple[bytes, object]]) -> None:
         """A tunnel's datagrams leave on its current path (QUIC addressed them to QUIC_PEER)."""
         link = self.tunnels.get(tunnel)
@@ -355,7 +438,7 @@ class Agent:
         else:
             link.close(action.reason)
 
-    async def _drain(self, link: PeerLink, reason: str) -> None:
+    async def _drain(self, link: PeerLink | NativeLink, reason: str) -> None:
         """A replaced tunnel serves its open connections to their end, then closes."""
         while link.is_alive and link.open_streams > 0:
             await asyncio.sleep(0.5)
@@ -418,24 +501,24 @@ class Agent:
         log_event(self._log, event, self.tunnels.get(tunnel) if tunnel is not None else None)
 
     # -- what the tunnels tell ---------------------------------------------------------------
-    def _on_link_ready(self, link: PeerLink) -> None:
+    def _on_link_ready(self, link: PeerLink | NativeLink) -> None:
         if self.machine is not None:
             self.machine.tunnel_ready(link.tunnel, self._now())
             self._pump()
 
-    def _on_link_pong(self, link: PeerLink, uid: int, busy: bool) -> None:
+    def _on_link_pong(self, link: PeerLink | NativeLink, uid: int, busy: bool) -> None:
         if self.machine is not None:
             self.machine.tunnel_pong(link.tunnel, uid, busy, self._now())
             self._pump()
 
-    def _on_link_closed(self, link: PeerLink) -> None:
+    def _on_link_closed(self, link: PeerLink | NativeLink) -> None:
         self.tunnels.pop(link.tunnel, None)
         self.router.forget(link.tunnel)
         if self.machine is not None and not self._closed:
             self.machine.tunnel_closed(link.tunnel, link.close_reason, self._now())
             self._pump()
 
-    def _verify_peer(self, link: PeerLink) -> str | None:
+    def _verify_peer(self, link: PeerLink | NativeLink) -> str | None:
         refusal = self._unvetted_refusal(link)
         if refusal is None:
             refusal = self.trust.check(link.peer, link.expected_key, link.peer_key, link.role.value)
@@ -450,7 +533,7 @@ class Agent:
             self._refusals.pop(link.peer, None)
         return refusal
 
-    def _unvetted_refusal(self, link: PeerLink) -> str | None:
+    def _unvetted_refusal(self, link: PeerLink | NativeLink) -> str | None:
         """Any authenticated peer may connect to a listener, but identities cost nothing: at
         most ``max_unvetted_tunnels`` at once from peers the user never named."""
         if link.role is not Role.SERVER or self.trust.names(link.peer):

@@ -42,6 +42,9 @@ class Client:
         )
         self.agent.set_listening(self.listener.serve)
         await self.start()
+        plane = self.agent.plane
+        if plane is not None:  # the native engine: its streams come as events
+            self.agent.serve_native(self.listener)
         if wait:
             await self.agent.wait_registered(self.config.register_timeout)
 

@@ -19,6 +19,7 @@ from natter_proto.backoff import Backoff
 from natter_proto.config import Config
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 
+from . import nativeforward
 from .agent import Agent
 from .bridge import read_header, splice
 from .errors import NatterError, PeerUnavailable
@@ -92,7 +93,7 @@ class Listener:
             self._pending[link] -= 1
             if self._pending[link] <= 0:
                 del self._pending[link]
-        addresses, refusal = await self._resolve_allowed(host, port)
+        addresses, refusal = await self.resolve_allowed(host, port)
         if not addresses:
             self.refused["target"] += 1
             log.warning("refused stream", peer=peer, target=target, reason=refusal)
@@ -123,7 +124,7 @@ class Listener:
         channel.reset()
         channel.link.release(channel)
 
-    async def _resolve_allowed(self, host: str, port: int) -> tuple[list[str], str]:
+    async def resolve_allowed(self, host: str, port: int) -> tuple[list[str], str]:
         """The addresses to connect to, in order (resolved once, so a name cannot change
         between the check and the connect), or none and why not."""
         try:
@@ -245,15 +246,22 @@ class Forward:
         self.max_connections = agent.config.max_connections
         self.problem = ""  # why the tunnel is not up, as last seen (for status and logs)
         self._server: asyncio.Server | None = None
+        self._native_socket: socket.socket | None = None  # native engine: the engine accepts
+        self._native_id: int | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()  # one per accepted connection
-        self._log = log.bind(peer=peer, target=self.target)
+        self.log = self._log = log.bind(peer=peer, target=self.target)
         self.stream_timeout = stream_timeout(agent.config)
 
     async def bind(self) -> None:
         """Listen on the local port (connections wait for ``run``'s tunnel)."""
         host, port = self._bind
         try:
+            if self.agent.wants_native:
+                self._native_socket = nativeforward.listening_socket(host, port)
+                sockname = self._native_socket.getsockname()
+                self.local = Endpoint(sockname[0], sockname[1])
+                return
             self._server = await asyncio.get_running_loop().create_server(self._accept, host, port)
         except OSError as exc:
             why = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
@@ -264,6 +272,38 @@ class Forward:
     def run(self) -> None:
         self._log.info(f"forwarding {self.local} -> {self.peer}:{self.target}")
         self._supervisor = asyncio.get_running_loop().create_task(self._keep_tunnel())
+        plane = self.agent.plane
+        if self._native_socket is not None and plane is not None:
+            self._native_id = plane.new_forward(self._on_native)
+            plane.engine.listen_tcp(self._native_id, os.dup(self._native_socket.fileno()))
+            self._native_socket.close()
+
+    def _on_native(self, conn: int) -> None:
+        """A connection the native engine accepted: the same limits and words as _on_tcp."""
+        plane = self.agent.plane
+        assert plane is not None
+        self.connections += 1
+        if self.open_now >= self.max_connections:
+            self.refused += 1
+            self._log.warning(
+                "connection refused",
+                reason=f"{self.open_now} connections open on this forward (--max-connections {self.max_connections})",
+                refused=self.refused,
+            )
+            plane.engine.refuse(conn)
+            return
+        if self.problem:
+            self._log.warning(f"connection waits for a tunnel to {self.peer}", reason=self.problem)
+        self.open_now += 1
+        task = asyncio.get_running_loop().create_task(
+            nativeforward.serve_forwarded(self, plane, conn, lambda: _tunnel_to(self.agent, self.peer, self.target, None))
+        )
+        self._handlers.add(task)
+        task.add_done_callback(self._native_done)
+
+    def _native_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        self.open_now -= 1
 
     async def _keep_tunnel(self) -> None:
         """Bring the tunnel up now and again whenever it drops, backing off on failure."""
@@ -332,6 +372,12 @@ class Forward:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        plane = self.agent.plane
+        if self._native_id is not None and plane is not None:
+            plane.engine.stop_tcp(self._native_id)
+            plane.forwards.pop(self._native_id, None)
+        if self._native_socket is not None:
+            self._native_socket.close()
 
 
 async def forward_stdio(agent: Agent, peer: str, remote: str, timeout: float) -> tuple[int, int]:

@@ -41,6 +41,7 @@ class AgentSocket:
         offload = not os.environ.get("NATTER_NO_GSO")  # NATTER_NO_GSO=1: both ways off
         self.gso = offload and hasattr(socket.socket, "sendmsg")  # off for good after a refusal
         self.gro = offload
+        self._reading = False
         self.v6 = False  # a dual-stack (or IPv6) socket: IPv4 peers are v4-mapped
 
     def bind(self, host: str, port: int) -> Endpoint:
@@ -59,7 +60,16 @@ class AgentSocket:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
+        self._reading = True
         return self.local_endpoint
+
+    def hand_over(self) -> int:
+        """Stop reading here and return a duplicate of the socket for the native engine,
+        which reads from now on (this object still sends the agent's own frames)."""
+        assert self._sock is not None and self._loop is not None
+        self._loop.remove_reader(self._sock.fileno())
+        self._reading = False
+        return os.dup(self._sock.fileno())
 
     @property
     def local_endpoint(self) -> Endpoint:
@@ -159,7 +169,7 @@ class AgentSocket:
 
     def close(self) -> None:
         if self._sock is not None:
-            if self._loop is not None and not self._loop.is_closed():
+            if self._reading and self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import NatterError
+from . import native
 from .base import ENGINES, PeerAuthenticated, QuicEngine, TunnelConnection
+from .native import NativeEngine
 
 __all__ = ["ENGINES", "QuicEngine", "TunnelConnection", "make_engine", "warm_up"]
 
 
-def make_engine(name: str, **settings: Any) -> QuicEngine:
+def make_engine(name: str, **settings: Any) -> QuicEngine | NativeEngine:
     if name == "aioquic":
         from .aioquic import AioquicEngine
 
@@ -22,6 +25,13 @@ def make_engine(name: str, **settings: Any) -> QuicEngine:
         from .qh3 import Qh3Engine
 
         return Qh3Engine(**settings)
+    if name == "native":
+        if not native.available():
+            raise NatterError(
+                "the native QUIC engine is not built here (./scripts/setup.sh builds it where cargo"
+                " is installed); --quic-engine qh3 runs without it"
+            )
+        return NativeEngine(**settings)
     raise ValueError(f"unknown QUIC engine {name!r} (available: {', '.join(ENGINES)})")
 
 

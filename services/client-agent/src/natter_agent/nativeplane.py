@@ -1,0 +1,131 @@
+"""The agent's side of the native engine: read its events on the event loop and hand each
+to whoever decides about it (the agent for datagrams and paths, a link for its tunnel,
+the forward or listener waiting on a connection).
+
+The engine wakes the loop with a byte on ``wake_fd``; events are taken in batches, so a
+busy data plane costs Python one wake-up per batch, never a call per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from natter_proto.endpoints import Endpoint, from_socket
+
+log = structlog.get_logger("natter.native")
+
+BATCH = 256
+
+
+class Tunnel(Protocol):
+    def authenticated(self, key: bytes | None) -> None: ...
+    def pong(self, uid: int) -> None: ...
+    def engine_closed(self, reason: str) -> None: ...
+
+
+class NativePlane:
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        on_datagram: Callable[[bytes, Endpoint], None],
+        on_send: Callable[[int, list[bytes]], None],
+        on_batch_done: Callable[[], None],
+        link_of: Callable[[int], Tunnel | None],
+    ) -> None:
+        self.engine = engine
+        self._on_datagram = on_datagram
+        self._on_send = on_send
+        self._on_batch_done = on_batch_done
+        self._link_of = link_of
+        self.forwards: dict[int, Callable[[int], None]] = {}  # forward id -> on accepted conn
+        self.on_incoming: Callable[[int, int, bytes], None] | None = None  # tunnel, conn, header
+        self.on_refused: Callable[[int, str], None] | None = None  # tunnel, reason
+        self._answers: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
+        self._early: dict[int, tuple[Any, ...]] = {}  # answers that came before their waiter
+        self._forward_ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.engine.wake_fd(), self._wake)
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.engine.wake_fd())
+        self.engine.shutdown()
+        for future in self._answers.values():
+            if not future.done():
+                future.set_result(("done", 0, 0, 0, "agent shutting down"))
+
+    def new_forward(self, on_accepted: Callable[[int], None]) -> int:
+        forward = next(self._forward_ids)
+        self.forwards[forward] = on_accepted
+        return forward
+
+    def answer(self, conn: int) -> asyncio.Future[tuple[Any, ...]]:
+        """The engine's next word about a connection: ("reply", conn, header),
+        ("connect_failed", conn, reason) or ("done", conn, sent, received, error)."""
+        assert self._loop is not None
+        future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
+        early = self._early.pop(conn, None)
+        if early is not None:
+            future.set_result(early)
+        else:
+            self._answers[conn] = future
+        return future
+
+    def _wake(self) -> None:
+        self.engine.drain_wake()
+        while events := self.engine.poll_events(BATCH):
+            for event in events:
+                try:
+                    self._dispatch(event)
+                except Exception:  # one bad event must not stop the others (nor the agent)
+                    log.exception("native event failed", kind=event[0])
+            if len(events) < BATCH:
+                break
+        self._on_batch_done()
+
+    def _dispatch(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "datagram":
+            self._on_datagram(event[1], from_socket(event[2], event[3]))
+        elif kind == "send":
+            self._on_send(event[1], event[2])
+        elif kind in ("reply", "connect_failed", "done"):
+            conn = event[1]
+            future = self._answers.pop(conn, None)
+            if future is not None and not future.done():
+                future.set_result(event)
+            elif kind != "done":
+                self._early[conn] = event
+        elif kind == "accepted":
+            on_accepted = self.forwards.get(event[1])
+            if on_accepted is None:
+                self.engine.refuse(event[2])
+            else:
+                on_accepted(event[2])
+        elif kind == "incoming":
+            if self.on_incoming is None:
+                self.engine.refuse(event[2])
+            else:
+                self.on_incoming(event[1], event[2], event[3])
+        elif kind == "refused":
+            if self.on_refused is not None:
+                self.on_refused(event[1], event[2])
+        else:
+            link = self._link_of(event[1])
+            if link is None:
+                return
+            if kind == "authenticated":
+                link.authenticated(event[2])
+            elif kind == "pong":
+                link.pong(event[2])
+            elif kind == "closed":
+                link.engine_closed(event[2])
