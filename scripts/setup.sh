@@ -38,4 +38,13 @@ python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q \
   -e libs/natter-proto -e services/broker -e services/client-agent -e '.[dev]'
-echo "setup: ready ($(.venv/bin/natter --version))"
+# the native QUIC engine (libs/natter-quic), where a Rust toolchain is installed
+if command -v cargo >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q 'maturin>=1.5,<2'
+  (cd libs/natter-quic && VIRTUAL_ENV="$PWD/../../.venv" ../../.venv/bin/maturin develop --release -q) \
+    || { echo "setup: building the native engine failed" >&2; exit 1; }
+  native="native engine built"
+else
+  native="no cargo: the native engine is not built, natter runs on qh3"
+fi
+echo "setup: ready ($(.venv/bin/natter --version); $native)"

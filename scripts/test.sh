@@ -8,6 +8,10 @@ echo "== lint and types"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+if command -v cargo >/dev/null 2>&1; then
+  echo "== the native engine: clippy and its own tests"
+  (cd libs/natter-quic && cargo clippy -q --release --all-targets -- -D warnings && cargo test -q --release --no-default-features)
+fi
 echo "== lint Dockerfiles and manifests"
 .venv/bin/hadolint docker/*.Dockerfile
 echo "== container images"

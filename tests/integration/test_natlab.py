@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from engines import ENGINES
 from labscene import Scene
 from natlab import INET_IP, NatLab, require_lab
 from procs import direct, tool
@@ -23,7 +24,7 @@ NAT_A_WAN = "10.200.0.2"
 NAT_B_WAN = "10.200.0.3"
 
 
-@pytest.fixture(params=["aioquic", "qh3"])
+@pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
     """The data-path tests run once per QUIC engine."""
     return str(request.param)

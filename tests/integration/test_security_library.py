@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import structlog
 
+from engines import ENGINES
 from natter import Broker, Client, Config, PeerUnavailable
 from natter_proto import frames
 from natter_proto.endpoints import AddressError, Endpoint
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.timeout(180)
 ENGINE = {"name": "qh3"}  # set by the ``engine`` fixture for tests that run on both
 
 
-@pytest.fixture(params=["aioquic", "qh3"])
+@pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a test once per QUIC engine: every Config the test builds uses it."""
     ENGINE["name"] = request.param

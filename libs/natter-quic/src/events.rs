@@ -19,6 +19,8 @@ pub enum Event {
     Send { tunnel: u64, packets: Vec<Vec<u8>> },
     /// The handshake finished: the peer proved this Ed25519 key.
     Authenticated { tunnel: u64, key: Option<[u8; 32]> },
+    /// As the QUIC client: the server checked us too (natter/2 says so; natter/1 cannot).
+    PeerAccepted { tunnel: u64 },
     Closed { tunnel: u64, reason: String },
     Pong { tunnel: u64, uid: u64 },
     /// A TCP connection on a forward's port (waits for ``open_stream`` or ``drop_conn``).

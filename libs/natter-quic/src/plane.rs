@@ -67,7 +67,7 @@ fn transport(settings: &Settings) -> Result<quinn::TransportConfig, String> {
     t.max_idle_timeout(Some(idle.try_into().map_err(|_| "idle timeout out of range")?));
     t.keep_alive_interval(Some(Duration::from_secs_f64(settings.keep_alive)));
     t.max_concurrent_bidi_streams(VarInt::from_u32(settings.max_streams));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.max_concurrent_uni_streams(VarInt::from_u32(1)); // natter/2's acceptance
     t.stream_receive_window(VarInt::from_u32(settings.stream_window));
     t.receive_window(VarInt::from_u32(settings.connection_window));
     t.send_window(u64::from(settings.connection_window));
@@ -217,6 +217,11 @@ impl Plane {
                 return;
             }
         }
+        if !self.acceptance(tunnel, &connection).await {
+            let reason = connection.closed().await;
+            self.closed(tunnel, reason.to_string());
+            return;
+        }
         let accepting = self.clone();
         let incoming = connection.clone();
         let streams = self.runtime.spawn(async move {
@@ -229,9 +234,56 @@ impl Plane {
         self.closed(tunnel, reason.to_string());
     }
 
+    /// natter/2: the server says it accepted us on a unidirectional stream; the client is
+    /// ready only then (a refusing server closes with its reason instead).
+    async fn acceptance(&self, tunnel: u64, connection: &Connection) -> bool {
+        let protocol = connection
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol);
+        let accepting = protocol.as_deref() == Some(tls::ALPN_ACCEPTING);
+        let is_client = connection.side().is_client();
+        if !accepting {
+            if is_client {
+                self.events.push(Event::PeerAccepted { tunnel });
+            }
+            return true;
+        }
+        if !is_client {
+            let sent = async {
+                let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+                stream.write_all(tls::ACCEPTED).await.map_err(|e| e.to_string())?;
+                stream.finish().map_err(|e| e.to_string())
+            };
+            return sent.await.is_ok();
+        }
+        let limit = Duration::from_secs_f64(self.settings.idle_timeout);
+        let answer = tokio::time::timeout(limit, async {
+            let mut stream = connection.accept_uni().await.map_err(|e| e.to_string())?;
+            stream.read_to_end(16).await.map_err(|e| e.to_string())
+        })
+        .await;
+        match answer {
+            Ok(Ok(body)) if body == tls::ACCEPTED => {
+                self.events.push(Event::PeerAccepted { tunnel });
+                true
+            }
+            Ok(Err(_)) => false, // closed: its reason comes with Closed
+            _ => {
+                connection.close(VarInt::from_u32(0x101), b"no acceptance from the server");
+                false
+            }
+        }
+    }
+
     fn closed(&self, tunnel: u64, reason: String) {
         if self.tunnels.lock().expect("tunnels poisoned").remove(&tunnel).is_some() {
-            self.socket.forget(tunnel);
+            // the path stays a moment: a CONNECTION_CLOSE (with a refusal's reason) still leaves on it
+            let socket = self.socket.clone();
+            self.runtime.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                socket.forget(tunnel);
+            });
             self.pending_server.lock().expect("pending poisoned").remove(&tunnel);
             self.events.push(Event::Closed { tunnel, reason });
         }

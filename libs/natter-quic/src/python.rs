@@ -83,6 +83,7 @@ impl Engine {
                     ("send", tunnel, packets).into_pyobject(py)?
                 }
                 Event::Authenticated { tunnel, key } => ("authenticated", tunnel, key.map(|k| PyBytes::new(py, &k))).into_pyobject(py)?,
+                Event::PeerAccepted { tunnel } => ("peer_accepted", tunnel).into_pyobject(py)?,
                 Event::Closed { tunnel, reason } => ("closed", tunnel, reason).into_pyobject(py)?,
                 Event::Pong { tunnel, uid } => ("pong", tunnel, uid).into_pyobject(py)?,
                 Event::Accepted { forward, conn } => ("accepted", forward, conn).into_pyobject(py)?,

@@ -10,7 +10,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 
-pub const ALPN: &[u8] = b"natter/1"; // mutual TLS, as natter's aioquic engine speaks it
+/// natter/2: natter/1 plus the server's acceptance on a unidirectional stream (native
+/// agents between themselves); natter/1: mutual TLS, as natter's aioquic engine speaks it.
+pub const ALPN_ACCEPTING: &[u8] = b"natter/2";
+pub const ALPN: &[u8] = b"natter/1";
+pub const ACCEPTED: &[u8] = b"\x01"; // the whole of natter/2's acceptance stream
 
 /// The fixed DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), then 32 key bytes.
 const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
@@ -88,7 +92,7 @@ pub fn client_config(cert: &[u8], key: &[u8]) -> Result<rustls::ClientConfig, Er
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NatterKeyVerifier))
         .with_client_auth_cert(vec![CertificateDer::from(cert.to_vec())], PrivateKeyDer::try_from(key.to_vec()).map_err(|e| Error::General(e.into()))?)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![ALPN_ACCEPTING.to_vec(), ALPN.to_vec()];
     Ok(config)
 }
 
@@ -97,7 +101,7 @@ pub fn server_config(cert: &[u8], key: &[u8]) -> Result<rustls::ServerConfig, Er
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(NatterKeyVerifier))
         .with_single_cert(vec![CertificateDer::from(cert.to_vec())], PrivateKeyDer::try_from(key.to_vec()).map_err(|e| Error::General(e.into()))?)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![ALPN_ACCEPTING.to_vec(), ALPN.to_vec()];
     Ok(config)
 }
 

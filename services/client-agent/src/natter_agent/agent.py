@@ -29,15 +29,16 @@ from natter_proto.identity import Identity
 from natter_proto.registration import Registration
 from natter_proto.relay import encode_relay
 
+from . import nativeforward
 from .brokerstream import BrokerStream, proxy_for
 from .brokertrust import BrokerTrust
-from . import nativeforward
-from .engines import QuicEngine, warm_up
+from .engines import AnyEngine, warm_up
+from .engines.native import NativeEngine
 from .errors import NatterError, PeerUnavailable
 from .eventlog import log_event
 from .interfaces import local_ipv4_addresses, local_ipv6_addresses
-from .engines.native import NativeEngine
 from .link import PeerLink
+from .links import AnyLink
 from .nativelink import NativeLink
 from .nativeplane import NativePlane
 
@@ -69,7 +70,7 @@ class Refusal:
 class Agent:
     """One natter client: a name, a broker, one UDP socket, and tunnels to peers."""
 
-    def __init__(self, config: Config, *, engine: QuicEngine | None = None) -> None:
+    def __init__(self, config: Config, *, engine: AnyEngine | None = None) -> None:
         if not frames.valid_name(config.client_user):
             raise AddressError(f"invalid name {config.client_user!r}: use letters, digits, '.', '_' or '-'")
         self.config = config
@@ -82,7 +83,7 @@ class Agent:
         self.sock = self._new_socket(MAIN_SOCKET)
         self.sockets: dict[int, AgentSocket | BrokerStream] = {MAIN_SOCKET: self.sock}
         self.router = Router()
-        self.tunnels: dict[int, PeerLink | NativeLink] = {}
+        self.tunnels: dict[int, AnyLink] = {}
         self.plane: NativePlane | None = None  # the native engine's data plane, when it runs
         self.machine: AgentMachine | None = None
         self.registered = asyncio.Event()
@@ -123,11 +124,11 @@ class Agent:
         unbound = Counter({f"unbound_{k}": v for k, v in self.machine.registration.unbound.items()})
         return self._stats + self.machine.stats + unbound
 
-    def links(self) -> list[PeerLink | NativeLink]:
+    def links(self) -> list[AnyLink]:
         """Live tunnels that new connections may use, one per peer."""
         return [link for peer in self._peers() if (link := self.link_to(peer)) is not None]
 
-    def link_to(self, peer: str) -> PeerLink | NativeLink | None:
+    def link_to(self, peer: str) -> AnyLink | None:
         paths = self.machine.peers.by_name.get(peer) if self.machine is not None else None
         tunnel = paths.usable() if paths is not None else None
         link = self.tunnels.get(tunnel.id) if tunnel is not None else None
@@ -139,7 +140,7 @@ class Agent:
     # the agent's key, the peers it trusts and its QUIC engine, set by start()
     identity: Identity
     trust: PeerTrust
-    engine: QuicEngine | NativeEngine
+    engine: AnyEngine
     _broker_names: dict[Endpoint, str]  # the host each broker was named by (TLS server name)
     _broker_trust: BrokerTrust
 
@@ -264,7 +265,7 @@ class Agent:
         for sock in self.sockets.values():
             sock.close()
 
-    async def connect(self, peer: str, target: str = "") -> PeerLink | NativeLink:
+    async def connect(self, peer: str, target: str = "") -> AnyLink:
         """Return a live tunnel to peer, asking the broker and punching if there is none."""
         link = self.link_to(peer)
         if link is not None:
@@ -354,7 +355,8 @@ class Agent:
             self._tell(action)
 
     def _start_tunnel(self, action: act.StartTunnel) -> None:
-        if self.plane is not None:
+        if self.plane is not None or isinstance(self.engine, NativeEngine):
+            assert self.plane is not None, "the native engine runs with its plane"
             self._start_native_tunnel(self.plane, action)
             return
         if action.role is Role.CLIENT:
@@ -438,7 +440,7 @@ class Agent:
         else:
             link.close(action.reason)
 
-    async def _drain(self, link: PeerLink | NativeLink, reason: str) -> None:
+    async def _drain(self, link: AnyLink, reason: str) -> None:
         """A replaced tunnel serves its open connections to their end, then closes."""
         while link.is_alive and link.open_streams > 0:
             await asyncio.sleep(0.5)
@@ -501,24 +503,24 @@ class Agent:
         log_event(self._log, event, self.tunnels.get(tunnel) if tunnel is not None else None)
 
     # -- what the tunnels tell ---------------------------------------------------------------
-    def _on_link_ready(self, link: PeerLink | NativeLink) -> None:
+    def _on_link_ready(self, link: AnyLink) -> None:
         if self.machine is not None:
             self.machine.tunnel_ready(link.tunnel, self._now())
             self._pump()
 
-    def _on_link_pong(self, link: PeerLink | NativeLink, uid: int, busy: bool) -> None:
+    def _on_link_pong(self, link: AnyLink, uid: int, busy: bool) -> None:
         if self.machine is not None:
             self.machine.tunnel_pong(link.tunnel, uid, busy, self._now())
             self._pump()
 
-    def _on_link_closed(self, link: PeerLink | NativeLink) -> None:
+    def _on_link_closed(self, link: AnyLink) -> None:
         self.tunnels.pop(link.tunnel, None)
         self.router.forget(link.tunnel)
         if self.machine is not None and not self._closed:
             self.machine.tunnel_closed(link.tunnel, link.close_reason, self._now())
             self._pump()
 
-    def _verify_peer(self, link: PeerLink | NativeLink) -> str | None:
+    def _verify_peer(self, link: AnyLink) -> str | None:
         refusal = self._unvetted_refusal(link)
         if refusal is None:
             refusal = self.trust.check(link.peer, link.expected_key, link.peer_key, link.role.value)
@@ -533,7 +535,7 @@ class Agent:
             self._refusals.pop(link.peer, None)
         return refusal
 
-    def _unvetted_refusal(self, link: PeerLink | NativeLink) -> str | None:
+    def _unvetted_refusal(self, link: AnyLink) -> str | None:
         """Any authenticated peer may connect to a listener, but identities cost nothing: at
         most ``max_unvetted_tunnels`` at once from peers the user never named."""
         if link.role is not Role.SERVER or self.trust.names(link.peer):

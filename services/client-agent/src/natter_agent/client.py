@@ -11,7 +11,7 @@ from natter_proto.config import Config
 
 from .agent import Agent
 from .forward import Forward, Listener, forward_stdio
-from .link import PeerLink
+from .links import AnyLink
 
 log = structlog.get_logger("natter.client")
 
@@ -83,7 +83,7 @@ class Client:
         await self.start()
         return await forward_stdio(self.agent, peer, remote, self.config.connect_timeout * 3)
 
-    async def connect(self, peer: str) -> PeerLink:
+    async def connect(self, peer: str) -> AnyLink:
         """The live tunnel to ``peer``, set up if needed (for status and tests)."""
         await self.start()
         return await self.agent.connect(peer)

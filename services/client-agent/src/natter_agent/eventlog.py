@@ -8,10 +8,10 @@ from typing import Any
 from natter_proto.agent import actions as act
 from natter_proto.agent.kinds import path_label
 
-from .link import PeerLink
+from .links import AnyLink
 
 
-def log_event(log: Any, event: act.Action, link: PeerLink | None) -> None:
+def log_event(log: Any, event: act.Action, link: AnyLink | None) -> None:
     if isinstance(event, act.Notice):
         getattr(log, event.level.value)(event.text, kind=event.kind.value, **event.fields)
     elif isinstance(event, act.TunnelUp):

@@ -24,6 +24,7 @@ from .agent import Agent
 from .bridge import read_header, splice
 from .errors import NatterError, PeerUnavailable
 from .link import PeerLink
+from .links import AnyLink
 from .stdio import StdioEnd
 from .stream import StreamChannel, StreamClosed
 from .tcpend import TcpEnd, open_first
@@ -168,6 +169,8 @@ async def open_tunnel_stream(
     once more, on the tunnel that took over."""
     for attempt in range(2):
         link = await asyncio.wait_for(_tunnel_to(agent, peer, target, on_wait), timeout)
+        if not isinstance(link, PeerLink):
+            raise NatterError("the native engine carries streams of its own forwards only")
         try:
             return await _open_on(link, peer, target, timeout, owner)
         except _TunnelLost:
@@ -180,7 +183,7 @@ async def open_tunnel_stream(
 WAIT_FOR_PEER = {frames.ErrorCode.UNKNOWN_PEER, frames.ErrorCode.PEER_OFFLINE, frames.ErrorCode.NOT_LISTENING}
 
 
-async def _tunnel_to(agent: Agent, peer: str, target: str, on_wait: Callable[[str], None] | None) -> PeerLink:
+async def _tunnel_to(agent: Agent, peer: str, target: str, on_wait: Callable[[str], None] | None) -> AnyLink:
     """The tunnel, asking again (1 s, 2 s, ...) while the peer is not there yet: a connection
     accepted meanwhile waits for it within its deadline instead of closing at once
     (``on_wait`` hears why, the first time)."""
@@ -285,9 +288,10 @@ class Forward:
         self.connections += 1
         if self.open_now >= self.max_connections:
             self.refused += 1
+            cap = f"--max-connections {self.max_connections}"
             self._log.warning(
                 "connection refused",
-                reason=f"{self.open_now} connections open on this forward (--max-connections {self.max_connections})",
+                reason=f"{self.open_now} connections open on this forward ({cap})",
                 refused=self.refused,
             )
             plane.engine.refuse(conn)
@@ -296,7 +300,9 @@ class Forward:
             self._log.warning(f"connection waits for a tunnel to {self.peer}", reason=self.problem)
         self.open_now += 1
         task = asyncio.get_running_loop().create_task(
-            nativeforward.serve_forwarded(self, plane, conn, lambda: _tunnel_to(self.agent, self.peer, self.target, None))
+            nativeforward.serve_forwarded(
+                self, plane, conn, lambda: _tunnel_to(self.agent, self.peer, self.target, None)
+            )
         )
         self._handlers.add(task)
         task.add_done_callback(self._native_done)
@@ -383,6 +389,8 @@ class Forward:
 async def forward_stdio(agent: Agent, peer: str, remote: str, timeout: float) -> tuple[int, int]:
     """Pipe stdin/stdout through one stream to peer's remote; returns (sent, received)."""
     target = normalise_target(remote)
+    if agent.plane is not None:
+        return await _stdio_through_native(agent, peer, remote)
 
     def waiting(reason: str) -> None:
         log.warning(f"waiting up to {timeout:.0f} s for {peer}", peer=peer, reason=reason)
@@ -390,3 +398,20 @@ async def forward_stdio(agent: Agent, peer: str, remote: str, timeout: float) ->
     channel, rest = await open_tunnel_stream(agent, peer, target, timeout, on_wait=waiting)
     local = StdioEnd(0, 1)
     return await splice(local, channel, rest)
+
+
+async def _stdio_through_native(agent: Agent, peer: str, remote: str) -> tuple[int, int]:
+    """stdio is the agent's own I/O: a forward on a loopback port of the native engine, and
+    stdin/stdout piped to one connection through it (the counts are the tunnel's, in status)."""
+    from .handoff import StreamEnd, pipe  # handoff builds on this module
+
+    forward = Forward(agent, "127.0.0.1:0", peer, remote)
+    await forward.bind()
+    forward.run()
+    try:
+        assert forward.local is not None
+        reader, writer = await asyncio.open_connection(forward.local.host, forward.local.port)
+        await pipe(StdioEnd(0, 1), StreamEnd(reader, writer))
+        return 0, 0
+    finally:
+        await forward.close()

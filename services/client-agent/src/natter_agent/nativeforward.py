@@ -60,7 +60,9 @@ async def serve_forwarded(
         raw: bytes = event[2]
         if not raw:
             if attempt:
-                forward.log.warning("connection closed", reason=f"{forward.peer} did not accept the stream: the tunnel closed")
+                forward.log.warning(
+                    "connection closed", reason=f"{forward.peer} did not accept the stream: the tunnel closed"
+                )
                 engine.refuse(conn)
                 return
             continue  # the tunnel closed before an answer: nothing reached the service
@@ -68,7 +70,9 @@ async def serve_forwarded(
             body, _rest = streamhdr.split_header(raw)
             reply = streamhdr.parse_reply(body) if body is not None else None
         except streamhdr.StreamHeaderError as exc:
-            forward.log.warning("connection closed", reason=f"{forward.peer} did not accept the stream: {exc}")
+            forward.log.warning(
+                "connection closed", reason=f"{forward.peer} did not accept the stream: {exc}"
+            )
             engine.refuse(conn)
             return
         if reply is None or not reply.ok:
@@ -79,11 +83,15 @@ async def serve_forwarded(
         done = plane.answer(conn)
         engine.splice(conn)
         event = await done
-        log.debug("stream closed", peer=forward.peer, target=forward.target, bytes_out=event[2], bytes_in=event[3])
+        log.debug(
+            "stream closed", peer=forward.peer, target=forward.target, bytes_out=event[2], bytes_in=event[3]
+        )
         return
 
 
-async def serve_incoming(listener: Listener, plane: NativePlane, link: NativeLink, conn: int, raw: bytes) -> None:
+async def serve_incoming(
+    listener: Listener, plane: NativePlane, link: NativeLink, conn: int, raw: bytes
+) -> None:
     """A stream the peer opened: its target, the ACL, then the engine connects and splices."""
     engine = plane.engine
     peer = link.peer
@@ -121,4 +129,6 @@ def count_refusal(listener: Listener, reason: str, peer: str) -> None:
     """A stream the engine reset before it named a target (over the limit, too slow, malformed)."""
     listener.refused[reason] += 1
     if listener.refused[reason] % 100 == 1:
-        log.warning("refused streams before their header", peer=peer, reason=reason, refused=listener.refused[reason])
+        log.warning(
+            "refused streams before their header", peer=peer, reason=reason, refused=listener.refused[reason]
+        )

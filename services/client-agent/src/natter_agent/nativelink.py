@@ -144,9 +144,18 @@ class NativeLink:
         self._engine.verdict(self.tunnel, refusal)
         if refusal is not None:
             self._terminated(refusal)
-            return
-        self.ready = True
-        self._on_ready(self)
+        elif self.role is Role.SERVER:
+            self._up()
+        # as the client: up when the server accepted us too (peer_accepted)
+
+    def peer_accepted(self) -> None:
+        if self.peer_key is not None or self.role is Role.CLIENT:
+            self._up()
+
+    def _up(self) -> None:
+        if not self.ready and self.is_alive:
+            self.ready = True
+            self._on_ready(self)
 
     def pong(self, uid: int) -> None:
         moved = self.bytes_sent + self.bytes_received
@@ -157,7 +166,8 @@ class NativeLink:
         if "no application protocol" in reason.lower() or "alpn" in reason.lower():
             reason += (
                 f" ({self.peer} runs another QUIC engine: the native engine speaks natter/1 with"
-                " native and aioquic agents, not with qh3; both sides need a matching --quic-engine)"
+                " native and aioquic agents, not with qh3: run both on native or aioquic,"
+                " or both on qh3 (--quic-engine)"
             )
         self._terminated(f"connection closed: {reason}" if not reason.startswith("refused") else reason)
 

@@ -25,6 +25,7 @@ BATCH = 256
 class Tunnel(Protocol):
     def authenticated(self, key: bytes | None) -> None: ...
     def pong(self, uid: int) -> None: ...
+    def peer_accepted(self) -> None: ...
     def engine_closed(self, reason: str) -> None: ...
 
 
@@ -125,6 +126,8 @@ class NativePlane:
                 return
             if kind == "authenticated":
                 link.authenticated(event[2])
+            elif kind == "peer_accepted":
+                link.peer_accepted()
             elif kind == "pong":
                 link.pong(event[2])
             elif kind == "closed":

@@ -13,7 +13,7 @@ from natter_proto.endpoints import AddressError, Endpoint, endpoint, split_host_
 from natter_proto.identity import Identity
 
 from .brokertrust import BrokerTrust
-from .engines import QuicEngine, make_engine
+from .engines import AnyEngine, make_engine
 from .keystore import KNOWN_PEERS, KnownPeers, load_identity, state_dir
 from .tls import credentials_for
 from .trust import PeerTrust
@@ -77,11 +77,11 @@ class Loaded:
     identity: Identity
     created: bool  # the key was made just now
     trust: PeerTrust
-    engine: QuicEngine
+    engine: AnyEngine
     broker_trust: BrokerTrust
 
 
-def load(config: Config, engine: QuicEngine | None = None) -> Loaded:
+def load(config: Config, engine: AnyEngine | None = None) -> Loaded:
     """Blocking (DNS, the state directory): the agent calls it in start(), not in __init__."""
     brokers = resolve_brokers(config.broker_addr)
     directory = state_dir(config.state_dir)

@@ -8,14 +8,14 @@ import asyncio
 from natter_proto.agent.actions import PeerReady, PeerUnreachable
 
 from .errors import PeerUnavailable
-from .link import PeerLink
+from .links import AnyLink
 
 
 class Waiters:
     def __init__(self) -> None:
-        self._futures: dict[str, asyncio.Future[PeerLink]] = {}
+        self._futures: dict[str, asyncio.Future[AnyLink]] = {}
 
-    def wait(self, peer: str) -> tuple[asyncio.Future[PeerLink], bool]:
+    def wait(self, peer: str) -> tuple[asyncio.Future[AnyLink], bool]:
         """The future to await for peer's tunnel, and whether it is new (ask the machine)."""
         future = self._futures.get(peer)
         if future is not None and not future.done():
@@ -23,7 +23,7 @@ class Waiters:
         future = self._futures[peer] = asyncio.get_running_loop().create_future()
         return future, True
 
-    def settle(self, action: PeerReady | PeerUnreachable, link: PeerLink | None) -> None:
+    def settle(self, action: PeerReady | PeerUnreachable, link: AnyLink | None) -> None:
         future = self._futures.pop(action.peer, None)
         if future is None or future.done():
             return

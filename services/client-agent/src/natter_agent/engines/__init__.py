@@ -13,10 +13,12 @@ from . import native
 from .base import ENGINES, PeerAuthenticated, QuicEngine, TunnelConnection
 from .native import NativeEngine
 
-__all__ = ["ENGINES", "QuicEngine", "TunnelConnection", "make_engine", "warm_up"]
+__all__ = ["ENGINES", "AnyEngine", "QuicEngine", "TunnelConnection", "make_engine", "warm_up"]
+
+AnyEngine = QuicEngine | NativeEngine  # the sans-IO engines, and the native one
 
 
-def make_engine(name: str, **settings: Any) -> QuicEngine | NativeEngine:
+def make_engine(name: str, **settings: Any) -> AnyEngine:
     if name == "aioquic":
         from .aioquic import AioquicEngine
 
