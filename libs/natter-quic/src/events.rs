@@ -22,6 +22,12 @@ pub enum Event {
     /// As the QUIC client: the server checked us too (natter/2 says so; natter/1 cannot).
     PeerAccepted { tunnel: u64 },
     Closed { tunnel: u64, reason: String },
+    /// The peer's packets come from a new address, and QUIC followed it there.
+    Moved { tunnel: u64, to: SocketAddr },
+    /// ... or from a path Python carries (its token): a relay.
+    MovedVia { tunnel: u64, token: u64 },
+    /// QUIC packets for such a path.
+    SendVia { token: u64, packets: Vec<Vec<u8>> },
     Pong { tunnel: u64, uid: u64 },
     /// A TCP connection on a forward's port (waits for ``open_stream`` or ``drop_conn``).
     Accepted { forward: u64, conn: u64 },

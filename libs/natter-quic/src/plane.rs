@@ -11,7 +11,7 @@ use quinn::{Connection, Endpoint, VarInt};
 use tokio::sync::oneshot;
 
 use crate::events::{Event, EventQueue};
-use crate::socket::{tunnel_of, virtual_addr, NatterSocket, Route};
+use crate::socket::{tunnel_of, virtual_addr, NatterSocket, Route, Stranger};
 use crate::splice::Counters;
 use crate::tls;
 
@@ -229,8 +229,12 @@ impl Plane {
                 accepting.clone().incoming_stream(tunnel, send, recv);
             }
         });
+        let watching = self.clone();
+        let watched = connection.clone();
+        let watcher = self.runtime.spawn(async move { watching.watch_moves(tunnel, watched).await });
         let reason = connection.closed().await;
         streams.abort();
+        watcher.abort();
         self.closed(tunnel, reason.to_string());
     }
 
@@ -272,6 +276,23 @@ impl Plane {
             _ => {
                 connection.close(VarInt::from_u32(0x101), b"no acceptance from the server");
                 false
+            }
+        }
+    }
+
+    /// Tell the agent when QUIC followed the peer to an address of no tunnel (see Strangers).
+    async fn watch_moves(&self, tunnel: u64, connection: Connection) {
+        let mut last = connection.remote_address();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let remote = connection.remote_address();
+            if remote != last {
+                last = remote;
+                match self.socket.moved_to(&remote) {
+                    Some(Stranger::Direct(to)) => self.events.push(Event::Moved { tunnel, to }),
+                    Some(Stranger::ViaPython(token)) => self.events.push(Event::MovedVia { tunnel, token }),
+                    None => {}
+                }
             }
         }
     }

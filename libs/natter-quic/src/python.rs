@@ -85,6 +85,12 @@ impl Engine {
                 Event::Authenticated { tunnel, key } => ("authenticated", tunnel, key.map(|k| PyBytes::new(py, &k))).into_pyobject(py)?,
                 Event::PeerAccepted { tunnel } => ("peer_accepted", tunnel).into_pyobject(py)?,
                 Event::Closed { tunnel, reason } => ("closed", tunnel, reason).into_pyobject(py)?,
+                Event::Moved { tunnel, to } => ("moved", tunnel, to.ip().to_string(), to.port()).into_pyobject(py)?,
+                Event::MovedVia { tunnel, token } => ("moved_via", tunnel, token).into_pyobject(py)?,
+                Event::SendVia { token, packets } => {
+                    let packets: Vec<Bound<'py, PyBytes>> = packets.iter().map(|p| PyBytes::new(py, p)).collect();
+                    ("send_via", token, packets).into_pyobject(py)?
+                }
                 Event::Pong { tunnel, uid } => ("pong", tunnel, uid).into_pyobject(py)?,
                 Event::Accepted { forward, conn } => ("accepted", forward, conn).into_pyobject(py)?,
                 Event::Reply { conn, header } => ("reply", conn, PyBytes::new(py, &header)).into_pyobject(py)?,
@@ -124,6 +130,11 @@ impl Engine {
     fn hear_on(&self, tunnel: u64, host: &str, port: u16) -> PyResult<()> {
         self.plane.socket.hear_on(tunnel, address(host, port)?);
         Ok(())
+    }
+
+    /// A relayed short-header packet of no known tunnel: QUIC finds its connection by ID.
+    fn inject_stranger(&self, token: u64, packet: &[u8]) -> bool {
+        self.plane.socket.inject_stranger(token, packet.to_vec())
     }
 
     fn inject(&self, tunnel: u64, packet: &[u8]) -> bool {

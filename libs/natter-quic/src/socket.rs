@@ -18,7 +18,9 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use crate::events::{Event, EventQueue};
 
 const VIRTUAL_PREFIX: [u16; 4] = [0xfd6e, 0x6174, 0x7465, 0x7200]; // fd6e:6174:7465:7200::/64
+const STRANGER_PREFIX: [u16; 4] = [0xfd6e, 0x6174, 0x7465, 0x7201]; // an unknown sender's address
 pub const MAX_INJECTED: usize = 1024;
+pub const MAX_STRANGERS: usize = 4096;
 
 pub fn virtual_addr(tunnel: u64) -> SocketAddr {
     let t = tunnel.to_be_bytes();
@@ -34,6 +36,51 @@ pub fn tunnel_of(addr: &SocketAddr) -> Option<u64> {
         return None;
     }
     Some(s[4..].iter().fold(0u64, |acc, w| (acc << 16) | u64::from(*w)))
+}
+
+fn stranger_addr(index: u32) -> SocketAddr {
+    let [a, b, c, d] = STRANGER_PREFIX;
+    let (hi, lo) = ((index >> 16) as u16, index as u16);
+    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::new(a, b, c, d, 0, 0, hi, lo), 1, 0, 0))
+}
+
+fn stranger_index(addr: &SocketAddr) -> Option<u32> {
+    let SocketAddr::V6(v6) = addr else { return None };
+    let s = v6.ip().segments();
+    (s[..4] == STRANGER_PREFIX).then(|| (u32::from(s[6]) << 16) | u32::from(s[7]))
+}
+
+/// Where short-header QUIC came from that no tunnel's path carries: a peer that moved (its
+/// NAT gave it a new port, it roamed, its client moved the tunnel onto the relay). quinn
+/// finds the connection by its ID and validates the new path; the address it sees stands
+/// for this, and the agent hears of it (``moved_to``).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stranger {
+    Direct(SocketAddr),
+    /// A path only Python carries (a relay session, another socket), by Python's token.
+    ViaPython(u64),
+}
+
+#[derive(Default)]
+struct Strangers {
+    index: HashMap<Stranger, u32>,
+    all: Vec<Stranger>,
+}
+
+impl Strangers {
+    fn index_of(&mut self, stranger: Stranger) -> u32 {
+        if let Some(index) = self.index.get(&stranger) {
+            return *index;
+        }
+        if self.all.len() >= MAX_STRANGERS {
+            self.index.clear(); // a flood of senders: start over (a real mover asks again)
+            self.all.clear();
+        }
+        let index = self.all.len() as u32;
+        self.all.push(stranger);
+        self.index.insert(stranger, index);
+        index
+    }
 }
 
 /// An IPv4-mapped IPv6 address as plain IPv4, so that one peer has one address.
@@ -72,6 +119,7 @@ pub struct NatterSocket {
     v6: bool,
     routes: RwLock<Routes>,
     injected: Mutex<Injected>,
+    strangers: Mutex<Strangers>,
     events: Arc<EventQueue>,
 }
 
@@ -86,7 +134,7 @@ impl NatterSocket {
         socket.set_nonblocking(true)?;
         let v6 = socket.local_addr()?.is_ipv6();
         let state = UdpSocketState::new((&socket).into())?;
-        Ok(Self { io: tokio::net::UdpSocket::from_std(socket)?, state, v6, routes: Default::default(), injected: Default::default(), events })
+        Ok(Self { io: tokio::net::UdpSocket::from_std(socket)?, state, v6, routes: Default::default(), injected: Default::default(), strangers: Default::default(), events })
     }
 
     pub fn set_route(&self, tunnel: u64, route: Option<Route>) {
@@ -114,6 +162,18 @@ impl NatterSocket {
         self.routes.write().expect("routes poisoned").back.insert(canonical(addr), tunnel);
     }
 
+    /// The path behind a connection's remote address, if a moved peer's.
+    pub fn moved_to(&self, remote: &SocketAddr) -> Option<Stranger> {
+        let index = stranger_index(remote)?;
+        self.strangers.lock().expect("strangers poisoned").all.get(index as usize).copied()
+    }
+
+    /// A short-header QUIC packet that reached Python on a path of no tunnel (relayed).
+    pub fn inject_stranger(&self, token: u64, data: Vec<u8>) -> bool {
+        let index = self.strangers.lock().expect("strangers poisoned").index_of(Stranger::ViaPython(token));
+        self.push_injected(data, stranger_addr(index))
+    }
+
     pub fn forget(&self, tunnel: u64) {
         let mut routes = self.routes.write().expect("routes poisoned");
         routes.out.remove(&tunnel);
@@ -122,11 +182,15 @@ impl NatterSocket {
 
     /// A QUIC packet of ``tunnel`` that reached Python (relayed, or an Initial it accepted).
     pub fn inject(&self, tunnel: u64, data: Vec<u8>) -> bool {
+        self.push_injected(data, virtual_addr(tunnel))
+    }
+
+    fn push_injected(&self, data: Vec<u8>, from: SocketAddr) -> bool {
         let mut injected = self.injected.lock().expect("injected poisoned");
         if injected.queue.len() >= MAX_INJECTED {
             return false;
         }
-        injected.queue.push_back((data, virtual_addr(tunnel)));
+        injected.queue.push_back((data, from));
         if let Some(waker) = injected.waker.take() {
             waker.wake();
         }
@@ -178,6 +242,11 @@ impl NatterSocket {
                     m.addr = virtual_addr(*tunnel);
                     m.dst_ip = None;
                 }
+                None if all_quic && data[0] & 0x80 == 0 => {
+                    let index = self.strangers.lock().expect("strangers poisoned").index_of(Stranger::Direct(from));
+                    m.addr = stranger_addr(index);
+                    m.dst_ip = None;
+                }
                 _ => {
                     for segment in data.chunks(stride) {
                         self.events.push(Event::Datagram { data: segment.to_vec(), from });
@@ -187,6 +256,11 @@ impl NatterSocket {
             }
         }
     }
+}
+
+fn segments(transmit: &Transmit) -> Vec<Vec<u8>> {
+    let size = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
+    transmit.contents.chunks(size).map(<[u8]>::to_vec).collect()
 }
 
 #[derive(Debug)]
@@ -204,6 +278,17 @@ impl AsyncUdpSocket for NatterSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        match self.moved_to(&transmit.destination) {
+            Some(Stranger::Direct(real)) => {
+                let out = Transmit { destination: self.outward(real), src_ip: None, ..*transmit };
+                return self.io.try_io(tokio::io::Interest::WRITABLE, || self.state.send((&self.io).into(), &out));
+            }
+            Some(Stranger::ViaPython(token)) => {
+                self.events.push(Event::SendVia { token, packets: segments(transmit) });
+                return Ok(());
+            }
+            None => {}
+        }
         let Some(tunnel) = tunnel_of(&transmit.destination) else { return Ok(()) };
         let route = self.routes.read().expect("routes poisoned").out.get(&tunnel).copied();
         match route {
@@ -212,9 +297,7 @@ impl AsyncUdpSocket for NatterSocket {
                 self.io.try_io(tokio::io::Interest::WRITABLE, || self.state.send((&self.io).into(), &out))
             }
             Some(Route::ViaPython) => {
-                let size = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
-                let packets = transmit.contents.chunks(size).map(<[u8]>::to_vec).collect();
-                self.events.push(Event::Send { tunnel, packets });
+                self.events.push(Event::Send { tunnel, packets: segments(transmit) });
                 Ok(())
             }
             None => Ok(()), // no path yet, or the tunnel is gone: as a lost datagram
@@ -268,6 +351,14 @@ mod tests {
         }
         assert_eq!(tunnel_of(&"[::1]:5".parse().unwrap()), None);
         assert_eq!(tunnel_of(&"127.0.0.1:5".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn stranger_addresses_are_not_tunnels() {
+        let addr = stranger_addr(70_000);
+        assert_eq!(stranger_index(&addr), Some(70_000));
+        assert_eq!(tunnel_of(&addr), None);
+        assert_eq!(stranger_index(&virtual_addr(3)), None);
     }
 
     #[test]

@@ -20,14 +20,14 @@ import structlog
 
 from natter_proto import frames
 from natter_proto.agent import actions as act
-from natter_proto.agent.kinds import MAIN_SOCKET, Path, Role
+from natter_proto.agent.kinds import MAIN_SOCKET, Path, Role, relay_path
 from natter_proto.agent.machine import AgentMachine
 from natter_proto.backoff import Backoff
 from natter_proto.config import Config, broker_list
 from natter_proto.endpoints import AddressError, Endpoint
 from natter_proto.identity import Identity
 from natter_proto.registration import Registration
-from natter_proto.relay import encode_relay
+from natter_proto.relay import RELAY_PREFIX, RelayFrameError, decode_relay, encode_relay
 
 from . import nativeforward
 from .brokerstream import BrokerStream, proxy_for
@@ -225,6 +225,8 @@ class Agent:
             on_send=lambda tunnel, packets: self._send_tunnel(tunnel, [(p, None) for p in packets]),
             on_batch_done=self._pump,
             link_of=lambda tunnel: link if isinstance(link := self.tunnels.get(tunnel), NativeLink) else None,
+            on_moved=self._native_moved,
+            on_send_on=lambda path, packets: self._send_on(path, [(p, None) for p in packets]),
         )
         self.plane.start()
 
@@ -302,6 +304,8 @@ class Agent:
                 link.datagram_received(packet)
                 return
         if self.machine is None:
+            return
+        if self.plane is not None and self._native_stranger(self.plane, socket, addr, data):
             return
         self.machine.handle_datagram(socket, addr, data, self._now(), self.router.owner_of(data))
         self._pump()  # at once: the router must know a tunnel started here before the next datagram
@@ -394,6 +398,27 @@ class Agent:
         else:
             link.datagram_received(action.initial)
 
+    def _native_stranger(self, plane: NativePlane, socket: int, addr: Endpoint, data: bytes) -> bool:
+        """A relayed short-header QUIC packet of no known path goes to the native engine,
+        which alone can tell its tunnel by connection ID (Initials go to the machine)."""
+        if data[0] != RELAY_PREFIX or addr != self.broker:
+            return False
+        try:
+            key, packet = decode_relay(data)
+        except RelayFrameError:
+            return False
+        if not packet or packet[0] & 0x80 or packet[0] < 0x40:
+            return False
+        plane.stranger(relay_path(addr, key, socket), packet)
+        return True
+
+    def _native_moved(self, tunnel: int, path: Path) -> None:
+        """QUIC followed the peer to a new path (its NAT remapped, it roamed, it moved the
+        tunnel onto the relay): the tunnel's paths follow, as for packets placed by ID."""
+        if self.machine is not None and tunnel in self.tunnels:
+            self.machine.tunnel_heard_on(tunnel, path, self._now())
+            self._pump()
+
     def _start_native_tunnel(self, plane: NativePlane, action: act.StartTunnel) -> None:
         link = NativeLink(
             tunnel=action.tunnel,
@@ -418,9 +443,10 @@ class Agent:
     def _send_tunnel(self, tunnel: int, datagrams: list[tuple[bytes, object]]) -> None:
         """A tunnel's datagrams leave on its current path (QUIC addressed them to QUIC_PEER)."""
         link = self.tunnels.get(tunnel)
-        if link is None:
-            return
-        route: Path = link.route
+        if link is not None:
+            self._send_on(link.route, datagrams)
+
+    def _send_on(self, route: Path, datagrams: list[tuple[bytes, object]]) -> None:
         sock = self.sockets.get(route.socket)
         if sock is None:
             return

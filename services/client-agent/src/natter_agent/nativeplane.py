@@ -15,11 +15,13 @@ from typing import Any, Protocol
 
 import structlog
 
+from natter_proto.agent.kinds import Path, direct_path
 from natter_proto.endpoints import Endpoint, from_socket
 
 log = structlog.get_logger("natter.native")
 
 BATCH = 256
+MAX_TOKENS = 4096  # the engine bounds its own table alike
 
 
 class Tunnel(Protocol):
@@ -38,12 +40,18 @@ class NativePlane:
         on_send: Callable[[int, list[bytes]], None],
         on_batch_done: Callable[[], None],
         link_of: Callable[[int], Tunnel | None],
+        on_moved: Callable[[int, Path], None],
+        on_send_on: Callable[[Path, list[bytes]], None],
     ) -> None:
         self.engine = engine
         self._on_datagram = on_datagram
         self._on_send = on_send
         self._on_batch_done = on_batch_done
         self._link_of = link_of
+        self._on_moved = on_moved
+        self._on_send_on = on_send_on
+        self._tokens: dict[Path, int] = {}  # paths only Python carries, named for the engine
+        self._paths: dict[int, Path] = {}
         self.forwards: dict[int, Callable[[int], None]] = {}  # forward id -> on accepted conn
         self.on_incoming: Callable[[int, int, bytes], None] | None = None  # tunnel, conn, header
         self.on_refused: Callable[[int, str], None] | None = None  # tunnel, reason
@@ -81,6 +89,18 @@ class NativePlane:
             self._answers[conn] = future
         return future
 
+    def stranger(self, path: Path, packet: bytes) -> None:
+        """A short-header QUIC packet on a path of no tunnel (a relay session the peer moved
+        the tunnel onto): the engine finds its connection by ID and says so (moved_via)."""
+        token = self._tokens.get(path)
+        if token is None:
+            if len(self._tokens) >= MAX_TOKENS:
+                self._tokens.clear()
+                self._paths.clear()
+            token = self._tokens[path] = len(self._paths) + 1
+            self._paths[token] = path
+        self.engine.inject_stranger(token, packet)
+
     def _wake(self) -> None:
         self.engine.drain_wake()
         while events := self.engine.poll_events(BATCH):
@@ -117,6 +137,14 @@ class NativePlane:
                 self.engine.refuse(event[2])
             else:
                 self.on_incoming(event[1], event[2], event[3])
+        elif kind == "moved":
+            self._on_moved(event[1], direct_path(from_socket(event[2], event[3])))
+        elif kind == "moved_via":
+            if (path := self._paths.get(event[2])) is not None:
+                self._on_moved(event[1], path)
+        elif kind == "send_via":
+            if (path := self._paths.get(event[1])) is not None:
+                self._on_send_on(path, event[2])
         elif kind == "refused":
             if self.on_refused is not None:
                 self.on_refused(event[1], event[2])

@@ -31,7 +31,7 @@ def available() -> bool:
 class NativeEngine(EngineSettings):
     name = "native"
     congestion: str = DEFAULT_CONGESTION
-    threads: int = 2  # tokio workers: one per core of the machines natter is measured on
+    threads: int = 1  # tokio workers (measured in bench/native_bench.py: see bench/README.md)
 
     def open(self, fd: int, *, header_timeout: float, max_pending_streams: int) -> Any:
         """The native plane on a socket descriptor it takes over (the caller passes a dup)."""
