@@ -20,7 +20,8 @@ class Engine:
         max_pending_streams: int,
         congestion: str = "cubic",
         keep_alive: float = 15.0,
-        threads: int = 2,
+        threads: int = 1,
+        ack_every: int = 2,
     ) -> None: ...
     def wake_fd(self) -> int: ...
     def drain_wake(self) -> None: ...

@@ -26,6 +26,7 @@ pub struct Settings {
     pub max_pending_streams: u32,
     pub congestion: String,
     pub keep_alive: f64,
+    pub ack_every: u32,
 }
 
 /// What Python decided about a connection that waits in a native task.
@@ -77,6 +78,13 @@ fn transport(settings: &Settings) -> Result<quinn::TransportConfig, String> {
     mtu.upper_bound(settings.max_datagram_size.max(1200));
     t.mtu_discovery_config(Some(mtu));
     t.datagram_receive_buffer_size(Some(4096)); // pings only: see Plane::ping
+    if settings.ack_every > 1 {
+        // ask the peer (if it speaks the ACK frequency extension) to acknowledge every Nth
+        // packet rather than every second one: fewer packets, less CPU on both ends
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(settings.ack_every - 1));
+        t.ack_frequency_config(Some(ack));
+    }
     let congestion: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match settings.congestion.as_str() {
         "cubic" => Arc::new(quinn::congestion::CubicConfig::default()),
         "newreno" => Arc::new(quinn::congestion::NewRenoConfig::default()),
@@ -111,6 +119,10 @@ impl Plane {
         // the fixed bit stays set (no RFC 9287 greasing): the socket tells QUIC from broker
         // frames and probes by the first byte (RFC 9443), which a greased bit would break
         endpoint_config.grease_quic_bit(false);
+        // what we accept (the peer's ceiling for DPLPMTUD): the same as our own probing's
+        endpoint_config
+            .max_udp_payload_size(settings.max_datagram_size.max(1200))
+            .map_err(|e| format!("max datagram size: {e}"))?;
         let endpoint = Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_config),

@@ -29,7 +29,7 @@ struct Engine {
 impl Engine {
     /// ``fd`` is a bound UDP socket that the engine owns from now on (pass a dup).
     #[new]
-    #[pyo3(signature = (fd, certificate, private_key, *, idle_timeout, stream_window, connection_window, max_streams, max_datagram_size, header_timeout, max_pending_streams, congestion = "cubic".to_string(), keep_alive = 15.0, threads = 2))]
+    #[pyo3(signature = (fd, certificate, private_key, *, idle_timeout, stream_window, connection_window, max_streams, max_datagram_size, header_timeout, max_pending_streams, congestion = "cubic".to_string(), keep_alive = 15.0, threads = 1, ack_every = 2))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         fd: i32,
@@ -45,6 +45,7 @@ impl Engine {
         congestion: String,
         keep_alive: f64,
         threads: usize,
+        ack_every: u32,
     ) -> PyResult<Self> {
         if fd < 0 {
             return Err(PyValueError::new_err("invalid file descriptor"));
@@ -55,7 +56,7 @@ impl Engine {
         let (ours, theirs) = UnixStream::pair().map_err(|e| PyOSError::new_err(e.to_string()))?;
         theirs.set_nonblocking(true).map_err(|e| PyOSError::new_err(e.to_string()))?;
         let events = Arc::new(EventQueue::new(ours));
-        let settings = Settings { idle_timeout, stream_window, connection_window, max_streams, max_datagram_size, header_timeout, max_pending_streams, congestion, keep_alive };
+        let settings = Settings { idle_timeout, stream_window, connection_window, max_streams, max_datagram_size, header_timeout, max_pending_streams, congestion, keep_alive, ack_every };
         let plane = Plane::new(socket, certificate, private_key, settings, events, threads).map_err(PyValueError::new_err)?;
         Ok(Self { plane, wake: theirs })
     }

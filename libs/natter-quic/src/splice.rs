@@ -12,7 +12,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 pub const ERR_RESET: u32 = 0x1; // natter's application error code on RESET_STREAM / STOP_SENDING
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 #[derive(Default)]
 pub struct Counters {

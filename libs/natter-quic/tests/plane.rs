@@ -23,6 +23,7 @@ fn settings() -> Settings {
         max_pending_streams: 8,
         congestion: "cubic".into(),
         keep_alive: 5.0,
+        ack_every: 2,
     }
 }
 

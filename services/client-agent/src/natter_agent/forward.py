@@ -21,7 +21,7 @@ from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 
 from . import nativeforward
 from .agent import Agent
-from .bridge import read_header, splice
+from .bridge import LocalEnd, read_header, splice
 from .errors import NatterError, PeerUnavailable
 from .link import PeerLink
 from .links import AnyLink
@@ -390,7 +390,8 @@ async def forward_stdio(agent: Agent, peer: str, remote: str, timeout: float) ->
     """Pipe stdin/stdout through one stream to peer's remote; returns (sent, received)."""
     target = normalise_target(remote)
     if agent.plane is not None:
-        return await _stdio_through_native(agent, peer, remote)
+        await pipe_through_native(agent, peer, remote, StdioEnd(0, 1))
+        return 0, 0  # the counts are the tunnel's, in status
 
     def waiting(reason: str) -> None:
         log.warning(f"waiting up to {timeout:.0f} s for {peer}", peer=peer, reason=reason)
@@ -400,18 +401,21 @@ async def forward_stdio(agent: Agent, peer: str, remote: str, timeout: float) ->
     return await splice(local, channel, rest)
 
 
-async def _stdio_through_native(agent: Agent, peer: str, remote: str) -> tuple[int, int]:
-    """stdio is the agent's own I/O: a forward on a loopback port of the native engine, and
-    stdin/stdout piped to one connection through it (the counts are the tunnel's, in status)."""
+async def pipe_through_native(agent: Agent, peer: str, remote: str, end: LocalEnd) -> None:
+    """A local end that is the agent's own I/O (stdio, a handed-over connection) on the
+    native engine: a forward on a loopback port, and the end piped to one connection
+    through it, once the tunnel is up (an unreachable peer fails here, with its reason)."""
     from .handoff import StreamEnd, pipe  # handoff builds on this module
 
+    await asyncio.wait_for(
+        _tunnel_to(agent, peer, normalise_target(remote), None), stream_timeout(agent.config)
+    )
     forward = Forward(agent, "127.0.0.1:0", peer, remote)
     await forward.bind()
     forward.run()
     try:
         assert forward.local is not None
         reader, writer = await asyncio.open_connection(forward.local.host, forward.local.port)
-        await pipe(StdioEnd(0, 1), StreamEnd(reader, writer))
-        return 0, 0
+        await pipe(end, StreamEnd(reader, writer))
     finally:
         await forward.close()

@@ -21,7 +21,7 @@ import structlog
 from .agent import Agent
 from .bridge import LocalEnd, splice
 from .errors import NatterError
-from .forward import normalise_target, open_tunnel_stream, stream_timeout
+from .forward import normalise_target, open_tunnel_stream, pipe_through_native, stream_timeout
 from .stdio import CHUNK as STDIO_CHUNK
 from .stdio import StdioEnd
 
@@ -74,6 +74,9 @@ async def serve_open(
         await _answer(writer, {"error": "an open request names a peer and a target"})
         return
     timeout = stream_timeout(agent.config)
+    if agent.plane is not None:
+        await _serve_open_native(agent, peer, remote, reader, writer)
+        return
     try:
         channel, rest = await open_tunnel_stream(
             agent,
@@ -91,6 +94,23 @@ async def serve_open(
     await _answer(writer, {"ok": True})
     log.info("stdio connection handed over", peer=peer, target=remote)
     await splice(StreamEnd(reader, writer), channel, rest)
+
+
+async def _serve_open_native(
+    agent: Agent, peer: str, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """The native engine carries the bytes: the tunnel first (so a failure is answered),
+    then the connection through a loopback forward of its own."""
+    try:
+        await asyncio.wait_for(agent.connect(peer, normalise_target(remote)), stream_timeout(agent.config))
+    except (NatterError, ValueError, ConnectionError, TimeoutError) as exc:
+        reason = str(exc) or f"no tunnel to {peer}"
+        log.warning("stdio connection refused", peer=peer, reason=reason)
+        await _answer(writer, {"error": reason})
+        return
+    await _answer(writer, {"ok": True})
+    log.info("stdio connection handed over", peer=peer, target=remote)
+    await pipe_through_native(agent, peer, remote, StreamEnd(reader, writer))
 
 
 async def _answer(writer: asyncio.StreamWriter, body: dict[str, Any]) -> None:

@@ -19,7 +19,11 @@ from cryptography.hazmat.primitives import serialization
 from .base import EngineSettings
 
 CONGESTION = ("cubic", "newreno", "bbr")
-DEFAULT_CONGESTION = "cubic"  # measured in bench/congestion.py: see bench/README.md
+DEFAULT_CONGESTION = "cubic"  # beat bbr on loopback and in the loss lab (bench/README.md)
+ACK_EVERY = 10  # ask the peer to acknowledge every 10th packet (ACK frequency extension)
+# DPLPMTUD climbs from 1200 bytes to this on every path (relayed ones too, whose frames
+# hold 1500): max_datagram_size is the sans-IO engines' one fixed size
+MTU_CEILING = 1452
 
 
 def available() -> bool:
@@ -31,7 +35,9 @@ def available() -> bool:
 class NativeEngine(EngineSettings):
     name = "native"
     congestion: str = DEFAULT_CONGESTION
-    threads: int = 1  # tokio workers (measured in bench/native_bench.py: see bench/README.md)
+    threads: int = 1  # tokio workers: 1 beat 2 on 2 cores (bench/native_bench.py, bench/README.md)
+    ack_every: int = ACK_EVERY
+    mtu_ceiling: int = MTU_CEILING
 
     def open(self, fd: int, *, header_timeout: float, max_pending_streams: int) -> Any:
         """The native plane on a socket descriptor it takes over (the caller passes a dup)."""
@@ -49,9 +55,10 @@ class NativeEngine(EngineSettings):
             stream_window=self.stream_window,
             connection_window=self.connection_window,
             max_streams=self.max_streams,
-            max_datagram_size=self.max_datagram_size,
+            max_datagram_size=max(self.max_datagram_size, self.mtu_ceiling),
             header_timeout=header_timeout,
             max_pending_streams=max_pending_streams,
             congestion=self.congestion,
             threads=self.threads,
+            ack_every=self.ack_every,
         )
