@@ -28,6 +28,9 @@ rm -rf build/wheels
 # async-timeout: redis needs it on Pythons before 3.11.3 (Debian bookworm has 3.11.2)
 .venv/bin/pip wheel -q -w build/wheels ./libs/natter-proto ./services/broker ./services/client-agent . "async-timeout>=4.0.3" 2>&1 \
   | grep -v "^WARNING: Location" || true
+if command -v cargo >/dev/null 2>&1; then  # the native engine, as setup.sh builds it
+  (cd libs/natter-quic && ../../.venv/bin/maturin build --release -q -o ../../build/wheels) >/dev/null
+fi
 
 for image in broker agent redis; do
   echo "images: natter-$image:local"

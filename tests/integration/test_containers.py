@@ -16,11 +16,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from natter_agent.engines.native import available as native_available
 from procs import free_port, server, tool
 from redis_server import docker_answers
 
 pytestmark = pytest.mark.timeout(180)
 IMAGES = ("natter-broker:local", "natter-agent:local", "natter-redis:local")
+
+
+# the agent image carries the native engine where the host built it (scripts/images.sh)
+IMAGE_ENGINE = {"NATTER_QUIC_ENGINE": "native"} if native_available() else {}
 
 
 def docker(*args: str, check: bool = True) -> str:
@@ -114,7 +119,7 @@ def test_fleet_and_agents_in_containers_carry_bytes(containers: Containers) -> N
             "bob",
             "natter-agent:local",
             "listen",
-            env={"NATTER_NAME": "bob", "NATTER_BROKER": f"127.0.0.1:{b2}"},
+            env={"NATTER_NAME": "bob", "NATTER_BROKER": f"127.0.0.1:{b2}", **IMAGE_ENGINE},
         )
         containers.wait_log(bob, "registered as bob")
         alice = containers.run(
@@ -122,7 +127,7 @@ def test_fleet_and_agents_in_containers_carry_bytes(containers: Containers) -> N
             "natter-agent:local",
             "forward",
             f"127.0.0.1:{local}:bob:{echo_port}",
-            env={"NATTER_NAME": "alice", "NATTER_BROKER": f"127.0.0.1:{b1},127.0.0.1:{b2}"},
+            env={"NATTER_NAME": "alice", "NATTER_BROKER": f"127.0.0.1:{b1},127.0.0.1:{b2}", **IMAGE_ENGINE},
         )
         up = containers.wait_log(alice, "path up with bob")
         if up.get("path") == "relayed":  # the punch was slower than the relay's head start
