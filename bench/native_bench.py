@@ -199,7 +199,7 @@ def redis_rps(port: int) -> str:
     for line in out.replace("\r", "\n").splitlines():
         if "requests per second" in line:
             name, rest = line.split(":", 1)
-            figures.append(f"{name.split('_')[0].strip()} {float(rest.split()[0]) / 1000:.0f}k")
+            figures.append(f"{name.strip()} {float(rest.split()[0]) / 1000:.0f}k")
     return ", ".join(figures)
 
 

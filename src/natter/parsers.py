@@ -118,7 +118,10 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         dest="quic_engine",
         choices=QUIC_ENGINES,
         default=DEFAULT_ENGINE,
-        help=f"QUIC implementation for tunnels, the same on both peers (default {DEFAULT_ENGINE})",
+        help=(
+            f"QUIC implementation for tunnels (default {DEFAULT_ENGINE}); peers need the same one,"
+            " except that native and aioquic work together"
+        ),
     )
     parser.add_argument(
         *_flags(dash, "max-connections"),

@@ -92,7 +92,7 @@ def test_quic_engine_from_flag_environment_and_file(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("NATTER_QUIC_ENGINE", "qh3")
     assert parse(["agent", "--config", str(path)]).quic_engine == "qh3"  # environment beats the file
     monkeypatch.setenv("NATTER_QUIC_ENGINE", "quiche")
-    with pytest.raises(UsageError, match="NATTER_QUIC_ENGINE='quiche': choose from aioquic, qh3"):
+    with pytest.raises(UsageError, match="NATTER_QUIC_ENGINE='quiche': choose from aioquic, qh3, native"):
         parse(["agent", "--config", str(path)])
     monkeypatch.delenv("NATTER_QUIC_ENGINE")
     bad = agent_file(tmp_path, 'name = "a"\nquic_engine = "quiche"\n')
