@@ -202,8 +202,10 @@ impl Engine {
         Ok(self.plane.decide(conn, Decision::Connect { addresses, reply: reply.to_vec() }))
     }
 
-    fn dropped_events(&self) -> u64 {
-        self.plane.events.dropped()
+    /// (datagrams dropped because Python's queue was full, short-header datagrams from
+    /// unknown senders handed to QUIC to be found by connection ID)
+    fn counters(&self) -> (u64, u64) {
+        (self.plane.events.dropped(), self.plane.socket.to_quic_by_id.load(Ordering::Relaxed))
     }
 
     fn shutdown(&self) {

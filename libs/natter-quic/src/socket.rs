@@ -120,6 +120,9 @@ pub struct NatterSocket {
     routes: RwLock<Routes>,
     injected: Mutex<Injected>,
     strangers: Mutex<Strangers>,
+    /// short-header datagrams from unknown senders handed to quinn (it drops what no
+    /// connection's ID and keys claim); counted for the agent's datagram accounting
+    pub to_quic_by_id: std::sync::atomic::AtomicU64,
     events: Arc<EventQueue>,
 }
 
@@ -134,7 +137,7 @@ impl NatterSocket {
         socket.set_nonblocking(true)?;
         let v6 = socket.local_addr()?.is_ipv6();
         let state = UdpSocketState::new((&socket).into())?;
-        Ok(Self { io: tokio::net::UdpSocket::from_std(socket)?, state, v6, routes: Default::default(), injected: Default::default(), strangers: Default::default(), events })
+        Ok(Self { io: tokio::net::UdpSocket::from_std(socket)?, state, v6, routes: Default::default(), injected: Default::default(), strangers: Default::default(), to_quic_by_id: Default::default(), events })
     }
 
     pub fn set_route(&self, tunnel: u64, route: Option<Route>) {
@@ -243,6 +246,7 @@ impl NatterSocket {
                     m.dst_ip = None;
                 }
                 None if all_quic && data[0] & 0x80 == 0 => {
+                    self.to_quic_by_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let index = self.strangers.lock().expect("strangers poisoned").index_of(Stranger::Direct(from));
                     m.addr = stranger_addr(index);
                     m.dst_ip = None;

@@ -122,7 +122,11 @@ class Agent:
         if self.machine is None:
             return Counter(self._stats)
         unbound = Counter({f"unbound_{k}": v for k, v in self.machine.registration.unbound.items()})
-        return self._stats + self.machine.stats + unbound
+        native: Counter[str] = Counter()
+        if self.plane is not None:  # what the native engine kept from Python
+            full, by_id = self.plane.engine.counters()
+            native.update(dropped_native_queue_full=full, accepted_quic_unknown_source_to_engine=by_id)
+        return self._stats + self.machine.stats + unbound + native
 
     def links(self) -> list[AnyLink]:
         """Live tunnels that new connections may use, one per peer."""
