@@ -285,15 +285,7 @@ class Forward:
         """A connection the native engine accepted: the same limits and words as _on_tcp."""
         plane = self.agent.plane
         assert plane is not None
-        self.connections += 1
-        if self.open_now >= self.max_connections:
-            self.refused += 1
-            cap = f"--max-connections {self.max_connections}"
-            self._log.warning(
-                "connection refused",
-                reason=f"{self.open_now} connections open on this forward ({cap})",
-                refused=self.refused,
-            )
+        if self._over_cap():
             plane.engine.refuse(conn)
             return
         if self.problem:
@@ -327,6 +319,20 @@ class Forward:
             self.problem = ""
             await link.closed.wait()
 
+    def _over_cap(self) -> bool:
+        """Count a new connection; True (said in the log) if it is over --max-connections."""
+        self.connections += 1
+        if self.open_now < self.max_connections:
+            return False
+        self.refused += 1
+        cap = f"--max-connections {self.max_connections}"
+        self._log.warning(
+            "connection refused",
+            reason=f"{self.open_now} connections open on this forward ({cap})",
+            refused=self.refused,
+        )
+        return True
+
     def _accept(self) -> TcpEnd:
         local = TcpEnd()
         task = asyncio.get_running_loop().create_task(self._on_tcp(local))
@@ -335,15 +341,7 @@ class Forward:
         return local
 
     async def _on_tcp(self, local: TcpEnd) -> None:
-        self.connections += 1
-        if self.open_now >= self.max_connections:
-            self.refused += 1
-            cap = f"--max-connections {self.max_connections}"
-            self._log.warning(
-                "connection refused",
-                reason=f"{self.open_now} connections open on this forward ({cap})",
-                refused=self.refused,
-            )
+        if self._over_cap():
             local.abort()
             await local.close()
             return
