@@ -51,7 +51,9 @@ int natter_broker_port(natter_handle broker);
 int natter_broker_close(natter_handle broker);
 
 /* Create a client named name, registering with the broker at broker_addr. state_dir holds
- * its identity key (NULL: ~/.config/natter). Returns a client handle (> 0). */
+ * its identity key (NULL: ~/.config/natter). The environment variable NATTER_QUIC_ENGINE
+ * picks its QUIC engine (aioquic, qh3 or native) as for the natter command; unset: qh3.
+ * Returns a client handle (> 0). */
 natter_handle natter_client_new(const char *name, const char *broker_addr, const char *state_dir);
 /* Accept forwards from peers; returns once the broker has registered the client. */
 int natter_client_listen(natter_handle client);

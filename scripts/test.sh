@@ -24,4 +24,13 @@ else
   echo "test: no container images; the container tests will skip" >&2
 fi
 echo "== tests"
-exec .venv/bin/pytest -p no:cacheprovider -ra "$@"
+.venv/bin/pytest -p no:cacheprovider -ra "$@"
+# The library-level suites run on every engine by parameter; the suites that start natter
+# processes (the command line, the C library, the NAT lab's reach and NAT matrix) run on
+# the default engine above and once more here on the native engine, where it is built.
+if [[ $# -eq 0 ]] && .venv/bin/python -c "from natter_agent.engines.native import available; raise SystemExit(not available())"; then
+  echo "== the process-level suites again, on the native engine"
+  NATTER_QUIC_ENGINE=native exec .venv/bin/pytest -p no:cacheprovider -ra \
+    tests/integration/test_cli_processes.py tests/integration/test_c_library.py \
+    tests/integration/test_natlab_reach.py tests/integration/test_nat_matrix.py
+fi

@@ -19,6 +19,7 @@ from typing import Any
 from natter_agent import Client, Forward, NatterError
 from natter_broker import Broker
 from natter_proto import AddressError, Config
+from natter_proto.config import DEFAULT_ENGINE
 
 from . import __version__, logs
 
@@ -150,6 +151,7 @@ def client_new(name: str | None, broker_addr: str | None, state_dir: str | None)
             client_user=text(name, "name"),
             broker_addr=text(broker_addr, "broker address"),
             state_dir=state_dir or "",
+            quic_engine=os.environ.get("NATTER_QUIC_ENGINE") or DEFAULT_ENGINE,
         )
 
         async def create() -> Client:

@@ -3,6 +3,7 @@ and helper services in their namespaces, all stopped in reverse order on exit.""
 
 from __future__ import annotations
 
+import os
 import threading
 
 from natlab import INET_IP, NatLab
@@ -11,9 +12,10 @@ from procs import Proc, direct, natter, server, tool
 
 
 class Scene:
-    def __init__(self, lab: NatLab, engine: str = "qh3") -> None:
+    def __init__(self, lab: NatLab, engine: str | None = None) -> None:
         self.lab = lab
-        self.engine = engine  # every agent's --quic-engine
+        # every agent's --quic-engine: the suite's second pass sets NATTER_QUIC_ENGINE=native
+        self.engine = engine or os.environ.get("NATTER_QUIC_ENGINE") or "qh3"
         self.procs: list[Proc] = []
 
     def __enter__(self) -> Scene:

@@ -289,6 +289,7 @@ async def test_native_and_aioquic_agents_build_tunnels_with_each_other(
         ("aioquic", "qh3"),
         ("qh3", "aioquic"),
         pytest.param("qh3", "native", marks=NATIVE),
+        pytest.param("native", "qh3", marks=NATIVE),
     ],
 )
 async def test_peers_with_different_quic_engines_are_told_so(bob_engine: str, alice_engine: str) -> None:

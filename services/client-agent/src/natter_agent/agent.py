@@ -226,7 +226,7 @@ class Agent:
         self.plane = NativePlane(
             native,
             on_datagram=functools.partial(self._datagram, MAIN_SOCKET),
-            on_send=lambda tunnel, packets: self._send_tunnel(tunnel, [(p, None) for p in packets]),
+            on_send=self._native_send,
             on_batch_done=self._pump,
             link_of=lambda tunnel: link if isinstance(link := self.tunnels.get(tunnel), NativeLink) else None,
             on_moved=self._native_moved,
@@ -438,11 +438,16 @@ class Agent:
             expected_key=action.expected_key,
         )
         self.tunnels[action.tunnel] = link
+        self.router.add_initial(action.tunnel, action.initial)
         self.router.route(action.tunnel, action.path)  # relayed packets come back through here
         if action.role is Role.CLIENT:
             link.start_client()
         elif not plane.engine.accept_initial(action.tunnel, action.initial):
             link.close("too many packets waiting for the native engine")
+
+    def _native_send(self, tunnel: int, packets: list[bytes]) -> None:
+        self.router.sent(tunnel, packets)
+        self._send_tunnel(tunnel, [(packet, None) for packet in packets])
 
     def _send_tunnel(self, tunnel: int, datagrams: list[tuple[bytes, object]]) -> None:
         """A tunnel's datagrams leave on its current path (QUIC addressed them to QUIC_PEER)."""

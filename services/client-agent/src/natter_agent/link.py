@@ -29,6 +29,7 @@ from .engines.base import (
     StreamReset,
     Terminated,
     TunnelConnection,
+    explain_engine_mismatch,
 )
 from .stream import StreamChannel, StreamClosed
 
@@ -202,11 +203,7 @@ class PeerLink:
                 busy, self._moved_at_ping = moved != self._moved_at_ping, moved
                 self._on_pong(self, event.uid, busy)
             elif isinstance(event, Terminated):
-                reason = event.reason or f"error 0x{event.error_code:x}"
-                if "alpn" in reason.lower():
-                    reason += (
-                        f" ({self.peer} runs another QUIC engine: both sides need the same --quic-engine)"
-                    )
+                reason = explain_engine_mismatch(self.peer, event.reason or f"error 0x{event.error_code:x}")
                 self._terminated(f"connection closed by {self.peer}: {reason}")
         self._wake_stream_waiters()
         self._maybe_ready()

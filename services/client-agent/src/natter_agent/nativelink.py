@@ -15,6 +15,8 @@ import structlog
 
 from natter_proto.agent.kinds import MAIN_SOCKET, Path, PathKind, Role, path_label
 
+from .engines.base import explain_engine_mismatch
+
 log = structlog.get_logger("natter.link")
 
 
@@ -163,12 +165,7 @@ class NativeLink:
         self._on_pong(self, uid, busy)
 
     def engine_closed(self, reason: str) -> None:
-        if "no application protocol" in reason.lower() or "alpn" in reason.lower():
-            reason += (
-                f" ({self.peer} runs another QUIC engine: the native engine speaks natter/1 with"
-                " native and aioquic agents, not with qh3: run both on native or aioquic,"
-                " or both on qh3 (--quic-engine)"
-            )
+        reason = explain_engine_mismatch(self.peer, reason)
         self._terminated(f"connection closed: {reason}" if not reason.startswith("refused") else reason)
 
     def _terminated(self, reason: str) -> None:

@@ -33,10 +33,23 @@ class Router:
 
     def add(self, tunnel: int, conn: HasConnectionId, initial: bytes = b"") -> None:
         """A new tunnel; a server's also gets the client's Initials by their connection ID."""
-        self._paths.setdefault(tunnel, set())
         self._cids[conn.host_connection_id()] = tunnel
+        self.add_initial(tunnel, initial)
+
+    def add_initial(self, tunnel: int, initial: bytes) -> None:
+        """A server tunnel takes the client's later Initials too (a post-quantum ClientHello
+        spans two), by the connection ID its first one chose."""
+        self._paths.setdefault(tunnel, set())
         if initial and (dcid := long_header_dcid(initial)) is not None:
             self._cids[dcid] = tunnel
+
+    def sent(self, tunnel: int, packets: list[bytes]) -> None:
+        """The native engine's connection IDs stay in native code: those its long headers
+        name as their source, as Python sends them on another socket or the relay, are how
+        the peer's handshake packets find the tunnel again."""
+        for packet in packets:
+            if packet and packet[0] & 0x80 and (scid := long_header_scid(packet)) is not None:
+                self._cids[scid] = tunnel
 
     def connection_id(self, tunnel: int, cid: bytes, *, issued: bool) -> None:
         """The engine issued (or retired) a connection ID of this tunnel."""
@@ -110,3 +123,13 @@ def long_header_dcid(packet: bytes) -> bytes | None:
     if length > 20 or len(packet) < 6 + length:
         return None
     return packet[6 : 6 + length]
+
+
+def long_header_scid(packet: bytes) -> bytes | None:
+    """The source connection ID of a long-header packet (RFC 9000 17.2)."""
+    if long_header_dcid(packet) is None:
+        return None
+    at = 6 + packet[5]
+    if len(packet) <= at or packet[at] > 20 or len(packet) < at + 1 + packet[at]:
+        return None
+    return packet[at + 1 : at + 1 + packet[at]] or None

@@ -29,6 +29,19 @@ from ..tls import Credentials
 
 ALPN = "natter/1"  # aioquic: mutual TLS
 ENGINES = QUIC_ENGINES
+# how the engines word TLS alert 120 (no_application_protocol): aioquic and qh3, rustls
+ALPN_REFUSALS = ("alpn", "no application protocol", "known protocol", "error 120")
+
+
+def explain_engine_mismatch(peer: str, reason: str) -> str:
+    """A handshake refused for its ALPN means the peer runs an engine this one cannot talk
+    to: say which pairings work, so that the user knows what to change."""
+    if not any(word in reason.lower() for word in ALPN_REFUSALS):
+        return reason
+    return (
+        f"{reason} ({peer} runs another QUIC engine: native and aioquic agents talk to each"
+        " other, qh3 agents only to qh3: both sides need a matching --quic-engine)"
+    )
 
 
 class TunnelConnection(Protocol):
