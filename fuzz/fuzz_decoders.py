@@ -17,7 +17,7 @@ import atheris
 with atheris.instrument_imports():
     from natter.specs import SpecError, parse_spec
     from natter_agent.keystore import parse_known_peers
-    from natter_proto import bus, frames, streamhdr, tunnelctl
+    from natter_proto import bus, frames, socks, streamhdr, tunnelctl, udpframes
     from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
     from natter_proto.tokens import TokenList, TokenListError
 
@@ -25,7 +25,7 @@ with atheris.instrument_imports():
 def one_input(data: bytes) -> None:
     if not data:
         return
-    selector, body = data[0] % 5, data[1:]
+    selector, body = data[0] % 7, data[1:]
     if selector == 0:
         with contextlib.suppress(frames.FrameError):
             frames.decode(bytes([frames.PREFIX]) + body)
@@ -42,6 +42,11 @@ def one_input(data: bytes) -> None:
     elif selector == 4:
         with contextlib.suppress(bus.BusError):
             bus.decode(body)  # what another broker replica says over Redis
+    elif selector == 5:
+        with contextlib.suppress(udpframes.UdpFrameError):
+            udpframes.decode(body)  # a UDP forward's DATAGRAM frame
+    elif selector == 6:
+        fuzz_socks(body)
     else:
         text = body.decode("utf-8", errors="replace")
         parse_known_peers(text)
@@ -53,6 +58,22 @@ def one_input(data: bytes) -> None:
         ):
             with contextlib.suppress(error):
                 parser(text)  # type: ignore[operator]
+
+
+def fuzz_socks(body: bytes) -> None:
+    """A SOCKS client's bytes, cut where the input says, with and without a password:
+    the handshake answers and bounds itself, and never raises."""
+    cut = body[0] if body else 0
+    for credentials in (None, socks.Credentials("ann", "pw")):
+        handshake = socks.SocksHandshake(credentials)
+        sent = 0
+        for part in (body[1 : 1 + cut], body[1 + cut :]):
+            step = handshake.receive(part)
+            sent += len(step.send)
+            if step.target is not None:
+                handshake.reply(socks.Reply.CONNECTION_REFUSED)
+        if sent > 64:
+            raise AssertionError(f"a SOCKS handshake answered {sent} bytes")
 
 
 def seeds() -> list[bytes]:
@@ -77,6 +98,12 @@ def seeds() -> list[bytes]:
         + [b"\x01" + streamhdr.encode_open("h:1")]
         + [b"\x03" + tunnelctl.encode(f) for f in control]
         + [b"\x04" + bus.encode(m) for m in bus_messages]
+        + [
+            b"\x05" + udpframes.encode_open(7, "localhost:53", b"q"),
+            b"\x05" + udpframes.encode_refused(7, "no"),
+        ]
+        + [b"\x06\x03\x05\x01\x00\x05\x01\x00\x03\x09localhost\x00\x50"]
+        + [b"\x06\x03\x05\x01\x02\x01\x03ann\x02pw\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x16"]
     )
 
 

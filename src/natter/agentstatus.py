@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from natter_agent import Client, handoff
+from natter_agent import Client, UdpForward, handoff
 from natter_broker.http import HealthServer
 from natter_proto.endpoints import split_host_port
 
@@ -37,21 +37,11 @@ def snapshot(client: Client) -> dict[str, Any]:
         "public_endpoint": str(registration.public) if registration and registration.public else None,
         "listening": agent.listening,
         "nat": agent.nat,
-        "forwards": [
-            {
-                "local": str(f.local) if f.local else "stdio",
-                "peer": f.peer,
-                "target": f.target,
-                "open_connections": f.open_now,
-                "connections": f.connections,
-                "refused": f.refused,
-                "problem": f.problem,
-            }
-            for f in client.forwards
-        ],
+        "forwards": [f.status() for f in client.forwards],
         "tunnels": [link.status() for link in agent.links()],
         "dropped": {k: v for k, v in agent.stats.items() if k.startswith("dropped_")},
         "streams_refused": dict(client.listener.refused) if client.listener is not None else {},
+        "udp_listener": client.udp_listener.status() if client.udp_listener is not None else None,
     }
 
 
@@ -124,13 +114,12 @@ def render(status: dict[str, Any]) -> str:
         + f", NAT {status.get('nat', 'unknown')}"
     ]
     for f in status["forwards"]:
-        refused = f", {f['refused']} refused" if f.get("refused") else ""
-        lines.append(
-            f"  forward {f['local']} -> {f['peer']}:{f['target']}  "
-            f"({f.get('open_connections', 0)} open, {f['connections']} in all{refused})"
-        )
+        lines.append(f"  forward {f['local']} -> {f['peer']}:{f['target']}  ({_counts(f)})")
         if f.get("problem"):
             lines.append(f"    not connected: {f['problem']}")
+    udp = status.get("udp_listener")
+    if udp:
+        lines.append(f"  udp listener  ({_counts(udp)})")
     if not status["tunnels"]:
         lines.append("  no tunnels")
     for t in status["tunnels"]:
@@ -140,6 +129,21 @@ def render(status: dict[str, Any]) -> str:
             f"open {t['open_connections']}  up {t['uptime_s']:.0f} s"
         )
     return "\n".join(lines)
+
+
+def _counts(entry: dict[str, Any]) -> str:
+    """A forward's (or the UDP listener's) numbers: connections, or flows and datagrams."""
+    if "flows" in entry:
+        dropped = sum(entry.get("dropped", {}).values())
+        text = (
+            f"{entry['flows']} flows, {entry['datagrams_in']} datagrams in, "
+            f"{entry['datagrams_out']} out, {dropped} dropped"
+        )
+        return text + (f", {entry['refused']} flows refused" if entry.get("refused") else "")
+    refused = f", {entry['refused']} refused" if entry.get("refused") else ""
+    failed = sum(entry.get("failures", {}).values())
+    failures = f", {failed} SOCKS failures" if failed else ""
+    return f"{entry.get('open_connections', 0)} open, {entry['connections']} in all{refused}{failures}"
 
 
 def human(size: float) -> str:
@@ -178,8 +182,29 @@ class _AgentCollector:
         listener = self.client.listener
         for reason, value in sorted((listener.refused if listener is not None else {}).items()):
             refused.add_metric(["listener", reason], value)
-        refused.add_metric(["forward", "max_connections"], sum(f.refused for f in self.client.forwards))
-        return [tunnels, sent, received, rtt, frames, refused]
+        capped = sum(f.cap.refused for f in self.client.forwards if not isinstance(f, UdpForward))
+        refused.add_metric(["forward", "max_connections"], capped)
+        return [tunnels, sent, received, rtt, frames, refused, *self._udp()]
+
+    def _udp(self) -> list[Any]:
+        """UDP forwards' flows and datagrams, by forward (and the listener as ``listener``)."""
+        flows = GaugeMetricFamily("natter_agent_udp_flows", "Live UDP flows", labels=["forward"])
+        datagrams = CounterMetricFamily(
+            "natter_agent_udp_datagrams", "UDP datagrams by direction", labels=["forward", "direction"]
+        )
+        dropped = CounterMetricFamily(
+            "natter_agent_udp_dropped", "UDP datagrams dropped, by reason", labels=["forward", "reason"]
+        )
+        tables = [(f"{f.local}/udp", f.flows) for f in self.client.forwards if isinstance(f, UdpForward)]
+        if self.client.udp_listener is not None:
+            tables.append(("listener", self.client.udp_listener.flows))
+        for name, table in tables:
+            flows.add_metric([name], len(table))
+            datagrams.add_metric([name, "in"], table.datagrams_in)
+            datagrams.add_metric([name, "out"], table.datagrams_out)
+            for reason, count in sorted(table.dropped.items(), key=lambda item: item[0].value):
+                dropped.add_metric([name, reason.value], count)
+        return [flows, datagrams, dropped]
 
 
 class AgentMetrics:

@@ -98,11 +98,11 @@ async def test_two_thousand_idle_connections_on_one_forward_leave_another_forwar
                 _reader, writer = await asyncio.open_connection("127.0.0.1", idle.local.port)
                 writers.append(writer)
             for _ in range(600):  # every idle connection that fits is served by bob's service
-                if len(scene.idle_held) >= cap and idle.refused == 2000 - cap:
+                if len(scene.idle_held) >= cap and idle.cap.refused == 2000 - cap:
                     break
                 await asyncio.sleep(0.05)
-            assert len(scene.idle_held) == cap and idle.open_now == cap
-            assert idle.refused == 2000 - cap
+            assert len(scene.idle_held) == cap and idle.cap.open_now == cap
+            assert idle.cap.refused == 2000 - cap
             assert any(
                 e["event"] == "connection refused" and "--max-connections" in e.get("reason", "")
                 for e in logs
@@ -121,10 +121,10 @@ async def test_two_thousand_idle_connections_on_one_forward_leave_another_forwar
         for writer in writers + scene.idle_held:  # both ends close (half-close keeps the other)
             writer.close()
         for _ in range(400):  # closed connections give their slots back
-            if idle.open_now == 0:
+            if idle.cap.open_now == 0:
                 break
             await asyncio.sleep(0.05)
-        assert idle.open_now == 0
+        assert idle.cap.open_now == 0
         assert await echo_check("127.0.0.1", busy_echo.local.port, b"after" * 100)
     finally:
         await alice.close()

@@ -75,7 +75,7 @@ async def test_concurrent_connections(trio: Trio, count: int, size: int) -> None
     payloads = [os.urandom(size) for _ in range(count)]
     results = await asyncio.gather(*(echo_check("127.0.0.1", fwd.local.port, p) for p in payloads))
     assert all(results)
-    assert fwd.connections == count
+    assert fwd.cap.connections == count
     assert await echo_check("127.0.0.1", fwd.local.port, b"after" * 1000)
     link = trio.alice.agent.link_to("bob")
     assert (

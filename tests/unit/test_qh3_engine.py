@@ -281,6 +281,7 @@ async def test_a_ping_or_close_on_a_connection_the_engine_closed_ends_the_tunnel
         on_pong=lambda *args: None,
         on_cid=lambda *args: None,
         on_closed=lambda link: closed.append(link.close_reason),
+        on_datagram=lambda link, data: None,
         verify=lambda link: None,
         expected_key=None,
         send_buffer_limit=1 << 20,

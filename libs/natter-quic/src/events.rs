@@ -35,8 +35,10 @@ pub enum Event {
     Reply { conn: u64, header: Vec<u8> },
     /// A stream the peer opened, with its raw header: Python decides where it may go.
     Incoming { tunnel: u64, conn: u64, header: Vec<u8> },
+    /// A DATAGRAM frame from the peer (not a ping): a UDP forward's, for Python.
+    TunnelDatagram { tunnel: u64, data: Vec<u8> },
     /// The target of an incoming stream refused the connection.
-    ConnectFailed { conn: u64, reason: String },
+    ConnectFailed { conn: u64, reason: String, errno: Option<i32> },
     /// A stream was refused before it had a header (over the pending limit, no header in time, ...).
     Refused { tunnel: u64, reason: &'static str },
     /// A spliced connection ended (or a waiting one failed): bytes both ways.

@@ -62,6 +62,9 @@ pub struct Plane {
     next_conn: AtomicU64,
 }
 
+const PING: &[u8] = &[0]; // a ping's DATAGRAM: its ACK is the pong (natter_proto.udpframes never starts with 0)
+const DATAGRAM_BUFFER: usize = 1 << 20;
+
 fn transport(settings: &Settings) -> Result<quinn::TransportConfig, String> {
     let mut t = quinn::TransportConfig::default();
     let idle = Duration::from_secs_f64(settings.idle_timeout);
@@ -77,7 +80,7 @@ fn transport(settings: &Settings) -> Result<quinn::TransportConfig, String> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(settings.max_datagram_size.max(1200));
     t.mtu_discovery_config(Some(mtu));
-    t.datagram_receive_buffer_size(Some(4096)); // pings only: see Plane::ping
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER)); // UDP forwards' flows, and pings
     if settings.ack_every > 1 {
         // ask the peer (if it speaks the ACK frequency extension) to acknowledge every Nth
         // packet rather than every second one: fewer packets, less CPU on both ends
@@ -244,9 +247,19 @@ impl Plane {
         let watching = self.clone();
         let watched = connection.clone();
         let watcher = self.runtime.spawn(async move { watching.watch_moves(tunnel, watched).await });
+        let events = self.events.clone();
+        let reading = connection.clone();
+        let datagrams = self.runtime.spawn(async move {
+            while let Ok(data) = reading.read_datagram().await {
+                if data.as_ref() != PING {
+                    events.push(Event::TunnelDatagram { tunnel, data: data.to_vec() });
+                }
+            }
+        });
         let reason = connection.closed().await;
         streams.abort();
         watcher.abort();
+        datagrams.abort();
         self.closed(tunnel, reason.to_string());
     }
 
@@ -350,7 +363,7 @@ impl Plane {
         self.runtime.spawn(async move {
             let before = connection.stats().frame_rx.acks;
             if connection.max_datagram_size().is_some() {
-                let _ = connection.send_datagram(bytes::Bytes::from_static(&[0]));
+                let _ = connection.send_datagram(bytes::Bytes::from_static(PING));
             }
             for _ in 0..600 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -363,6 +376,21 @@ impl Plane {
                 }
             }
         });
+    }
+
+    /// A DATAGRAM frame (a UDP forward's): false if the tunnel is gone, the peer takes no
+    /// datagrams, or it is larger than the path carries (dropped, never fragmented).
+    pub fn send_datagram(&self, tunnel: u64, data: Vec<u8>) -> bool {
+        let Some((connection, _, _)) = self.connection(tunnel) else { return false };
+        match connection.max_datagram_size() {
+            Some(room) if data.len() <= room => connection.send_datagram(bytes::Bytes::from(data)).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// The largest DATAGRAM payload the tunnel's path carries now (0: none).
+    pub fn datagram_room(&self, tunnel: u64) -> usize {
+        self.connection(tunnel).and_then(|(connection, _, _)| connection.max_datagram_size()).unwrap_or(0)
     }
 
     pub fn route(&self, tunnel: u64, route: Option<Route>) {

@@ -96,7 +96,8 @@ impl Engine {
                 Event::Accepted { forward, conn } => ("accepted", forward, conn).into_pyobject(py)?,
                 Event::Reply { conn, header } => ("reply", conn, PyBytes::new(py, &header)).into_pyobject(py)?,
                 Event::Incoming { tunnel, conn, header } => ("incoming", tunnel, conn, PyBytes::new(py, &header)).into_pyobject(py)?,
-                Event::ConnectFailed { conn, reason } => ("connect_failed", conn, reason).into_pyobject(py)?,
+                Event::TunnelDatagram { tunnel, data } => ("tunnel_datagram", tunnel, PyBytes::new(py, &data)).into_pyobject(py)?,
+                Event::ConnectFailed { conn, reason, errno } => ("connect_failed", conn, reason, errno).into_pyobject(py)?,
                 Event::Refused { tunnel, reason } => ("refused", tunnel, reason).into_pyobject(py)?,
                 Event::Done { conn, sent, received, error } => ("done", conn, sent, received, error).into_pyobject(py)?,
             };
@@ -178,6 +179,29 @@ impl Engine {
         let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         let bound = self.plane.listen_tcp(forward, listener).map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string())))?;
         Ok((bound.ip().to_string(), bound.port()))
+    }
+
+    /// Take over a connected TCP socket Python accepted (its descriptor, duplicated for
+    /// good); returns the connection's number, as an ``accepted`` event would.
+    fn adopt_tcp(&self, fd: i32) -> PyResult<u64> {
+        if fd < 0 {
+            return Err(PyValueError::new_err("invalid file descriptor"));
+        }
+        // SAFETY: as in ``listen_tcp``: the caller hands over a duplicated descriptor for good.
+        let tcp = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        tcp.set_nonblocking(true).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let _guard = self.plane.runtime.enter();
+        let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(self.plane.adopt(tcp))
+    }
+
+    fn send_datagram(&self, tunnel: u64, data: &[u8]) -> bool {
+        self.plane.send_datagram(tunnel, data.to_vec())
+    }
+
+    fn datagram_room(&self, tunnel: u64) -> usize {
+        self.plane.datagram_room(tunnel)
     }
 
     fn stop_tcp(&self, forward: u64) {

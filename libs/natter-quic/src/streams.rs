@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{RecvStream, SendStream, VarInt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::events::Event;
@@ -48,16 +49,24 @@ fn reset_both(send: &mut SendStream, recv: &mut RecvStream) {
 impl Plane {
     /// Forward side: a TCP connection was accepted; Python picks its tunnel.
     pub fn forwarded(self: Arc<Self>, forward: u64, tcp: TcpStream) {
-        let (conn, decision) = self.new_conn();
+        let conn = self.adopt(tcp);
         self.events.push(Event::Accepted { forward, conn });
+    }
+
+    /// A connection Python accepted itself (a SOCKS client, after its handshake): from
+    /// here on it is a forwarded connection like the others, waiting for its tunnel.
+    pub fn adopt(self: &Arc<Self>, tcp: TcpStream) -> u64 {
+        let (conn, decision) = self.new_conn();
         let plane = self.clone();
         self.runtime.spawn(async move { plane.serve_forwarded(conn, tcp, decision).await });
+        conn
     }
 
     async fn serve_forwarded(self: Arc<Self>, conn: u64, tcp: TcpStream, mut decision: tokio::sync::oneshot::Receiver<Decision>) {
         loop {
             let (tunnel, header) = match decision.await {
                 Ok(Decision::Open { tunnel, header }) => (tunnel, header),
+                Ok(Decision::Refuse { reply }) => return self.answer_and_close(conn, tcp, reply).await,
                 _ => return self.fail(conn, tcp, "refused"),
             };
             let Some((connection, counters, _)) = self.connection(tunnel) else {
@@ -79,6 +88,10 @@ impl Plane {
                         Ok(Decision::Splice) => {
                             let done = splice::splice(tcp, send, recv, rest, counters).await;
                             self.events.push(Event::Done { conn, sent: done.sent, received: done.received, error: done.error });
+                        }
+                        Ok(Decision::Refuse { reply }) => {
+                            reset_both(&mut send, &mut recv);
+                            self.answer_and_close(conn, tcp, reply).await;
                         }
                         _ => {
                             reset_both(&mut send, &mut recv);
@@ -106,6 +119,21 @@ impl Plane {
         let (_, write) = tcp.into_split();
         splice::abort(write);
         self.events.push(Event::Done { conn, sent: 0, received: 0, error: why.into() });
+    }
+
+    /// A refused connection that gets a last word (a SOCKS client's failure reply): it is
+    /// written and the connection closed in order, so the client reads it before the end.
+    /// Without one, the connection is reset as ``fail`` does.
+    async fn answer_and_close(&self, conn: u64, mut tcp: TcpStream, reply: Vec<u8>) {
+        if reply.is_empty() {
+            return self.fail(conn, tcp, "refused");
+        }
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            tcp.write_all(&reply).await?;
+            tcp.shutdown().await
+        })
+        .await;
+        self.events.push(Event::Done { conn, sent: 0, received: 0, error: "refused".into() });
     }
 
     /// Listener side: a stream the peer opened; its header first, within the time limit.
@@ -146,9 +174,9 @@ impl Plane {
         };
         let tcp = match connect_first(&addresses).await {
             Ok(tcp) => tcp,
-            Err(reason) => {
+            Err((reason, errno)) => {
                 let answer = self.await_again(conn);
-                self.events.push(Event::ConnectFailed { conn, reason });
+                self.events.push(Event::ConnectFailed { conn, reason, errno });
                 let reply = match answer.await {
                     Ok(Decision::Refuse { reply }) => reply,
                     _ => Vec::new(),
@@ -179,16 +207,17 @@ impl Plane {
 
 /// ``ssh -L``'s way: the first address that takes the connection ('localhost' is often
 /// ::1 before 127.0.0.1, and a service may listen on one of them only).
-async fn connect_first(addresses: &[SocketAddr]) -> Result<TcpStream, String> {
-    let mut last = String::from("no address");
+/// Fails with the last reason and its errno (none for a timeout).
+async fn connect_first(addresses: &[SocketAddr]) -> Result<TcpStream, (String, Option<i32>)> {
+    let mut last = (String::from("no address"), None);
     for addr in addresses {
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
                 return Ok(tcp);
             }
-            Ok(Err(e)) => last = e.kind().to_string(),
-            Err(_) => last = "timed out".into(),
+            Ok(Err(e)) => last = (e.kind().to_string(), e.raw_os_error()),
+            Err(_) => last = ("timed out".into(), None),
         }
     }
     Err(last)

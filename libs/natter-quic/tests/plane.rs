@@ -123,3 +123,41 @@ fn a_refused_peer_hears_the_reason() {
     let Event::Closed { reason, .. } = next(&alice, |e| matches!(e, Event::Closed { .. })) else { panic!() };
     assert!(reason.contains("alice is not allowed"), "{reason}");
 }
+
+#[test]
+fn a_refused_adopted_connection_reads_its_last_word_then_the_end() {
+    // a SOCKS client whose request the peer refused: the reply is written, then EOF (no reset)
+    let alice = agent();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut user = TcpStream::connect(port.local_addr().unwrap()).unwrap();
+    let (accepted, _) = port.accept().unwrap();
+    let conn = {
+        let _guard = alice.plane.runtime.enter();
+        accepted.set_nonblocking(true).unwrap();
+        alice.plane.adopt(tokio::net::TcpStream::from_std(accepted).unwrap())
+    };
+    assert!(alice.plane.decide(conn, Decision::Refuse { reply: b"\x05\x02last word".to_vec() }));
+    let mut got = Vec::new();
+    user.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"\x05\x02last word");
+    let Event::Done { error, .. } = next(&alice, |e| matches!(e, Event::Done { .. })) else { panic!() };
+    assert_eq!(error, "refused");
+}
+
+#[test]
+fn datagrams_cross_a_tunnel_and_oversized_ones_are_refused() {
+    let (alice, bob) = (agent(), agent());
+    alice.plane.route(1, Some(Route::Direct(bob.addr)));
+    alice.plane.connect(1).unwrap();
+    next(&bob, |e| matches!(e, Event::Authenticated { .. }));
+    bob.plane.verdict(2, None);
+    next(&alice, |e| matches!(e, Event::Authenticated { .. }));
+    alice.plane.verdict(1, None);
+    next(&alice, |e| matches!(e, Event::PeerAccepted { tunnel: 1 }));
+    let room = alice.plane.datagram_room(1);
+    assert!(room > 1000 && room < 1350, "room {room}");
+    assert!(!alice.plane.send_datagram(1, vec![7u8; room + 1]));
+    assert!(alice.plane.send_datagram(1, vec![0x22, 1, 2, 3]));
+    let Event::TunnelDatagram { tunnel: 2, data } = next(&bob, |e| matches!(e, Event::TunnelDatagram { .. })) else { panic!() };
+    assert_eq!(data, vec![0x22, 1, 2, 3]);
+}

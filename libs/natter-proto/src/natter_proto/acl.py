@@ -5,6 +5,7 @@ Pure matching; the agent resolves target names to addresses before asking.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from dataclasses import dataclass
 
@@ -48,29 +49,45 @@ class PeerAllowList:
         )
 
 
+class Proto(enum.Enum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
 @dataclass(frozen=True)
 class TargetRule:
     host: str | None  # None: any host; "" : loopback
     port: int | None  # None: any port
+    proto: Proto = Proto.TCP  # a rule is for one protocol: ``/udp`` names UDP's
 
 
 def parse_target_rule(text: str) -> TargetRule:
+    """``HOST:PORT``, ``PORT``, ``HOST:*`` or ``*``, each for TCP, or with ``/udp`` (or
+    ``/tcp``) for that protocol."""
+    base, slash, proto = text.rpartition("/")
+    if slash and proto in ("udp", "tcp") and base:
+        rule = _parse_host_port_rule(base, text)
+        return TargetRule(rule.host, rule.port, Proto(proto))
+    return _parse_host_port_rule(text, text)
+
+
+def _parse_host_port_rule(text: str, original: str) -> TargetRule:
     if text == "*":
         return TargetRule(None, None)
     if is_decimal(text):
-        return TargetRule("", _port(text, text))
+        return TargetRule("", _port(text, original))
     if text.endswith(":*"):
         host = text[:-2].strip("[]")
         if not host:
-            raise AclError(f"--allow-target {text!r}: missing host")
+            raise AclError(f"--allow-target {original!r}: missing host")
         return TargetRule(host, None)
     try:
         host, port = split_host_port(text)
     except AddressError as exc:
-        raise AclError(f"--allow-target {text!r}: {exc}") from None
+        raise AclError(f"--allow-target {original!r}: {exc}") from None
     if not host:
-        return TargetRule("", _port(str(port), text))
-    return TargetRule(host, _port(str(port), text))
+        return TargetRule("", _port(str(port), original))
+    return TargetRule(host, _port(str(port), original))
 
 
 def _port(text: str, rule: str) -> int:
@@ -83,14 +100,15 @@ def _port(text: str, rule: str) -> int:
 
 
 class TargetAllowList:
-    """None of rules means the default: loopback only, any port."""
+    """None of rules means the default: loopback only, any port, TCP and UDP."""
 
     def __init__(self, rules: list[TargetRule] | None) -> None:
-        self.rules = rules if rules is not None else [TargetRule("", None)]
+        loopback = [TargetRule("", None, Proto.TCP), TargetRule("", None, Proto.UDP)]
+        self.rules = rules if rules is not None else loopback
 
-    def allows(self, host: str, port: int, resolved: list[str]) -> bool:
+    def allows(self, host: str, port: int, resolved: list[str], proto: Proto = Proto.TCP) -> bool:
         """host as the peer wrote it, resolved: its addresses (all must be allowed)."""
-        return any(self._match(rule, host, port, resolved) for rule in self.rules)
+        return any(rule.proto is proto and self._match(rule, host, port, resolved) for rule in self.rules)
 
     @staticmethod
     def _match(rule: TargetRule, host: str, port: int, resolved: list[str]) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .agent.settings import DEFAULTS
 from .names import NAME_GRACE
+from .udpflows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, DEFAULT_QUEUE
 
 
 def broker_list(value: str | list[str]) -> list[str]:
@@ -128,3 +129,12 @@ class Config:
     # listener: tunnels at once from peers that no --peer pin, --allow rule or known_peers
     # line names (any authenticated peer may connect, but not without bound)
     max_unvetted_tunnels: int = 64
+
+    # UDP forwards (``/udp``): a flow is one local source address; it ends after this long
+    # without a datagram either way, as conntrack's UDP entries do
+    udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    udp_flow_queue: int = DEFAULT_QUEUE  # datagrams a flow holds while its tunnel comes up
+    udp_max_flows: int = DEFAULT_MAX_FLOWS  # per forward, and at the listener
+    # SOCKS forwards (-D): username and password (RFC 1929) clients must give; "": none
+    socks_username: str = ""
+    socks_password: str = ""

@@ -47,6 +47,13 @@ class CidRetired:
 
 
 @dataclass(slots=True)
+class DatagramReceived:
+    """A DATAGRAM frame from the peer (a UDP forward's, natter_proto.udpframes)."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
 class Terminated:
     error_code: int
     reason: str
@@ -60,5 +67,6 @@ TunnelEvent = (
     | PingAcked
     | CidIssued
     | CidRetired
+    | DatagramReceived
     | Terminated
 )

@@ -4,5 +4,18 @@ from .agent import Agent
 from .client import Client
 from .errors import NatterError, PeerUnavailable
 from .forward import Forward
+from .forwards import ForwardKind, ForwardRequest
+from .socksforward import SocksForward
+from .udpforward import UdpForward
 
-__all__ = ["Agent", "Client", "Forward", "NatterError", "PeerUnavailable"]
+__all__ = [
+    "Agent",
+    "Client",
+    "Forward",
+    "ForwardKind",
+    "ForwardRequest",
+    "NatterError",
+    "PeerUnavailable",
+    "SocksForward",
+    "UdpForward",
+]

@@ -49,6 +49,7 @@ from .startup import agent_settings, broker_addresses, load
 from .stream import StreamChannel
 from .trust import PeerTrust
 from .udp import AgentSocket
+from .udpdemux import UdpDemux
 from .waiters import Waiters
 
 log = structlog.get_logger("natter.agent")
@@ -89,6 +90,7 @@ class Agent:
         self.registered = asyncio.Event()
         self.listening = False
         self.incoming_handler: IncomingHandler | None = None
+        self.udp = UdpDemux()  # DATAGRAM frames: UDP forwards' flows and the UDP listener
         self._stats: Counter[str] = Counter()  # the shell's own; the machine counts the rest
         self._log = log.bind(name=self.name)
         self._waiters = Waiters()
@@ -126,7 +128,7 @@ class Agent:
         if self.plane is not None:  # what the native engine kept from Python
             full, by_id = self.plane.engine.counters()
             native.update(dropped_native_queue_full=full, accepted_quic_unknown_source_to_engine=by_id)
-        return self._stats + self.machine.stats + unbound + native
+        return self._stats + self.machine.stats + unbound + native + self.udp.dropped
 
     def links(self) -> list[AnyLink]:
         """Live tunnels that new connections may use, one per peer."""
@@ -390,6 +392,7 @@ class Agent:
             on_pong=self._on_link_pong,
             on_cid=lambda link, cid, issued: self.router.connection_id(link.tunnel, cid, issued=issued),
             on_closed=self._on_link_closed,
+            on_datagram=self.udp.received,
             verify=self._verify_peer,
             expected_key=action.expected_key,
             send_buffer_limit=self.config.send_buffer_limit,
@@ -434,6 +437,7 @@ class Agent:
             on_ready=self._on_link_ready,
             on_pong=self._on_link_pong,
             on_closed=self._on_link_closed,
+            on_datagram=self.udp.received,
             verify=self._verify_peer,
             expected_key=action.expected_key,
         )

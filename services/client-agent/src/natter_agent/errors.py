@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from natter_proto.streamhdr import Refusal
+
 
 class NatterError(Exception):
     """A failure worth one clear line to the user."""
@@ -14,3 +16,11 @@ class PeerUnavailable(NatterError):
         super().__init__(message)
         self.peer = peer
         self.code = code
+
+
+class StreamRefused(NatterError):
+    """The peer did not connect a stream to its target, and why (a SOCKS reply code)."""
+
+    def __init__(self, message: str, refusal: Refusal) -> None:
+        super().__init__(message)
+        self.refusal = refusal

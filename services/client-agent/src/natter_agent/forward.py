@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable
 import structlog
 
 from natter_proto import frames, streamhdr
-from natter_proto.acl import TargetAllowList
+from natter_proto.acl import Proto, TargetAllowList
 from natter_proto.backoff import Backoff
 from natter_proto.config import Config
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
@@ -22,7 +22,8 @@ from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 from . import nativeforward
 from .agent import Agent
 from .bridge import LocalEnd, read_header, splice
-from .errors import NatterError, PeerUnavailable
+from .errors import NatterError, PeerUnavailable, StreamRefused
+from .keeper import ConnectionCap, TunnelKeeper
 from .link import PeerLink
 from .links import AnyLink
 from .stdio import StdioEnd
@@ -94,20 +95,21 @@ class Listener:
             self._pending[link] -= 1
             if self._pending[link] <= 0:
                 del self._pending[link]
-        addresses, refusal = await self.resolve_allowed(host, port)
+        addresses, refusal, why = await self.resolve_allowed(host, port)
         if not addresses:
             self.refused["target"] += 1
             log.warning("refused stream", peer=peer, target=target, reason=refusal)
-            await _refuse(channel, refusal)
+            await _refuse(channel, refusal, why)
             return
         try:
             local = await asyncio.wait_for(open_first(addresses, port), 10)
         except (OSError, TimeoutError) as exc:
             self.refused["connect"] += 1
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-            reason = f"cannot connect to {target}: {why}"
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+            reason = f"cannot connect to {target}: {cause}"
             log.warning("refused stream", peer=peer, target=target, reason=reason)
-            await _refuse(channel, reason)
+            code = exc.errno if isinstance(exc, OSError) else None
+            await _refuse(channel, reason, streamhdr.refusal_of_errno(code))
             return
         log.debug("stream opened", peer=peer, target=target, stream=channel.stream_id)
         try:
@@ -125,22 +127,26 @@ class Listener:
         channel.reset()
         channel.link.release(channel)
 
-    async def resolve_allowed(self, host: str, port: int) -> tuple[list[str], str]:
+    async def resolve_allowed(
+        self, host: str, port: int, kind: int = socket.SOCK_STREAM
+    ) -> tuple[list[str], str, streamhdr.Refusal]:
         """The addresses to connect to, in order (resolved once, so a name cannot change
         between the check and the connect), or none and why not."""
+        proto = Proto.TCP if kind == socket.SOCK_STREAM else Proto.UDP
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=kind)
         except (OSError, UnicodeError) as exc:
-            return [], f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}"
+            why = f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}"
+            return [], why, streamhdr.Refusal.NO_HOST
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not self.allow.allows(host, port, addresses):
-            return [], "target not allowed"
-        return addresses, ""
+        if not self.allow.allows(host, port, addresses, proto):
+            return [], "target not allowed", streamhdr.Refusal.DENIED
+        return addresses, "", streamhdr.Refusal.FAILED
 
 
-async def _refuse(channel: StreamChannel, reason: str) -> None:
+async def _refuse(channel: StreamChannel, reason: str, why: streamhdr.Refusal) -> None:
     with contextlib.suppress(StreamClosed):
-        await channel.write(streamhdr.encode_reply(False, reason))
+        await channel.write(streamhdr.encode_reply(False, reason, why))
         channel.write_eof()
     await _drain_and_release(channel)
 
@@ -168,7 +174,7 @@ async def open_tunnel_stream(
     agent replaced the tunnel) delivered nothing to the service: the stream is opened
     once more, on the tunnel that took over."""
     for attempt in range(2):
-        link = await asyncio.wait_for(_tunnel_to(agent, peer, target, on_wait), timeout)
+        link = await asyncio.wait_for(tunnel_to(agent, peer, target, on_wait), timeout)
         if not isinstance(link, PeerLink):
             raise NatterError("the native engine carries streams of its own forwards only")
         try:
@@ -183,7 +189,7 @@ async def open_tunnel_stream(
 WAIT_FOR_PEER = {frames.ErrorCode.UNKNOWN_PEER, frames.ErrorCode.PEER_OFFLINE, frames.ErrorCode.NOT_LISTENING}
 
 
-async def _tunnel_to(agent: Agent, peer: str, target: str, on_wait: Callable[[str], None] | None) -> AnyLink:
+async def tunnel_to(agent: Agent, peer: str, target: str, on_wait: Callable[[str], None] | None) -> AnyLink:
     """The tunnel, asking again (1 s, 2 s, ...) while the peer is not there yet: a connection
     accepted meanwhile waits for it within its deadline instead of closing at once
     (``on_wait`` hears why, the first time)."""
@@ -228,7 +234,7 @@ async def _open_on(
     if not reply.ok:
         channel.reset()
         channel.link.release(channel)
-        raise NatterError(f"{peer} refused {target}: {reply.error}")
+        raise StreamRefused(f"{peer} refused {target}: {reply.error}", reply.why)
     return channel, rest
 
 
@@ -243,17 +249,13 @@ class Forward:
         host, port = split_host_port(local, default_host="127.0.0.1") if local else ("", 0)
         self._bind = (host, port)
         self.local: Endpoint | None = None
-        self.connections = 0  # accepted over the forward's life
-        self.open_now = 0  # connections being served now
-        self.refused = 0  # accepted and closed at once: over max_connections
-        self.max_connections = agent.config.max_connections
-        self.problem = ""  # why the tunnel is not up, as last seen (for status and logs)
         self._server: asyncio.Server | None = None
         self._native_socket: socket.socket | None = None  # native engine: the engine accepts
         self._native_id: int | None = None
-        self._supervisor: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()  # one per accepted connection
         self.log = self._log = log.bind(peer=peer, target=self.target)
+        self.cap = ConnectionCap(agent.config.max_connections, self.log)
+        self.keeper = TunnelKeeper(agent, peer, self.target, self.log)
         self.stream_timeout = stream_timeout(agent.config)
 
     async def bind(self) -> None:
@@ -274,7 +276,7 @@ class Forward:
 
     def run(self) -> None:
         self._log.info(f"forwarding {self.local} -> {self.peer}:{self.target}")
-        self._supervisor = asyncio.get_running_loop().create_task(self._keep_tunnel())
+        self.keeper.start()
         plane = self.agent.plane
         if self._native_socket is not None and plane is not None:
             self._native_id = plane.new_forward(self._on_native)
@@ -285,15 +287,13 @@ class Forward:
         """A connection the native engine accepted: the same limits and words as _on_tcp."""
         plane = self.agent.plane
         assert plane is not None
-        if self._over_cap():
+        if not self.cap.admit():
             plane.engine.refuse(conn)
             return
-        if self.problem:
-            self._log.warning(f"connection waits for a tunnel to {self.peer}", reason=self.problem)
-        self.open_now += 1
+        self._say_waiting()
         task = asyncio.get_running_loop().create_task(
             nativeforward.serve_forwarded(
-                self, plane, conn, lambda: _tunnel_to(self.agent, self.peer, self.target, None)
+                self, plane, conn, lambda: tunnel_to(self.agent, self.peer, self.target, None)
             )
         )
         self._handlers.add(task)
@@ -301,37 +301,26 @@ class Forward:
 
     def _native_done(self, task: asyncio.Task[None]) -> None:
         self._handlers.discard(task)
-        self.open_now -= 1
+        self.cap.done()
 
-    async def _keep_tunnel(self) -> None:
-        """Bring the tunnel up now and again whenever it drops, backing off on failure."""
-        backoff = Backoff(initial=1.0, maximum=30.0)
-        while True:
-            try:
-                link = await self.agent.connect(self.peer, self.target)
-            except NatterError as exc:
-                delay = backoff.next_delay()
-                self.problem = str(exc)
-                self._log.warning(f"cannot reach {self.peer}, retrying in {delay:.0f} s", reason=str(exc))
-                await asyncio.sleep(delay)
-                continue
-            backoff.reset()
-            self.problem = ""
-            await link.closed.wait()
+    @property
+    def problem(self) -> str:
+        return self.keeper.problem
 
-    def _over_cap(self) -> bool:
-        """Count a new connection; True (said in the log) if it is over --max-connections."""
-        self.connections += 1
-        if self.open_now < self.max_connections:
-            return False
-        self.refused += 1
-        cap = f"--max-connections {self.max_connections}"
-        self._log.warning(
-            "connection refused",
-            reason=f"{self.open_now} connections open on this forward ({cap})",
-            refused=self.refused,
-        )
-        return True
+    def status(self) -> dict[str, object]:
+        return {
+            "local": str(self.local) if self.local else "stdio",
+            "peer": self.peer,
+            "target": self.target,
+            "open_connections": self.cap.open_now,
+            "connections": self.cap.connections,
+            "refused": self.cap.refused,
+            "problem": self.problem,
+        }
+
+    def _say_waiting(self) -> None:
+        if self.problem:  # say at once why this connection waits (ssh itself will not)
+            self._log.warning(f"connection waits for a tunnel to {self.peer}", reason=self.problem)
 
     def _accept(self) -> TcpEnd:
         local = TcpEnd()
@@ -341,17 +330,15 @@ class Forward:
         return local
 
     async def _on_tcp(self, local: TcpEnd) -> None:
-        if self._over_cap():
+        if not self.cap.admit():
             local.abort()
             await local.close()
             return
-        self.open_now += 1
-        if self.problem:  # say at once why this connection waits (ssh itself will not)
-            self._log.warning(f"connection waits for a tunnel to {self.peer}", reason=self.problem)
+        self._say_waiting()
         try:
             await self._serve(local)
         finally:
-            self.open_now -= 1
+            self.cap.done()
 
     async def _serve(self, local: TcpEnd) -> None:
         try:
@@ -369,10 +356,7 @@ class Forward:
         await splice(local, channel, rest)
 
     async def close(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        await self.keeper.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -406,7 +390,7 @@ async def pipe_through_native(agent: Agent, peer: str, remote: str, end: LocalEn
     from .handoff import StreamEnd, pipe  # handoff builds on this module
 
     await asyncio.wait_for(
-        _tunnel_to(agent, peer, normalise_target(remote), None), stream_timeout(agent.config)
+        tunnel_to(agent, peer, normalise_target(remote), None), stream_timeout(agent.config)
     )
     forward = Forward(agent, "127.0.0.1:0", peer, remote)
     await forward.bind()

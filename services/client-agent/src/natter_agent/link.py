@@ -22,6 +22,7 @@ from natter_proto.sendqueue import SendQueue
 from .engines.base import (
     CidIssued,
     CidRetired,
+    DatagramReceived,
     PeerAuthenticated,
     PingAcked,
     StopSending,
@@ -59,6 +60,7 @@ class PeerLink:
         on_pong: Callable[[PeerLink, int, bool], None],
         on_cid: Callable[[PeerLink, bytes, bool], None],
         on_closed: Callable[[PeerLink], None],
+        on_datagram: Callable[[PeerLink, bytes], None],
         verify: Callable[[PeerLink], str | None],
         expected_key: bytes | None,
         send_buffer_limit: int,
@@ -79,6 +81,7 @@ class PeerLink:
         self._on_pong = on_pong
         self._on_cid = on_cid
         self._on_closed = on_closed
+        self._on_datagram = on_datagram
         self._verify = verify
         self.expected_key = expected_key  # what the broker vouched for
         self.peer_key: bytes | None = None  # what the peer proved in the handshake
@@ -124,6 +127,18 @@ class PeerLink:
             self._closed_by_engine(exc)
             return
         self.flush()
+
+    # -- DATAGRAM frames (UDP forwards) ---------------------------------------------
+    def datagram_room(self) -> int:
+        return self.conn.datagram_room() if self.ready else 0
+
+    def send_datagram(self, data: bytes) -> bool:
+        """A UDP forward's frame, sent at the end of this turn; False: not sent (the tunnel
+        is not up, or the frame is larger than it carries)."""
+        if not self.ready or not self.is_alive or not self.conn.send_datagram(data):
+            return False
+        self.schedule_flush()
+        return True
 
     # -- input ----------------------------------------------------------------
     def datagram_received(self, data: bytes) -> None:
@@ -196,6 +211,9 @@ class PeerLink:
                     continue
                 self._verified = True
                 self.conn.accept_peer()
+            elif isinstance(event, DatagramReceived):
+                if self.ready:  # nothing from a peer not yet checked
+                    self._on_datagram(self, event.data)
             elif isinstance(event, CidIssued | CidRetired):
                 self._on_cid(self, event.cid, isinstance(event, CidIssued))
             elif isinstance(event, PingAcked):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -34,6 +35,60 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=1024)
 
 
+@dataclass(frozen=True)
+class NativeAnswer:
+    """How the peer answered a native connection's stream: ``reply``, or none and why."""
+
+    reply: streamhdr.ReplyHeader | None
+    problem: str = ""
+    gone: bool = False  # the TCP side went away first: nothing to answer
+
+
+async def open_native(
+    plane: NativePlane,
+    conn: int,
+    header: bytes,
+    timeout: float,
+    peer: str,
+    tunnel_to: Callable[[], Awaitable[Any]],
+) -> NativeAnswer:
+    """A tunnel for one connection, its stream with ``header``, and the peer's answer. A
+    tunnel that closes before the peer answered delivered nothing: asked once more."""
+    engine = plane.engine
+    for attempt in range(2):
+        try:
+            link: NativeLink = await asyncio.wait_for(tunnel_to(), timeout)
+        except (NatterError, ConnectionError, TimeoutError) as exc:
+            return NativeAnswer(None, str(exc) or f"no tunnel to {peer} within {timeout:.0f} s")
+        answer = plane.answer(conn)
+        engine.open_stream(conn, link.tunnel, header)
+        link.streams_opened += 1
+        event = await answer
+        if event[0] == "done":
+            return NativeAnswer(None, gone=True)
+        raw: bytes = event[2]
+        if not raw:
+            if attempt:
+                return NativeAnswer(None, f"{peer} did not accept the stream: the tunnel closed")
+            continue
+        try:
+            body, _rest = streamhdr.split_header(raw)
+            if body is None:
+                raise streamhdr.StreamHeaderError("malformed answer")
+            return NativeAnswer(streamhdr.parse_reply(body))
+        except streamhdr.StreamHeaderError as exc:
+            return NativeAnswer(None, f"{peer} did not accept the stream: {exc}")
+    raise AssertionError("unreachable")
+
+
+async def splice_native(plane: NativePlane, conn: int, peer: str, target: str) -> None:
+    """The engine splices an accepted connection until both sides end."""
+    done = plane.answer(conn)
+    plane.engine.splice(conn)
+    event = await done
+    log.debug("stream closed", peer=peer, target=target, bytes_out=event[2], bytes_in=event[3])
+
+
 async def serve_forwarded(
     forward: Forward,
     plane: NativePlane,
@@ -41,52 +96,20 @@ async def serve_forwarded(
     tunnel_to: Callable[[], Awaitable[Any]],
 ) -> None:
     """One accepted connection: a tunnel, a stream with its header, the peer's answer."""
-    engine = plane.engine
     header = streamhdr.encode_open(forward.target)
-    for attempt in range(2):
-        try:
-            link: NativeLink = await asyncio.wait_for(tunnel_to(), forward.stream_timeout)
-        except (NatterError, ConnectionError, TimeoutError) as exc:
-            reason = str(exc) or f"no tunnel to {forward.peer} within {forward.stream_timeout:.0f} s"
-            forward.log.warning("connection closed", reason=reason)
-            engine.refuse(conn)
-            return
-        answer = plane.answer(conn)
-        engine.open_stream(conn, link.tunnel, header)
-        link.streams_opened += 1
-        event = await answer
-        if event[0] == "done":
-            return  # the TCP side went away first
-        raw: bytes = event[2]
-        if not raw:
-            if attempt:
-                forward.log.warning(
-                    "connection closed", reason=f"{forward.peer} did not accept the stream: the tunnel closed"
-                )
-                engine.refuse(conn)
-                return
-            continue  # the tunnel closed before an answer: nothing reached the service
-        try:
-            body, _rest = streamhdr.split_header(raw)
-            reply = streamhdr.parse_reply(body) if body is not None else None
-        except streamhdr.StreamHeaderError as exc:
-            forward.log.warning(
-                "connection closed", reason=f"{forward.peer} did not accept the stream: {exc}"
-            )
-            engine.refuse(conn)
-            return
-        if reply is None or not reply.ok:
-            why = reply.error if reply is not None else "malformed answer"
-            forward.log.warning("connection closed", reason=f"{forward.peer} refused {forward.target}: {why}")
-            engine.refuse(conn)
-            return
-        done = plane.answer(conn)
-        engine.splice(conn)
-        event = await done
-        log.debug(
-            "stream closed", peer=forward.peer, target=forward.target, bytes_out=event[2], bytes_in=event[3]
-        )
+    answer = await open_native(plane, conn, header, forward.stream_timeout, forward.peer, tunnel_to)
+    if answer.gone:
         return
+    if answer.reply is None or not answer.reply.ok:
+        why = (
+            f"{forward.peer} refused {forward.target}: {answer.reply.error}"
+            if answer.reply
+            else answer.problem
+        )
+        forward.log.warning("connection closed", reason=why)
+        plane.engine.refuse(conn)
+        return
+    await splice_native(plane, conn, forward.peer, forward.target)
 
 
 async def serve_incoming(
@@ -106,11 +129,11 @@ async def serve_incoming(
         log.debug("refused stream with a bad header", peer=peer, reason=str(exc))
         engine.refuse(conn)
         return
-    addresses, refusal = await listener.resolve_allowed(host, port)
+    addresses, refusal, why = await listener.resolve_allowed(host, port)
     if not addresses:
         listener.refused["target"] += 1
         log.warning("refused stream", peer=peer, target=target, reason=refusal)
-        engine.refuse(conn, streamhdr.encode_reply(False, refusal))
+        engine.refuse(conn, streamhdr.encode_reply(False, refusal, why))
         return
     answer = plane.answer(conn)
     link.streams_opened += 1
@@ -120,7 +143,7 @@ async def serve_incoming(
         listener.refused["connect"] += 1
         reason = f"cannot connect to {target}: {event[2]}"
         log.warning("refused stream", peer=peer, target=target, reason=reason)
-        engine.refuse(conn, streamhdr.encode_reply(False, reason))
+        engine.refuse(conn, streamhdr.encode_reply(False, reason, streamhdr.refusal_of_errno(event[3])))
         return
     log.debug("stream closed", peer=peer, target=target, bytes_in=event[3], bytes_out=event[2])
 

@@ -33,6 +33,7 @@ class NativeLink:
         on_ready: Callable[[NativeLink], None],
         on_pong: Callable[[NativeLink, int, bool], None],
         on_closed: Callable[[NativeLink], None],
+        on_datagram: Callable[[NativeLink, bytes], None],
         verify: Callable[[NativeLink], str | None],
         expected_key: bytes | None,
     ) -> None:
@@ -46,6 +47,7 @@ class NativeLink:
         self.closed = asyncio.Event()
         self.close_reason = ""
         self._on_ready, self._on_pong, self._on_closed, self._verify = on_ready, on_pong, on_closed, verify
+        self._on_datagram = on_datagram
         self.expected_key = expected_key
         self.peer_key: bytes | None = None
         self.vetted = True
@@ -129,6 +131,17 @@ class NativeLink:
     def datagram_received(self, data: bytes) -> None:
         """A QUIC packet of this tunnel that reached Python (relayed, or on another socket)."""
         self._engine.inject(self.tunnel, data)
+
+    # -- DATAGRAM frames (UDP forwards: through Python on this engine too) -------------
+    def datagram_room(self) -> int:
+        return int(self._engine.datagram_room(self.tunnel)) if self.ready else 0
+
+    def send_datagram(self, data: bytes) -> bool:
+        return self.ready and self.is_alive and bool(self._engine.send_datagram(self.tunnel, data))
+
+    def tunnel_datagram(self, data: bytes) -> None:
+        if self.ready:  # nothing from a peer not yet checked
+            self._on_datagram(self, data)
 
     def ping(self, uid: int) -> None:
         if self.is_alive:

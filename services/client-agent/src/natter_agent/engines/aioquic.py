@@ -29,8 +29,10 @@ from natter_proto.tunnelctl import moved_limit
 from ..tls import raw_public_key
 from .base import (
     ALPN,
+    MAX_DATAGRAM_FRAME,
     CidIssued,
     CidRetired,
+    DatagramReceived,
     EngineSettings,
     PeerAuthenticated,
     PingAcked,
@@ -39,6 +41,7 @@ from .base import (
     StreamReset,
     Terminated,
     TunnelEvent,
+    datagram_room,
 )
 
 
@@ -118,6 +121,15 @@ class FlowControlledConnection(QuicConnection):
         self._get_or_create_stream_for_send(stream_id)
         return stream_id
 
+    def datagram_room(self) -> int:
+        return datagram_room(self._remote_max_datagram_frame_size, self._max_datagram_size)
+
+    def send_datagram(self, data: bytes) -> bool:
+        if len(data) > self.datagram_room():
+            return False
+        self.send_datagram_frame(data)
+        return True
+
     def accept_peer(self) -> None:
         """Nothing to send: TLS already carried both keys, and HANDSHAKE_DONE the acceptance."""
 
@@ -137,6 +149,8 @@ class FlowControlledConnection(QuicConnection):
                 return CidIssued(event.connection_id)
             if isinstance(event, events.ConnectionIdRetired):
                 return CidRetired(event.connection_id)
+            if isinstance(event, events.DatagramFrameReceived):
+                return DatagramReceived(event.data)
             if isinstance(event, events.ConnectionTerminated):
                 return Terminated(event.error_code, event.reason_phrase)
         return None
@@ -207,6 +221,7 @@ class AioquicEngine(EngineSettings):
             max_datagram_size=self.max_datagram_size,
             max_data=self.connection_window,
             max_stream_data=self.stream_window,
+            max_datagram_frame_size=MAX_DATAGRAM_FRAME,
             verify_mode=ssl.CERT_NONE,
         )
         cfg.certificate = self.credentials.certificate

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from natter_proto.config import QUIC_ENGINES, Config
 from natter_proto.tunnelevents import CidIssued as CidIssued
 from natter_proto.tunnelevents import CidRetired as CidRetired
+from natter_proto.tunnelevents import DatagramReceived as DatagramReceived
 from natter_proto.tunnelevents import (  # the engines' vocabulary, re-exported for the shell
     PeerAuthenticated as PeerAuthenticated,
 )
@@ -29,8 +30,19 @@ from ..tls import Credentials
 
 ALPN = "natter/1"  # aioquic: mutual TLS
 ENGINES = QUIC_ENGINES
+MAX_DATAGRAM_FRAME = 65536  # what each side offers to receive in DATAGRAM frames (RFC 9221)
+# a short header with 8-byte connection IDs, a 4-byte packet number, the AEAD tag and the
+# frame's type and length, with room to spare: a DATAGRAM payload fits a packet under it
+DATAGRAM_OVERHEAD = 48
 # how the engines word TLS alert 120 (no_application_protocol): aioquic and qh3, rustls
 ALPN_REFUSALS = ("alpn", "no application protocol", "known protocol", "error 120")
+
+
+def datagram_room(peer_max_frame: int | None, max_datagram_size: int) -> int:
+    """A DATAGRAM payload that fits one packet and the peer's limit (0: it takes none)."""
+    if not peer_max_frame:
+        return 0
+    return max(0, min(peer_max_frame - 4, max_datagram_size - DATAGRAM_OVERHEAD))
 
 
 def explain_engine_mismatch(peer: str, reason: str) -> str:
@@ -69,6 +81,14 @@ class TunnelConnection(Protocol):
     def reset_stream(self, stream_id: int, error_code: int) -> None: ...
     def stop_stream(self, stream_id: int, error_code: int) -> None: ...
     def send_ping(self, uid: int) -> None: ...
+    def send_datagram(self, data: bytes) -> bool:
+        """Queue a DATAGRAM frame; False (and nothing sent) if it exceeds ``datagram_room``."""
+        ...
+
+    def datagram_room(self) -> int:
+        """The largest DATAGRAM payload this tunnel carries (0: the peer takes none)."""
+        ...
+
     def close(self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = "") -> None: ...
 
     # natter's additions: bounded buffering in both directions

@@ -33,14 +33,17 @@ from natter_proto.tunnelctl import ControlError
 from ..tls import Credentials, raw_public_key
 from . import qh3_limits
 from .base import (
+    MAX_DATAGRAM_FRAME,
     CidIssued,
     CidRetired,
+    DatagramReceived,
     EngineSettings,
     PingAcked,
     StreamData,
     StreamReset,
     Terminated,
     TunnelEvent,
+    datagram_room,
 )
 
 ALPN_CONTROL = "natter/1-ctl"  # qh3: key proof and credit on the control stream
@@ -108,6 +111,15 @@ class Qh3TunnelConnection(QuicConnection):
 
     def handshake_confirmed(self) -> bool:
         return self._handshake_confirmed and self._ctl.accepted
+
+    def datagram_room(self) -> int:
+        return datagram_room(self._remote_max_datagram_frame_size, self._configuration.max_datagram_size)
+
+    def send_datagram(self, data: bytes) -> bool:
+        if len(data) > self.datagram_room():
+            return False
+        self.send_datagram_frame(data)
+        return True
 
     def accept_peer(self) -> None:
         if self._is_client:
@@ -241,6 +253,8 @@ class Qh3TunnelConnection(QuicConnection):
                 self._ready.append(CidIssued(event.connection_id))
             elif isinstance(event, events.ConnectionIdRetired):
                 self._ready.append(CidRetired(event.connection_id))
+            elif isinstance(event, events.DatagramFrameReceived):
+                self._ready.append(DatagramReceived(event.data))
             elif isinstance(event, events.ConnectionTerminated):
                 ctl.terminated()
                 self._ready.append(Terminated(event.error_code, event.reason_phrase))
@@ -319,6 +333,7 @@ class Qh3Engine(EngineSettings):
             idle_timeout=self.idle_timeout,
             max_datagram_size=self.max_datagram_size,
             probe_datagram_size=False,  # a relayed path has less room: keep datagrams at one size
+            max_datagram_frame_size=MAX_DATAGRAM_FRAME,
             max_data=self.connection_window * CORE_WINDOW_FACTOR,
             max_stream_data=self.stream_window * CORE_WINDOW_FACTOR,
             verify_mode=ssl.CERT_NONE,  # the key is checked by natter, not by a CA
