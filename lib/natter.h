@@ -57,8 +57,11 @@ int natter_broker_close(natter_handle broker);
 natter_handle natter_client_new(const char *name, const char *broker_addr, const char *state_dir);
 /* Accept forwards from peers; returns once the broker has registered the client. */
 int natter_client_listen(natter_handle client);
-/* Forward TCP connections on local_addr to remote_addr as seen from peer. Returns a forward
- * handle (> 0) once the local port is bound; the tunnel comes up in the background. */
+/* Forward TCP connections on local_addr to remote_addr as seen from peer; a remote_addr
+ * ending in "/udp" (":53/udp") forwards UDP datagrams instead, and remote_addr "socks" makes
+ * local_addr a SOCKS5 server whose connections go where they ask, from peer's side (as
+ * ssh -D). Returns a forward handle (> 0) once the local port is bound; the tunnel comes
+ * up in the background. */
 natter_handle natter_client_forward(natter_handle client, const char *local_addr, const char *peer,
                                     const char *remote_addr);
 /* Wait up to timeout_seconds for the tunnel to peer (optional; forwards wait by themselves). */

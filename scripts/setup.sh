@@ -20,6 +20,10 @@ command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v redis-benchmark >/dev/null 2>&1 || need_apt+=(redis-tools)  # bench/latency.py
 [[ -x /usr/bin/tinyproxy ]] || need_apt+=(tinyproxy)  # an HTTP CONNECT proxy in the NAT lab
+command -v dig >/dev/null 2>&1 || need_apt+=(bind9-dnsutils)  # DNS through a UDP forward
+[[ -x /usr/sbin/dnsmasq ]] || need_apt+=(dnsmasq-base)  # the DNS server on the peer's side
+command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)  # UDP rate and loss (bench)
+command -v nc.openbsd >/dev/null 2>&1 || need_apt+=(netcat-openbsd)  # ssh ProxyCommand via SOCKS
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

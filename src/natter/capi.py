@@ -16,7 +16,8 @@ from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from natter_agent import Client, Forward, NatterError
+from natter_agent import Client, ForwardKind, ForwardRequest, NatterError
+from natter_agent.forwards import AnyForward
 from natter_broker import Broker
 from natter_proto import AddressError, Config
 from natter_proto.config import DEFAULT_ENGINE
@@ -67,18 +68,18 @@ class Runtime:
             self.objects[handle] = obj
             return handle
 
-    def get(self, handle: int, kind: type) -> Any:
+    def get(self, handle: int, kind: type | tuple[type, ...]) -> Any:
         with self.lock:
             obj = self.objects.get(handle)
         if not isinstance(obj, kind):
-            raise ApiError(E_HANDLE, f"{handle} is not an open {kind.__name__.lower()} handle")
+            raise ApiError(E_HANDLE, f"{handle} is not an open {_kind_name(kind)} handle")
         return obj
 
-    def take(self, handle: int, kind: type) -> Any:
+    def take(self, handle: int, kind: type | tuple[type, ...]) -> Any:
         with self.lock:
             obj = self.objects.get(handle)
             if not isinstance(obj, kind):
-                raise ApiError(E_HANDLE, f"{handle} is not an open {kind.__name__.lower()} handle")
+                raise ApiError(E_HANDLE, f"{handle} is not an open {_kind_name(kind)} handle")
             del self.objects[handle]
             return obj
 
@@ -168,12 +169,27 @@ def client_listen(handle: int) -> int:
     return guarded(lambda rt: rt.call(rt.get(handle, Client).listen()))
 
 
+FORWARD_TYPES = AnyForward.__args__  # the union as a tuple, for isinstance
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return "forward" if isinstance(kind, tuple) else kind.__name__.lower()
+
+
+def forward_request(local: str, peer: str, remote: str) -> ForwardRequest:
+    """The C library's remote forms: HOST:PORT (TCP), HOST:PORT/udp, or "socks"."""
+    if remote == "socks":
+        return ForwardRequest(local, peer, kind=ForwardKind.SOCKS)
+    if remote.endswith("/udp"):
+        return ForwardRequest(local, peer, remote.removesuffix("/udp"), ForwardKind.UDP)
+    return ForwardRequest(local, peer, remote.removesuffix("/tcp"))
+
+
 def client_forward(handle: int, local: str | None, peer: str | None, remote: str | None) -> int:
     def work(rt: Runtime) -> int:
         client = rt.get(handle, Client)
-        forward = rt.call(
-            client.forward(text(local, "local address"), text(peer, "peer"), text(remote, "remote"))
-        )
+        request = forward_request(text(local, "local address"), text(peer, "peer"), text(remote, "remote"))
+        (forward,) = rt.call(client.forward_all([request]))
         return rt.add(forward)
 
     return guarded(work)
@@ -191,14 +207,14 @@ def client_connect(handle: int, peer: str | None, timeout: float) -> int:
 
 def forward_port(handle: int) -> int:
     def work(rt: Runtime) -> int:
-        forward = rt.get(handle, Forward)
+        forward = rt.get(handle, FORWARD_TYPES)
         return int(forward.local.port) if forward.local else 0
 
     return guarded(work)
 
 
 def forward_close(handle: int) -> int:
-    return guarded(lambda rt: rt.call(rt.take(handle, Forward).close()))
+    return guarded(lambda rt: rt.call(rt.take(handle, FORWARD_TYPES).close()))
 
 
 def client_close(handle: int) -> int:

@@ -95,6 +95,9 @@ async def run_client(args: argparse.Namespace) -> int:
         allow_peers=args.allow,
         allow_targets=args.allow_targets,
         max_connections=args.max_connections,
+        udp_idle_timeout=args.udp_idle_timeout,
+        socks_username=args.socks_username,
+        socks_password=args.socks_password,
         proxy=args.proxy,
         broker_ca=args.broker_ca,
         broker_key=args.broker_key,
@@ -110,7 +113,7 @@ async def run_client(args: argparse.Namespace) -> int:
         await control.start()
         if metrics is not None:
             await metrics.start(args.metrics)
-        await client.forward_all([(spec.local, spec.peer, spec.remote) for spec in forwards])
+        await client.forward_all([spec.request for spec in forwards])
         if args.listen:
             await client.listen(wait=False)
         if args.log_format == "console" or (args.log_format == "auto" and stderr_is_terminal()):

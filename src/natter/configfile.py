@@ -13,6 +13,15 @@ Agent (default ``~/.config/natter/natter.toml``)::
     local = "127.0.0.1:8022"     # or: spec = "8022:bob:22"
     peer = "bob"
     remote = ":22"
+    [[forward]]
+    spec = "5353:bob:53"         # or local, peer and remote
+    proto = "udp"                # UDP datagrams ("tcp" is the default)
+    [[forward]]
+    dynamic = true               # a SOCKS5 server, as ssh -D (or: spec = "1080:bob")
+    local = "1080"
+    peer = "bob"
+    socks_username = "ann"       # SOCKS clients log in (RFC 1929), with
+    socks_password = "..."       # this password
 
 Broker (default ``/etc/natter/broker.toml``)::
 
@@ -39,7 +48,7 @@ from natter_proto.endpoints import AddressError, split_host_port
 from natter_proto.frames import valid_name
 from natter_proto.identity import valid_fingerprint
 
-from .specs import SpecError, parse_spec
+from .specs import ForwardSpec, SpecError, parse_dynamic, parse_spec
 
 MAX_CONFIG = 1 << 20
 LOG_FORMATS = ("auto", "console", "json")
@@ -156,29 +165,42 @@ def _pins(value: Any) -> list[str]:
     return pins
 
 
-def _forwards(value: Any) -> list[str]:
+def _forwards(value: Any) -> list[ForwardSpec]:
     tables = value if isinstance(value, list) else None
     if not tables:
         raise ValueError("must be one or more [[forward]] tables")
-    specs = []
-    for table in tables:
-        if not isinstance(table, dict):
-            raise ValueError("each forward must be a table")
-        if "spec" in table:
-            spec = table["spec"]
-        else:
-            missing = {"local", "peer", "remote"} - set(table)
-            if missing:
-                raise ValueError(
-                    f"a forward needs spec, or local, peer and remote (missing {sorted(missing)})"
-                )
-            spec = f"{table['local']}:{table['peer']}:{table['remote']}"
-        try:
-            parse_spec(_string(spec))
-        except SpecError as exc:
-            raise ValueError(str(exc)) from None
-        specs.append(spec)
-    return specs
+    return [_forward(table) for table in tables]
+
+
+def _forward(table: Any) -> ForwardSpec:
+    if not isinstance(table, dict):
+        raise ValueError("each forward must be a table")
+    unknown = set(table) - {"spec", "local", "peer", "remote", "proto", "dynamic"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r} in a forward")
+    dynamic = _boolean(table.get("dynamic", False))
+    proto = table.get("proto", "tcp")
+    if proto not in ("tcp", "udp"):
+        raise ValueError(f"proto {proto!r}: choose tcp or udp")
+    needs = {"local", "peer"} if dynamic else {"local", "peer", "remote"}
+    if "spec" in table:
+        spec = _string(table["spec"])
+    else:
+        missing = needs - set(table)
+        if missing:
+            raise ValueError(
+                f"a forward needs spec, or {', '.join(sorted(needs))} (missing {sorted(missing)})"
+            )
+        parts = [table[key] for key in ("local", "peer", "remote") if key in needs]
+        spec = ":".join(_string(part) for part in parts)
+    if dynamic and proto == "udp":
+        raise ValueError('a SOCKS forward (dynamic = true) carries TCP: no proto = "udp"')
+    try:
+        if dynamic:
+            return parse_dynamic(spec)
+        return parse_spec(spec + ("/udp" if proto == "udp" and "/" not in spec else ""))
+    except SpecError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # key in the file -> (argparse dest, checker)
@@ -197,6 +219,9 @@ AGENT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "allow": ("allow", _list_of(_peer_rule)),
     "allow_targets": ("allow_targets", _list_of(_target_rule)),
     "max_connections": ("max_connections", _count),
+    "udp_idle_timeout": ("udp_idle_timeout", _positive),
+    "socks_username": ("socks_username", _string),
+    "socks_password": ("socks_password", _string),
     "proxy": ("proxy", _string),
     "broker_ca": ("broker_ca", _string),
     "broker_key": ("broker_key", _string),

@@ -21,7 +21,7 @@ from natter_proto.identity import valid_fingerprint
 from . import configfile
 from .configfile import DEFAULT_BROKER_CONFIG, ConfigError, default_agent_config, guess_kind
 from .parsers import SUBCOMMANDS, UsageError, legacy_parser, subcommand_parser
-from .specs import SpecError, parse_spec
+from .specs import ForwardSpec, SpecError, parse_dynamic, parse_spec
 
 # Environment variables fill in what the command line leaves out (flags win over them,
 # they win over the built-in defaults): containers and systemd units configure natter so.
@@ -50,6 +50,9 @@ ENVIRONMENT = {
     "upgrade_interval": "NATTER_UPGRADE_INTERVAL",
     "quic_engine": "NATTER_QUIC_ENGINE",
     "max_connections": "NATTER_MAX_CONNECTIONS",
+    "udp_idle_timeout": "NATTER_UDP_IDLE_TIMEOUT",
+    "socks_username": "NATTER_SOCKS_USER",
+    "socks_password": "NATTER_SOCKS_PASSWORD",
     "udp_port": "NATTER_UDP_PORT",
     "log_format": "NATTER_LOG_FORMAT",
     "log_level": "NATTER_LOG_LEVEL",
@@ -90,11 +93,13 @@ def _resolve(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.N
         args.specs = args.specs or []
     if hasattr(args, "peers"):
         args.peers = args.peers or []
+    if hasattr(args, "dynamic"):
+        args.dynamic = args.dynamic or []
     return args
 
 
 # options a config file may set beyond the NATTER_* ones
-FROM_CONFIG = {"listen", "specs", "peers", "allow", "allow_targets", "ttl"}
+FROM_CONFIG = {"listen", "specs", "peers", "allow", "allow_targets", "ttl"}  # and ENVIRONMENT's
 
 
 def _config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -210,14 +215,22 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         if port == 0:
             raise UsageError(f"bad broker address {broker!r}: port 0")
     try:
-        args.forwards = [parse_spec(s) for s in args.specs]
+        args.forwards = [s if isinstance(s, ForwardSpec) else parse_spec(s) for s in args.specs]
+        args.forwards += [parse_dynamic(s) for s in args.dynamic]
     except SpecError as exc:
         raise UsageError(str(exc)) from None
+    if args.udp_idle_timeout <= 0:
+        raise UsageError("--udp-idle-timeout must be positive")
+    if bool(args.socks_username) != bool(args.socks_password):
+        raise UsageError(
+            "SOCKS login needs both a user (--socks-user, socks_username) and a password"
+            " (socks_password in the config file, or NATTER_SOCKS_PASSWORD)"
+        )
     if not args.listen and not args.forwards:
         raise UsageError("either give -listen or at least one forward spec (or a config file with them)")
     stdio = [f for f in args.forwards if f.is_stdio]
     if stdio and (len(args.forwards) > 1 or args.listen):
-        raise UsageError("stdio mode (:PEER:PORT) takes exactly one spec and no -listen")
+        raise UsageError("stdio mode (:PEER:PORT) takes exactly one spec, no -D and no -listen")
     if any(f.peer == args.name for f in args.forwards):
         raise UsageError("a forward cannot target this client's own name")
     if not 0 <= args.udp_port <= 65535:

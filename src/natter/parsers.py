@@ -14,7 +14,7 @@ SUBCOMMANDS = ("broker", "listen", "forward", "agent", "id", "config", "status")
 
 SPEC_HELP = (
     "forward spec [LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT, e.g. 8022:bob:22; "
-    "an empty LOCALPORT (:bob:22) pipes stdin/stdout"
+    "add /udp to forward UDP (5353:bob:53/udp); an empty LOCALPORT (:bob:22) pipes stdin/stdout"
 )
 
 
@@ -131,6 +131,33 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         metavar="N",
         help=f"connections one forward serves at once; more are refused (default {Config.max_connections})",
     )
+    parser.add_argument(
+        "-D",
+        *_flags(dash, "dynamic"),
+        dest="dynamic",
+        action="append",
+        default=[],
+        metavar="[HOST:]PORT:PEER",
+        help="a SOCKS5 server on PORT (loopback unless HOST is given), as ssh -D: each"
+        " connection goes where it asks, resolved and connected from PEER's side",
+    )
+    parser.add_argument(
+        *_flags(dash, "udp-idle-timeout"),
+        dest="udp_idle_timeout",
+        type=float,
+        default=Config.udp_idle_timeout,
+        metavar="SECONDS",
+        help=f"a UDP forward's flow ends after this long idle (default {Config.udp_idle_timeout:g})",
+    )
+    parser.add_argument(
+        *_flags(dash, "socks-user"),
+        dest="socks_username",
+        default="",
+        metavar="USER",
+        help="SOCKS clients must log in as USER with the password from the config file's"
+        " socks_password or NATTER_SOCKS_PASSWORD (RFC 1929)",
+    )
+    parser.add_argument("--socks-password", dest="socks_password", default="", help=argparse.SUPPRESS)
     _identity_options(parser, dash)
     parser.add_argument(
         *_flags(dash, "token"),
@@ -158,8 +185,9 @@ def _agent_options(parser: argparse.ArgumentParser, dash: str, legacy: bool) -> 
         *_flags(dash, "allow-target"),
         dest="allow_targets",
         action="append",
-        metavar="HOST:PORT|PORT|HOST:*|*",
-        help="listener: where peers may connect to (default: loopback only, any port)",
+        metavar="HOST:PORT|PORT|HOST:*|*[/udp]",
+        help="listener: where peers may connect to, TCP or with /udp UDP"
+        " (default: loopback only, any port, both)",
     )
 
 

@@ -1,12 +1,15 @@
-"""Forward specs: ``[LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT``.
+"""Forward specs: ``[LOCALHOST:]LOCALPORT:PEER:[REMOTEHOST:]REMOTEPORT[/udp]``, and the
+SOCKS form ``[LOCALHOST:]PORT:PEER`` (``-D``).
 
-An empty LOCALPORT (``:bob:22``) means stdin/stdout. IPv6 hosts go in brackets.
+An empty LOCALPORT (``:bob:22``) means stdin/stdout. IPv6 hosts go in brackets. A
+``/udp`` suffix forwards UDP datagrams instead of TCP connections (``/tcp`` is the default).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from natter_agent.forwards import ForwardKind, ForwardRequest
 from natter_proto.endpoints import format_host_port, is_decimal
 from natter_proto.frames import valid_name
 
@@ -19,11 +22,16 @@ class SpecError(ValueError):
 class ForwardSpec:
     local: str  # "" for stdio, else HOST:PORT (HOST may be empty: all loopback default)
     peer: str
-    remote: str  # HOST:PORT, HOST may be empty (the peer's localhost)
+    remote: str  # HOST:PORT, HOST may be empty (the peer's localhost); "" for SOCKS
+    kind: ForwardKind = ForwardKind.TCP
 
     @property
     def is_stdio(self) -> bool:
         return self.local == ""
+
+    @property
+    def request(self) -> ForwardRequest:
+        return ForwardRequest(self.local, self.peer, self.remote, self.kind)
 
 
 def _split(text: str) -> list[str]:
@@ -55,7 +63,8 @@ def _host(text: str) -> str:
 
 
 def parse_spec(spec: str) -> ForwardSpec:
-    parts = _split(spec)
+    body, kind = _protocol(spec)
+    parts = _split(body)
     if len(parts) == 3:
         lhost, lport, peer, rhost, rport = "", parts[0], parts[1], "", parts[2]
     elif len(parts) == 4:
@@ -75,6 +84,34 @@ def parse_spec(spec: str) -> ForwardSpec:
     if lport == "":
         if lhost:
             raise SpecError(f"bad forward spec {spec!r}: stdio mode takes no local host")
+        if kind is ForwardKind.UDP:
+            raise SpecError(f"bad forward spec {spec!r}: stdio mode carries a TCP stream, not UDP")
         return ForwardSpec("", peer, remote)
     local = format_host_port(_host(lhost), _port(lport, "local port", spec))
-    return ForwardSpec(local, peer, remote)
+    return ForwardSpec(local, peer, remote, kind)
+
+
+def _protocol(spec: str) -> tuple[str, ForwardKind]:
+    """The spec without its ``/udp`` or ``/tcp`` suffix, and which it was."""
+    body, slash, proto = spec.rpartition("/")
+    if not slash:
+        return spec, ForwardKind.TCP
+    if proto not in ("tcp", "udp"):
+        raise SpecError(f"bad forward spec {spec!r}: {proto!r} is not /tcp or /udp")
+    return body, ForwardKind(proto)
+
+
+def parse_dynamic(spec: str) -> ForwardSpec:
+    """``-D [LOCALHOST:]PORT:PEER``: a SOCKS5 server on the local port (loopback unless
+    a host is given) whose connections go wherever each asks, from the peer's side."""
+    parts = _split(spec)
+    if len(parts) == 2:
+        lhost, lport, peer = "", parts[0], parts[1]
+    elif len(parts) == 3:
+        lhost, lport, peer = parts
+    else:
+        raise SpecError(f"bad SOCKS forward {spec!r}: expected [LOCALHOST:]PORT:PEER, e.g. 1080:bob")
+    if not valid_name(peer):
+        raise SpecError(f"bad SOCKS forward {spec!r}: {peer!r} is not a valid peer name")
+    local = format_host_port(_host(lhost), _port(lport, "local port", spec))
+    return ForwardSpec(local, peer, "", ForwardKind.SOCKS)

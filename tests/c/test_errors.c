@@ -82,6 +82,13 @@ int main(void) {
     CHECK(natter_forward_close(ghost) == 0, "close forward");
     CHECK(natter_forward_close(ghost) == NATTER_E_HANDLE && has_message(), "double close forward");
     CHECK(natter_forward_port(ghost) == NATTER_E_HANDLE, "closed forward");
+    natter_handle udp = natter_client_forward(alice, "127.0.0.1:0", "carol", ":53/udp");
+    CHECK(udp > 0 && natter_forward_port(udp) > 0, "UDP forward");
+    natter_handle socks = natter_client_forward(alice, "127.0.0.1:0", "carol", "socks");
+    CHECK(socks > 0 && natter_forward_port(socks) > 0, "SOCKS forward");
+    CHECK(natter_forward_close(udp) == 0 && natter_forward_close(socks) == 0, "close UDP and SOCKS forwards");
+    CHECK(natter_client_forward(alice, "127.0.0.1:0", "carol", ":53/sctp") == NATTER_E_INVALID && has_message(),
+          "forward bad protocol");
 
     /* two threads at once */
     pthread_t t1, t2;

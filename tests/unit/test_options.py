@@ -98,3 +98,45 @@ def test_quic_engine_from_flag_environment_and_file(monkeypatch: pytest.MonkeyPa
     bad = agent_file(tmp_path, 'name = "a"\nquic_engine = "quiche"\n')
     with pytest.raises(UsageError, match="quic_engine"):
         parse(["agent", "--config", str(bad)])
+
+
+def test_udp_and_socks_forwards_from_flags_and_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from natter_agent import ForwardKind
+
+    args = parse(["-name", "a", "-broker", "b:1", "-D", "1080:bob", "5353:bob:53/udp", "8022:bob:22"])
+    assert [f.kind for f in args.forwards] == [ForwardKind.UDP, ForwardKind.TCP, ForwardKind.SOCKS]
+    args = parse(["forward", "--name", "a", "--broker", "b:1", "--dynamic", "127.0.0.1:1080:bob"])
+    assert args.forwards[0].local == "127.0.0.1:1080" and args.udp_idle_timeout == 60.0
+    with pytest.raises(UsageError, match="SOCKS login needs both"):
+        parse(["forward", "--name", "a", "--broker", "b:1", "-D", "1080:bob", "--socks-user", "ann"])
+    monkeypatch.setenv("NATTER_SOCKS_PASSWORD", "pw")
+    args = parse(["forward", "--name", "a", "--broker", "b:1", "-D", "1080:bob", "--socks-user", "ann"])
+    assert (args.socks_username, args.socks_password) == ("ann", "pw")
+    monkeypatch.delenv("NATTER_SOCKS_PASSWORD")
+    with pytest.raises(UsageError, match="stdio mode"):
+        parse(["-name", "a", "-broker", "b:1", "-D", "1080:bob", ":bob:22"])
+    path = agent_file(
+        tmp_path,
+        'name = "a"\nbrokers = ["b:1"]\nudp_idle_timeout = 20\n'
+        'socks_username = "ann"\nsocks_password = "s3cret"\n'
+        '[[forward]]\nspec = "5353:bob:53"\nproto = "udp"\n'
+        '[[forward]]\nlocal = "5354"\npeer = "bob"\nremote = "10.0.0.1:53"\nproto = "udp"\n'
+        '[[forward]]\ndynamic = true\nlocal = "1080"\npeer = "bob"\n'
+        '[[forward]]\nspec = "1081:bob"\ndynamic = true\n',
+    )
+    args = parse(["agent", "--config", str(path)])
+    kinds = [(f.local, f.kind) for f in args.forwards]
+    assert kinds == [
+        (":5353", ForwardKind.UDP),
+        (":5354", ForwardKind.UDP),
+        (":1080", ForwardKind.SOCKS),
+        (":1081", ForwardKind.SOCKS),
+    ]
+    assert args.udp_idle_timeout == 20.0 and args.socks_password == "s3cret"
+    for bad, why in (
+        ('[[forward]]\nspec = "1:bob:2"\nproto = "sctp"\n', "proto"),
+        ('[[forward]]\ndynamic = true\nlocal = "1080"\npeer = "bob"\nproto = "udp"\n', "carries TCP"),
+        ('[[forward]]\nspec = "1:bob:2"\ncolour = "red"\n', "colour"),
+    ):
+        with pytest.raises(UsageError, match=why):
+            parse(["agent", "--config", str(agent_file(tmp_path, 'name = "a"\nbrokers = ["b:1"]\n' + bad))])

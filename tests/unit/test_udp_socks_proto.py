@@ -175,10 +175,6 @@ def test_a_socks_connect_byte_by_byte_with_a_password() -> None:
             b"\x05\x00" + socks.encode_reply(socks.Reply(0x08)),
             "address type",
         ),
-            GREETING + b"\x05\x01\x00\x07\x00",
-            b"\x05\x00" + socks.encode_reply(socks.Reply(0x08)),
-            "address type",
-        ),
         (
             GREETING + b"\x04\x01\x00\x01" + bytes(6),
             b"\x05\x00" + socks.encode_reply(socks.Reply(0x01)),
