@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -140,3 +142,53 @@ def test_status_reports_a_real_tunnel() -> None:
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_status_reports_udp_flows_and_a_socks_forward_from_a_config_file() -> None:
+    """A UDP forward and a SOCKS forward from TOML; status counts flows and datagrams."""
+    from udpcheck import ask, socks_request
+
+    echo = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("udpcheck.py")), "echo", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert echo.stdout is not None
+    echo_port = int(echo.stdout.readline().split()[1])
+    bport, udp_local, socks_local = free_port(), free_port(socket.SOCK_DGRAM), free_port()
+    home = tempfile.mkdtemp()
+    procs = []
+    try:
+        broker = natter("-server", f"127.0.0.1:{bport}")
+        procs.append(broker)
+        broker.wait_event("broker listening")
+        bob = natter("-name", "bob", "-broker", f"127.0.0.1:{bport}", "-listen")
+        procs.append(bob)
+        bob.wait_kind("registered", name="bob")
+        alice_cfg = write(
+            f'name = "alice"\nbrokers = "127.0.0.1:{bport}"\nudp_idle_timeout = 30\n'
+            f'[[forward]]\nspec = "127.0.0.1:{udp_local}:bob:127.0.0.1:{echo_port}"\nproto = "udp"\n'
+            f'[[forward]]\ndynamic = true\nlocal = "127.0.0.1:{socks_local}"\npeer = "bob"\n'
+        )
+        alice = natter("agent", "--config", str(alice_cfg), home=home)
+        procs.append(alice)
+        alice.wait_event("SOCKS5 on")
+        for i in range(3):
+            assert ask("127.0.0.1", udp_local, f"datagram {i}".encode()) == f"datagram {i}".encode()
+        code, sock = socks_request(("127.0.0.1", socks_local), 1, 1, socket.inet_aton("10.255.255.1"), 80)
+        sock.close()
+        assert code == 0x02
+        env = dict(os.environ, XDG_CONFIG_HOME=home)
+        status = [NATTER, "status", "--json"]
+        out = subprocess.run(status, capture_output=True, text=True, env=env, check=True)
+        udp, socks = json.loads(out.stdout)["forwards"]
+        assert udp["target"] == f"127.0.0.1:{echo_port}/udp" and udp["flows"] >= 1
+        assert udp["datagrams_in"] >= 3 and udp["datagrams_out"] >= 3 and udp["dropped"] == {}
+        assert socks["target"] == "SOCKS5" and socks["failures"] == {"not_allowed": 1}
+        text = subprocess.run([NATTER, "status"], capture_output=True, text=True, env=env, check=True).stdout
+        assert "/udp" in text and "flows" in text and "1 SOCKS failures" in text, text
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        echo.kill()
+        echo.wait()
