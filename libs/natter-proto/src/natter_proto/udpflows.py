@@ -28,6 +28,8 @@ class Drop(enum.Enum):
     MALFORMED = "malformed"
     UNKNOWN_FLOW = "unknown_flow"
     NO_TUNNEL = "no_tunnel"
+    CONGESTED = "congested"  # the tunnel's congestion control had no room for it
+    LOCAL_FULL = "local_full"  # the local socket's send buffer was full
 
 
 class FlowState(enum.Enum):

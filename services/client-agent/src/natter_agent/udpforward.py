@@ -23,6 +23,7 @@ from natter_proto.udpflows import Drop, Flow, FlowState, FlowTable
 from .errors import NatterError
 from .keeper import TunnelKeeper
 from .links import AnyLink
+from .udpsocket import BatchedUdpSocket
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -50,7 +51,7 @@ class UdpForward:
             config.udp_idle_timeout, config.udp_max_flows, config.udp_flow_queue
         )
         self.refusals: Counter[str] = Counter()
-        self._transport: asyncio.DatagramTransport | None = None
+        self._socket: BatchedUdpSocket | None = None
         self._expiry: asyncio.Task[None] | None = None
         self.log = log.bind(peer=peer, target=f"{self.target}/udp")
         self.keeper = TunnelKeeper(agent, peer, f"{self.target}/udp", self.log, on_up=self._tunnel_up)
@@ -58,16 +59,12 @@ class UdpForward:
     # -- life -------------------------------------------------------------------------
     async def bind(self) -> None:
         host, port = self._bind
-        loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Receiver(self), local_addr=(host or "127.0.0.1", port)
-            )
+            self._socket = BatchedUdpSocket.bound(host or "127.0.0.1", port, self.from_local)
         except OSError as exc:
             why = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
             raise NatterError(f"cannot listen on {format_host_port(host, port)}/udp: {why}") from None
-        self._transport = transport
-        sockname = transport.get_extra_info("sockname")
+        sockname = self._socket.address
         self.local = Endpoint(sockname[0], sockname[1])
 
     def run(self) -> None:
@@ -83,8 +80,8 @@ class UdpForward:
                 await self._expiry
         for flow in self.flows:
             self._end(flow)
-        if self._transport is not None:
-            self._transport.close()
+        if self._socket is not None:
+            self._socket.close()
 
     def _tunnel_up(self, link: AnyLink) -> None:
         """Queued datagrams leave once the tunnel is up; its listener knows no flow yet."""
@@ -140,7 +137,7 @@ class UdpForward:
             )
             return
         if not link.send_datagram(frame):
-            self._dropped(Drop.NO_TUNNEL)
+            self._dropped(Drop.CONGESTED if link.is_alive else Drop.NO_TUNNEL)
             return
         self.flows.datagrams_out += 1
 
@@ -163,10 +160,12 @@ class UdpForward:
                 self.log.warning("udp flow refused", source=str(flow.key[:2]), reason=frame.reason)
             flow.state = FlowState.REFUSED
             flow.queue.clear()
-        elif frame.kind is udpframes.Kind.REPLY and self._transport is not None:
+        elif frame.kind is udpframes.Kind.REPLY and self._socket is not None:
             flow.last_seen = asyncio.get_running_loop().time()
-            flow.datagrams_out += 1
-            self._transport.sendto(frame.payload, flow.key)
+            if self._socket.send(frame.payload, flow.key):
+                flow.datagrams_out += 1
+            else:
+                self._dropped(Drop.LOCAL_FULL)
 
     def _dropped(self, reason: Drop, *, counted: bool = False, **fields: object) -> None:
         if not counted:
@@ -187,14 +186,3 @@ class UdpForward:
             "dropped": {reason.value: count for reason, count in self.flows.dropped.items()},
             "problem": self.keeper.problem,
         }
-
-
-class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, forward: UdpForward) -> None:
-        self.forward = forward
-
-    def datagram_received(self, data: bytes, addr: Source) -> None:
-        self.forward.from_local(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("udp forward socket error", error=str(exc))

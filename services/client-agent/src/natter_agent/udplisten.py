@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import socket
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -18,6 +18,7 @@ from natter_proto.endpoints import split_host_port
 from natter_proto.udpflows import Drop, Flow, FlowState, FlowTable
 
 from .links import AnyLink
+from .udpsocket import BatchedUdpSocket
 
 if TYPE_CHECKING:
     from .forward import Listener
@@ -33,7 +34,7 @@ class UdpListener:
         self.listener = listener  # its ACL and resolution, with /udp rules
         self.flows: FlowTable[FlowKey] = FlowTable(idle_timeout, max_flows, queue_limit)
         self.refused: Counter[str] = Counter()
-        self._sockets: dict[FlowKey, _TargetSocket] = {}
+        self._sockets: dict[FlowKey, BatchedUdpSocket] = {}
         self._links: dict[FlowKey, AnyLink] = {}
         self._reasons: dict[FlowKey, str] = {}
         self._expiry: asyncio.Task[None] | None = None
@@ -77,8 +78,8 @@ class UdpListener:
             return
         if frame.kind is udpframes.Kind.OPEN:
             link.send_datagram(udpframes.encode_accepted(frame.flow))  # the first was lost
-        if frame.payload or frame.kind is udpframes.Kind.DATA:
-            target.send(frame.payload)
+        if (frame.payload or frame.kind is udpframes.Kind.DATA) and not target.send(frame.payload):
+            self.flows.dropped[Drop.LOCAL_FULL] += 1
 
     async def _open(self, link: AnyLink, flow: Flow[FlowKey], target: str) -> None:
         try:
@@ -92,18 +93,13 @@ class UdpListener:
         if not addresses:
             self._refuse(link, flow, target, refusal)
             return
-        loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Replies(self, link, flow), remote_addr=(addresses[0], port)
+            sock = BatchedUdpSocket.connected(
+                addresses[0], port, lambda data, _addr: self.reply(link, flow, data)
             )
         except OSError as exc:
             self._refuse(link, flow, target, f"cannot open a UDP socket to {target}: {exc.strerror or exc}")
             return
-        if self.flows.get(flow.key) is not flow:
-            transport.close()
-            return
-        sock = _TargetSocket(transport)
         self._sockets[flow.key] = sock
         flow.state = FlowState.OPEN
         log.debug("udp flow opened", peer=link.peer, target=target, flow=flow.number)
@@ -137,7 +133,7 @@ class UdpListener:
             flow.datagrams_out += 1
             self.flows.datagrams_out += 1
         else:
-            self.flows.dropped[Drop.NO_TUNNEL] += 1
+            self.flows.dropped[Drop.CONGESTED if link.is_alive else Drop.NO_TUNNEL] += 1
 
     async def _expire(self) -> None:
         while True:
@@ -169,26 +165,3 @@ class UdpListener:
             "dropped": {reason.value: count for reason, count in self.flows.dropped.items()},
             "refused": sum(self.refused.values()),
         }
-
-
-class _TargetSocket:
-    def __init__(self, transport: asyncio.DatagramTransport) -> None:
-        self.transport = transport
-
-    def send(self, payload: bytes) -> None:
-        if not self.transport.is_closing():
-            self.transport.sendto(payload)
-
-    def close(self) -> None:
-        self.transport.close()
-
-
-class _Replies(asyncio.DatagramProtocol):
-    def __init__(self, owner: UdpListener, link: AnyLink, flow: Flow[FlowKey]) -> None:
-        self.owner, self.link, self.flow = owner, link, flow
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.owner.reply(self.link, self.flow, data)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("udp target socket error", error=str(exc))  # e.g. ICMP port unreachable

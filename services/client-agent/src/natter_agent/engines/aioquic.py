@@ -30,6 +30,7 @@ from ..tls import raw_public_key
 from .base import (
     ALPN,
     MAX_DATAGRAM_FRAME,
+    MAX_PENDING_DATAGRAMS,
     CidIssued,
     CidRetired,
     DatagramReceived,
@@ -125,7 +126,7 @@ class FlowControlledConnection(QuicConnection):
         return datagram_room(self._remote_max_datagram_frame_size, self._max_datagram_size)
 
     def send_datagram(self, data: bytes) -> bool:
-        if len(data) > self.datagram_room():
+        if len(data) > self.datagram_room() or len(self._datagrams_pending) >= MAX_PENDING_DATAGRAMS:
             return False
         self.send_datagram_frame(data)
         return True

@@ -34,6 +34,9 @@ MAX_DATAGRAM_FRAME = 65536  # what each side offers to receive in DATAGRAM frame
 # a short header with 8-byte connection IDs, a 4-byte packet number, the AEAD tag and the
 # frame's type and length, with room to spare: a DATAGRAM payload fits a packet under it
 DATAGRAM_OVERHEAD = 48
+# DATAGRAM frames an engine holds while congestion control keeps them from leaving: more
+# are refused (the UDP forward drops and counts them) instead of queueing without bound
+MAX_PENDING_DATAGRAMS = 256
 # how the engines word TLS alert 120 (no_application_protocol): aioquic and qh3, rustls
 ALPN_REFUSALS = ("alpn", "no application protocol", "known protocol", "error 120")
 
@@ -81,12 +84,14 @@ class TunnelConnection(Protocol):
     def reset_stream(self, stream_id: int, error_code: int) -> None: ...
     def stop_stream(self, stream_id: int, error_code: int) -> None: ...
     def send_ping(self, uid: int) -> None: ...
-    def send_datagram(self, data: bytes) -> bool:
-        """Queue a DATAGRAM frame; False (and nothing sent) if it exceeds ``datagram_room``."""
-        ...
 
     def datagram_room(self) -> int:
         """The largest DATAGRAM payload this tunnel carries (0: the peer takes none)."""
+        ...
+
+    def send_datagram(self, data: bytes) -> bool:
+        """Queue a DATAGRAM frame; False if it is too large, or congestion control holds
+        ``MAX_PENDING_DATAGRAMS`` already (dropped: UDP is not retransmitted either)."""
         ...
 
     def close(self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = "") -> None: ...

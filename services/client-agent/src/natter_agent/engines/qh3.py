@@ -34,6 +34,7 @@ from ..tls import Credentials, raw_public_key
 from . import qh3_limits
 from .base import (
     MAX_DATAGRAM_FRAME,
+    MAX_PENDING_DATAGRAMS,
     CidIssued,
     CidRetired,
     DatagramReceived,
@@ -62,6 +63,7 @@ class Qh3TunnelConnection(QuicConnection):
         **kwargs: Any,
     ):
         self._limits = limits
+        self._datagrams_queued = self._datagram_bytes_queued = 0  # since the last send
         super().__init__(**kwargs)
         self._credentials = credentials
         self._stream_window = stream_window
@@ -116,8 +118,16 @@ class Qh3TunnelConnection(QuicConnection):
         return datagram_room(self._remote_max_datagram_frame_size, self._configuration.max_datagram_size)
 
     def send_datagram(self, data: bytes) -> bool:
-        if len(data) > self.datagram_room():
+        # qh3's core keeps its queue to itself: what it holds back is what congestion
+        # control has no room for, so count what went in since the last send
+        core = self._core
+        if core is None or len(data) > self.datagram_room():
             return False
+        room = core.congestion_window - core.bytes_in_flight
+        if self._datagrams_queued >= MAX_PENDING_DATAGRAMS or self._datagram_bytes_queued > room:
+            return False
+        self._datagrams_queued += 1
+        self._datagram_bytes_queued += len(data)
         self.send_datagram_frame(data)
         return True
 
@@ -181,6 +191,7 @@ class Qh3TunnelConnection(QuicConnection):
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         self._ctl.flush_credit()
+        self._datagrams_queued = self._datagram_bytes_queued = 0  # sent now, or in flight's way
         core = self._core
         if core is None or self._quic_logger is not None:
             return super().datagrams_to_send(now)
