@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import http.server
+import random
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import structlog
 from engines import ENGINES
 from libconfig import config
 from natter import Broker, Client
+from natter_proto import udpframes
+from natter_proto.udpflows import Drop
 from netcheck import echo_handler
 from udpcheck import ask, domain, socks_request, udp_echo
 
@@ -167,6 +170,36 @@ async def test_udp_allow_target_rule_with_udp_suffix() -> None:
 def pair_refused(client: Client) -> int:
     assert client.listener is not None
     return client.listener.refused["target"]
+
+
+async def test_garbage_datagram_frames_from_a_peer_are_counted_and_harmless(pair: Pair) -> None:
+    """Whatever a peer puts in DATAGRAM frames: malformed ones are dropped and counted,
+    frames for flows nobody opened get a RESET, and UDP forwards keep working."""
+    transport, _ = await udp_echo()
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        fwd = await pair.alice.forward("127.0.0.1:0", "bob", f":{port}", proto="udp")
+        assert fwd.local is not None
+        assert await asyncio.to_thread(_ask, fwd.local.port, b"before") == b"before"
+        link = pair.alice.agent.link_to("bob")
+        assert link is not None
+        rng = random.Random(7)
+        garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) for _ in range(500)]
+        garbage += [udpframes.encode_data(999_999, b"x"), udpframes.encode_reply(5, b"y")] * 20
+        garbage += [udpframes.encode_open(77, "no-port", b"z"), bytes([0x21, 0, 0, 0, 1, 250]) + b"a"]
+        for frame in garbage:
+            link.send_datagram(frame[: link.datagram_room()])
+            if rng.random() < 0.1:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.5)
+        dropped = pair.bob.agent.stats
+        assert dropped["dropped_udp_malformed"] > 0
+        listener = pair.bob.udp_listener
+        assert listener is not None and listener.flows.dropped[Drop.UNKNOWN_FLOW] >= 1
+        assert link.is_alive and pair.bob.agent.link_to("alice") is not None
+        assert await asyncio.to_thread(_ask, fwd.local.port, b"after") == b"after"
+    finally:
+        transport.close()
 
 
 # -- SOCKS5 ---------------------------------------------------------------------------

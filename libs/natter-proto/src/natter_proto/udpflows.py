@@ -109,7 +109,8 @@ class FlowTable(Generic[K]):
 
     def close(self, flow: Flow[K]) -> None:
         self._flows.pop(flow.key, None)
-        self._by_number.pop(flow.number, None)
+        if self._by_number.get(flow.number) is flow:  # a listener's numbers are its peers'
+            del self._by_number[flow.number]
 
     def expire(self, now: float) -> list[Flow[K]]:
         """Flows idle for the timeout, removed."""
