@@ -24,6 +24,7 @@ command -v dig >/dev/null 2>&1 || need_apt+=(bind9-dnsutils)  # DNS through a UD
 [[ -x /usr/sbin/dnsmasq ]] || need_apt+=(dnsmasq-base)  # the DNS server on the peer's side
 command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)  # UDP rate and loss (bench)
 command -v nc.openbsd >/dev/null 2>&1 || need_apt+=(netcat-openbsd)  # ssh ProxyCommand via SOCKS
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)  # promtool checks the alert rules
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

@@ -212,6 +212,7 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_AgentCollector(client))
         self.server = HealthServer(lambda: client.agent.registered.is_set(), self._render)
+        self.address: tuple[str, int] | None = None  # where it listens, once started
 
     def _render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -220,7 +221,7 @@ class AgentMetrics:
 
     async def start(self, address: str) -> None:
         host, port = split_host_port(address, default_host="0.0.0.0")
-        await self.server.start(host, port)
+        self.address = await self.server.start(host, port)
 
     async def close(self) -> None:
         await self.server.close()
