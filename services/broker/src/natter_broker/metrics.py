@@ -52,6 +52,12 @@ class BrokerMetrics:
         self.redis_no_receiver = Counter(
             "natter_broker_redis_no_receiver", "Publishes that reached no replica", registry=r
         )
+        self.redis_redelivered = Counter(
+            "natter_broker_redis_redelivered",
+            "Publishes that found a live replica between subscriptions and were sent again: healed or lost",
+            ["outcome"],
+            registry=r,
+        )
         self.redis_errors = Counter(
             "natter_broker_redis_errors", "Redis operations that failed", ["op"], registry=r
         )

@@ -11,9 +11,18 @@ Keys (all soft state, rebuilt by the next keepalives):
   retried request gets the same session whichever replica it lands on.
 Channel ``natter:bus:{id}`` carries introductions to the replica that owns a peer.
 
-Costs: a batch of keepalives is one round trip (one EVALSHA for the whole batch); a connect
-request is one pipelined round trip, plus one PUBLISH when the target is on another
-replica, plus that replica's PUBLISH of the acknowledgement.
+Under Redis Cluster every key of one peer shares its slot (the ``{name}`` hash tag), so a
+registration touches one slot; a batch of keepalives or registrations runs its script
+once per slot among the batch's peers, all at once (one round trip, spread over the
+masters). The bus is sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7): each replica
+subscribes to its own channel only, on the master that owns the channel's slot.
+
+Costs: a batch of keepalives is one round trip (one EVALSHA for the whole batch, or one
+per slot on a cluster); a connect request is one pipelined round trip, plus one PUBLISH
+when the target is on another replica, plus that replica's PUBLISH of the acknowledgement.
+Every heartbeat also publishes an empty message to the replica's own channel: no
+receiver means its subscription was lost (a slot moved, a node failed), and it subscribes
+again.
 """
 
 from __future__ import annotations
@@ -25,9 +34,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgpack
-import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from natter_proto import bus
@@ -39,6 +48,7 @@ from natter_proto.names import NAME_GRACE
 from natter_proto.registry import PeerRecord
 
 from .metrics import BrokerMetrics
+from .redisclient import RedisClient, open_client
 from .registry import BusHandler, ConnectFound, ConnectLookup
 
 log = structlog.get_logger("natter.redis")
@@ -90,10 +100,15 @@ OWNER_TTL = int(NAME_GRACE)  # as long as a lone broker keeps a released name fo
 REQUEST_TTL = 30
 REPLICA_TTL = 10
 HEARTBEAT = 3.0
+REDELIVERY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)  # a live replica resubscribes within these
 
 
 def peer_key(name: str) -> str:
     return f"natter:peer:{{{name}}}"
+
+
+def replica_key(broker_id: str) -> str:
+    return f"natter:replica:{broker_id}"
 
 
 def bus_channel(broker_id: str) -> str:
@@ -137,40 +152,8 @@ def _parse_record(name: str, raw: dict[bytes, bytes]) -> PeerRecord | None:
         return None
 
 
-SENTINEL_SCHEME = "redis+sentinel://"
-
-
-def connect(url: str) -> aioredis.Redis:
-    """A client for redis://, rediss://, unix:// or redis+sentinel://[:PASSWORD@]HOST:PORT,
-    HOST:PORT/MASTER[/DB] (the master is looked up through Sentinel and followed on failover)."""
-    if not url.startswith(SENTINEL_SCHEME):
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=16,  # bursts wait for a connection instead of failing
-            timeout=5,
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-            health_check_interval=10,
-        )
-        return aioredis.Redis(connection_pool=pool)
-    rest = url[len(SENTINEL_SCHEME) :]
-    password = None
-    if "@" in rest:
-        credentials, rest = rest.rsplit("@", 1)
-        password = credentials.split(":", 1)[-1] or None
-    hosts, _, path = rest.partition("/")
-    master, _, db = path.partition("/")
-    sentinels = []
-    for item in hosts.split(","):
-        host, _, port = item.rpartition(":")
-        sentinels.append((host or "localhost", int(port or 26379)))
-    if not master or not sentinels:
-        raise ValueError(f"bad Sentinel URL {url!r}: expected redis+sentinel://HOST:PORT,.../MASTER/DB")
-    sentinel = Sentinel(sentinels, socket_timeout=2.0, socket_connect_timeout=2.0)  # type: ignore[no-untyped-call]
-    client: aioredis.Redis = sentinel.master_for(
-        master, db=int(db or 0), password=password, socket_timeout=2.0
-    )
-    return client
+# one peer's keys and arguments in a batched script: (KEYS, per-peer ARGV)
+BatchItem = tuple[list[str], list[bytes | str | int]]
 
 
 class RedisRegistry:
@@ -178,13 +161,15 @@ class RedisRegistry:
         self.url = url
         self.forget_after = int(max(1, forget_after))
         self.metrics = metrics or BrokerMetrics()
-        self.client: aioredis.Redis = connect(url)
+        self.redis: RedisClient | None = None  # found at start, or once Redis answers
         self._scripts: dict[str, str] = {}  # source -> sha, loaded on first use
         self._broker_id = ""
         self._handler: BusHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = False
         self._reachable = False
+        self._lost_subscription = asyncio.Event()  # the heartbeat's probe found no subscriber
+        self._heard_probe = False  # our own empty message came back: the subscription works
         self.drop_incoming = 0  # fault injection for tests: lose this many bus messages
 
     # -- lifecycle ------------------------------------------------------------------
@@ -198,55 +183,101 @@ class RedisRegistry:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(RedisError, OSError):
-            await self.client.delete(f"natter:replica:{self._broker_id}")
-        await self.client.aclose()
+        if self.redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.client.delete(replica_key(self._broker_id))
+            await self.redis.client.aclose()
+
+    @property
+    def client(self) -> Any:
+        """The Redis client; until Redis first answered, every call fails as unreachable."""
+        if self.redis is None:
+            raise RedisConnectionError("Redis has not answered yet")
+        return self.redis.client
+
+    @property
+    def kind(self) -> str:
+        return self.redis.kind.value if self.redis is not None else "unknown"
+
+    async def _discover(self) -> None:
+        if self.redis is None:
+            self.redis = await open_client(self.url)
+            log.info("redis found", url=self._safe_url(), kind=self.redis.kind.value)
 
     def is_ready(self) -> bool:
-        return self._reachable and self._subscribed
+        return self._reachable and self._subscribed and self._heard_probe
 
     async def _heartbeat(self) -> None:
         """Refresh this replica's liveness key; it doubles as the readiness probe of Redis."""
         while True:
             try:
+                await self._discover()
                 await self._timed(
                     "heartbeat",
-                    self.client.set(f"natter:replica:{self._broker_id}", str(time.time()), ex=REPLICA_TTL),
+                    self.client.set(replica_key(self._broker_id), str(time.time()), ex=REPLICA_TTL),
                 )
                 if not self._reachable:
                     log.info("redis reachable", url=self._safe_url())
                 self._reachable = True
+                await self._probe_subscription()
             except (RedisError, OSError) as exc:
                 if self._reachable:
                     log.warning("redis unreachable", url=self._safe_url(), error=str(exc))
                 self._reachable = False
             await asyncio.sleep(HEARTBEAT if self._reachable else 1.0)
 
+    async def _probe_subscription(self) -> None:
+        """An empty message to our own channel: nobody receiving it means our subscription
+        is gone without an error (its slot moved, its node was replaced)."""
+        if self._subscribed and await self._publish_raw(bus_channel(self._broker_id), b"") == 0:
+            self._lose_subscription("no subscriber on this replica's channel")
+
+    def _lose_subscription(self, why: str) -> None:
+        log.warning("redis subscription lost", error=why)
+        self._subscribed = self._heard_probe = False
+        self._lost_subscription.set()
+
     async def _subscribe(self) -> None:
         """Listen on this replica's channel, resubscribing with backoff after any failure."""
         backoff = Backoff(initial=0.2, maximum=5.0)
         channel = bus_channel(self._broker_id)
         while True:
-            pubsub = self.client.pubsub()
+            pubsub: Any = None
             try:
-                await pubsub.subscribe(channel)
+                await self._discover()
+                sharded = self.redis is not None and self.redis.cluster
+                if sharded and self._lost_subscription.is_set():
+                    await self.client.nodes_manager.initialize()  # where the channel's slot is now
+                pubsub = self.client.pubsub()
+                await (pubsub.ssubscribe(channel) if sharded else pubsub.subscribe(channel))
+                receive = pubsub.get_sharded_message if sharded else pubsub.get_message
+                self._lost_subscription.clear()
                 self._subscribed = True
+                await self._publish_raw(channel, b"")  # ready once it comes back
                 backoff.reset()
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "message":
+                while not self._lost_subscription.is_set():
+                    message = await receive(ignore_subscribe_messages=False, timeout=1.0)
+                    kind = message.get("type") if message is not None else None
+                    if kind in ("message", "smessage"):
                         await self._deliver(message.get("data"))
+                    elif kind in ("unsubscribe", "sunsubscribe"):  # the slot left that node
+                        self._lose_subscription("the channel's slot moved")
             except (RedisError, OSError) as exc:
                 if self._subscribed:
                     log.warning("redis subscription lost", error=str(exc))
-                self._subscribed = False
+                self._subscribed = self._heard_probe = False
+                self._lost_subscription.set()
                 self.metrics.redis_errors.labels("subscribe").inc()
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
             await asyncio.sleep(backoff.next_delay())
 
     async def _deliver(self, data: object) -> None:
+        if not data:
+            self._heard_probe = True  # the heartbeat's probe, or the one after subscribing
+            return
         try:
             message = bus.decode(data)  # type: ignore[arg-type]
         except bus.BusError:
@@ -263,24 +294,43 @@ class RedisRegistry:
     # -- registry ---------------------------------------------------------------------
     async def register(self, records: Sequence[PeerRecord]) -> list[str | None]:
         """Bind names to keys and store records, the whole batch in one EVALSHA."""
-        keys: list[str] = []
-        args: list[bytes | str | int] = [self.forget_after, OWNER_TTL]
-        for record in records:
-            keys += [peer_key(record.name), f"natter:owner:{{{record.name}}}"]
-            args += _record_args(record)
-        results = await self._script("register", REGISTER_LUA, keys, args)
+        items: list[BatchItem] = [
+            ([peer_key(r.name), f"natter:owner:{{{r.name}}}"], list(_record_args(r))) for r in records
+        ]
+        results = await self._batched("register", REGISTER_LUA, [self.forget_after, OWNER_TTL], items)
         return [fingerprint(bytes(r)) if r else None for r in results]
 
     async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
-        """One EVALSHA for the whole batch of keepalives: one round trip.
+        """One EVALSHA for the whole batch of keepalives (one per slot on a cluster): one
+        round trip."""
+        batch: list[BatchItem] = [([peer_key(name)], [_public_text(public)]) for name, public in items]
+        fixed: list[bytes | str | int] = [repr(now), broker_id, self.forget_after]
+        return [bool(r) for r in await self._batched("keepalive", TOUCH_LUA, fixed, batch)]
 
-        (Under Redis Cluster the keys of one call would have to share a slot; natter's
-        fleet uses a standalone or Sentinel-managed Redis.)
-        """
-        keys = [peer_key(name) for name, _ in items]
-        args: list[bytes | str | int] = [repr(now), broker_id, self.forget_after]
-        args += [_public_text(public) for _, public in items]
-        return [bool(r) for r in await self._script("keepalive", TOUCH_LUA, keys, args)]
+    async def _batched(
+        self, op: str, source: str, fixed: list[bytes | str | int], items: Sequence[BatchItem]
+    ) -> list[Any]:
+        """Run a batch script over items (each its KEYS and ARGV after ``fixed``), once, or
+        on a cluster once per slot among them, all at once; results in the items' order."""
+        if self.redis is not None and self.redis.cluster:
+            groups: dict[int, list[int]] = {}
+            for i, (keys, _) in enumerate(items):
+                groups.setdefault(key_slot(keys[0].encode()), []).append(i)
+            indices = list(groups.values())
+        else:
+            indices = [list(range(len(items)))]
+
+        async def run(group: list[int]) -> Any:
+            keys = [key for i in group for key in items[i][0]]
+            args = fixed + [arg for i in group for arg in items[i][1]]
+            return await self._script(op, source, keys, args)
+
+        results = await asyncio.gather(*(run(group) for group in indices))
+        out: list[Any] = [None] * len(items)
+        for group, result in zip(indices, results, strict=True):
+            for i, value in zip(group, result, strict=True):
+                out[i] = value
+        return out
 
     async def _script(self, op: str, source: str, keys: list[str], args: list[bytes | str | int]) -> Any:
         for attempt in (1, 2):
@@ -315,12 +365,28 @@ class RedisRegistry:
         return []  # Redis expires peer keys by their TTL
 
     async def publish(self, broker_id: str, message: BusMessage) -> int:
-        data = bus.encode(message)
-        receivers = int(await self._timed("publish", self.client.publish(bus_channel(broker_id), data)))
+        """Publish to a replica's channel. Nobody receiving it while the replica's liveness
+        key says it runs means it is between subscriptions (its channel's slot moved, a
+        master failed over): published again for up to 1.5 s before it counts as gone."""
+        channel, data = bus_channel(broker_id), bus.encode(message)
+        receivers = await self._publish_raw(channel, data)
         self.metrics.redis_published.inc()
+        if receivers == 0 and await self._timed("replica_alive", self.client.exists(replica_key(broker_id))):
+            for delay in REDELIVERY_DELAYS:
+                await asyncio.sleep(delay)
+                receivers = await self._publish_raw(channel, data)
+                if receivers:
+                    break
+            self.metrics.redis_redelivered.labels("healed" if receivers else "lost").inc()
         if receivers == 0:
             self.metrics.redis_no_receiver.inc()
         return receivers
+
+    async def _publish_raw(self, channel: str, data: bytes) -> int:
+        """PUBLISH, or SPUBLISH on a cluster (to the master owning the channel's slot)."""
+        sharded = self.redis is not None and self.redis.cluster
+        send = self.client.spublish if sharded else self.client.publish
+        return int(await self._timed("publish", send(channel, data)))
 
     # -- helpers ----------------------------------------------------------------------
     async def _timed(self, op: str, awaitable: Any) -> Any:
