@@ -97,6 +97,31 @@ def test_overlay_renders_and_validates() -> None:
         assert rendered == kinds
 
 
+def test_cluster_overlay_renders_and_validates() -> None:
+    """The fleet on a Redis Cluster: the same brokers, six cluster nodes, the Job that
+    creates the cluster, and one node's URL in the Secret."""
+    docs = render(K8S / "overlays" / "redis-cluster")
+    named = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert ("Deployment", "natter-broker") in named and ("StatefulSet", "natter-redis") not in named
+    nodes = named[("StatefulSet", "natter-redis-cluster")]
+    assert nodes["spec"]["replicas"] == 6
+    args = containers(nodes)[0]["args"]
+    assert args[args.index("--cluster-enabled") + 1] == "yes"
+    assert ("Job", "natter-redis-cluster-create") in named
+    url = named[("Secret", "natter-redis")]["stringData"]["url"]
+    assert url.startswith("redis://natter-redis-cluster-0.natter-redis-cluster:6379")
+    policy = named[("NetworkPolicy", "natter-broker")]
+    allowed = [rule for rule in policy["spec"]["egress"] if "to" in rule]
+    labels = nodes["spec"]["template"]["metadata"]["labels"]
+    assert any(
+        all(labels.get(k) == v for k, v in peer.get("podSelector", {}).get("matchLabels", {}).items())
+        for rule in allowed
+        for peer in rule["to"]
+    ), "the brokers' NetworkPolicy must let them reach the cluster's nodes"
+
+
 def by_kind(kind: str, name: str) -> dict[str, Any]:
     for doc in render(K8S / "base"):
         if doc["kind"] == kind and doc["metadata"]["name"] == name:
