@@ -19,6 +19,8 @@ from natlab import INET_IP, NatLab, unavailable_reason  # noqa: E402
 from procs import Proc, natter, server, tool  # noqa: E402
 from redis_server import RedisProcess  # noqa: E402
 
+SECRET = "bench-fleet-secret-0123456789"
+
 
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
@@ -26,7 +28,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(label: str, size: int, symmetric: bool, replicas: int) -> None:
+def run(label: str, size: int, symmetric: bool, replicas: int, mesh: bool = False) -> float:
     procs: list[Proc] = []
     kind = "symmetric" if symmetric else "restricted"
     with NatLab(kind_a=kind, kind_b=kind) as lab:
@@ -39,7 +41,9 @@ def run(label: str, size: int, symmetric: bool, replicas: int) -> None:
                 args = ["broker", "--listen", f"{INET_IP}:{10000 + i}", "--log-level", "warning"]
                 if redis is not None:
                     args += ["--redis", redis.url, "--broker-id", f"r{i + 1}"]
-                broker = natter(*args, prefix=lab.prefix("inet"))
+                if mesh:  # replicas relay to each other straight over UDP
+                    args += ["--mesh-listen", f"{INET_IP}:{11000 + i}"]
+                broker = natter(*args, prefix=[*lab.prefix("inet"), "env", f"NATTER_FLEET_SECRET={SECRET}"])
                 procs.append(broker)
                 brokers.append(broker)
             time.sleep(1)
@@ -65,7 +69,8 @@ def run(label: str, size: int, symmetric: bool, replicas: int) -> None:
             elapsed = time.perf_counter() - start
             broker_cpu = sum(cpu_seconds(b.pid) for b in brokers) - before
             rate, per_gb = size / elapsed / 1e6, broker_cpu / (size / 1e9)
-            print(f"  {label:<44} {rate:7.1f} MB/s   brokers {per_gb:6.1f} CPU s/GB")
+            print(f"  {label:<44} {rate:7.1f} MB/s   brokers {per_gb:6.1f} CPU s/GB", flush=True)
+            return rate
         finally:
             for proc in reversed(procs):
                 proc.stop()
@@ -84,8 +89,10 @@ def main() -> int:
     size = args.size_mb << 20
     print(f"relay bench: one connection, {args.size_mb} MB, NAT lab on {os.cpu_count()} cores")
     run("direct (port-restricted cone NATs)", size, symmetric=False, replicas=1)
-    run("relayed, one broker (two symmetric NATs)", size, symmetric=True, replicas=1)
+    one = run("relayed, one broker (two symmetric NATs)", size, symmetric=True, replicas=1)
     run("relayed across two replicas over Redis", size, symmetric=True, replicas=2)
+    mesh = run("relayed across two replicas over the mesh", size, symmetric=True, replicas=2, mesh=True)
+    print(f"  cross-replica relay over the mesh: {mesh / one:.0%} of one broker's (target 80 %)")
     return 0
 
 

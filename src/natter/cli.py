@@ -66,6 +66,9 @@ async def run_broker(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         relay_bytes=int(args.relay_mb * (1 << 20)),
         relay_seconds=args.relay_seconds,
+        mesh_addr=args.mesh_listen,
+        mesh_advertise=args.mesh_advertise,
+        fleet_secret=args.fleet_secret,
         rate_per_ip=args.ip_rate,
         burst_per_ip=2 * args.ip_rate,
     )

@@ -17,6 +17,7 @@ from natter_proto.acl import AclError, parse_peer_rule, parse_target_rule
 from natter_proto.endpoints import split_host_port
 from natter_proto.frames import valid_name
 from natter_proto.identity import valid_fingerprint
+from natter_proto.mesh import MIN_SECRET
 
 from . import configfile
 from .configfile import DEFAULT_BROKER_CONFIG, ConfigError, default_agent_config, guess_kind
@@ -42,6 +43,10 @@ ENVIRONMENT = {
     "broker_ca": "NATTER_BROKER_CA",
     "broker_key": "NATTER_BROKER_KEY",
     "relay_seconds": "NATTER_RELAY_SECONDS",
+    "mesh_listen": "NATTER_MESH_LISTEN",
+    "mesh_advertise": "NATTER_MESH_ADVERTISE",
+    "fleet_secret_file": "NATTER_FLEET_SECRET_FILE",
+    "fleet_secret": "NATTER_FLEET_SECRET",
     "name": "NATTER_NAME",
     "broker": "NATTER_BROKER",
     "state_dir": "NATTER_STATE_DIR",
@@ -160,6 +165,28 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             raise UsageError("-server runs a broker and takes no -name, -listen or forward specs")
         if args.ip_rate <= 0:
             raise UsageError("--ip-rate must be positive")
+        if args.fleet_secret_file and not args.fleet_secret:
+            try:
+                args.fleet_secret = Path(args.fleet_secret_file).read_text().strip()
+            except OSError as exc:
+                raise UsageError(f"--fleet-secret-file {args.fleet_secret_file}: {exc.strerror}") from None
+        if args.mesh_listen:
+            if not args.redis:
+                raise UsageError("--mesh-listen relays between replicas of a fleet: add --redis")
+            if len(args.fleet_secret.encode()) < MIN_SECRET:
+                raise UsageError(
+                    f"--mesh-listen needs the fleet secret ({MIN_SECRET} bytes or more) in"
+                    " NATTER_FLEET_SECRET or --fleet-secret-file"
+                )
+            for what, value in (
+                ("--mesh-listen", args.mesh_listen),
+                ("--mesh-advertise", args.mesh_advertise),
+            ):
+                if value:
+                    try:
+                        split_host_port(value)
+                    except ValueError as exc:
+                        raise UsageError(f"bad {what} address: {exc}") from None
         if args.relay_mb < 0 or args.relay_seconds <= 0:
             raise UsageError("--relay-mb must be 0 or more and --relay-seconds positive")
         schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://")

@@ -299,6 +299,30 @@ def _broker_options(parser: argparse.ArgumentParser, dash: str) -> None:
         help="relay a session for at most this long (default 3600)",
     )
     parser.add_argument(
+        *_flags(dash, "mesh-listen"),
+        dest="mesh_listen",
+        metavar="ADDR",
+        default="",
+        help="relay to other replicas straight over UDP on ADDR (a private address, e.g. the pod's"
+        " :10002) instead of through Redis; needs the fleet secret in NATTER_FLEET_SECRET or"
+        " --fleet-secret-file",
+    )
+    parser.add_argument(
+        *_flags(dash, "mesh-advertise"),
+        dest="mesh_advertise",
+        metavar="HOST:PORT",
+        default="",
+        help="the address other replicas send mesh packets to (default: the one bound)",
+    )
+    parser.add_argument(
+        *_flags(dash, "fleet-secret-file"),
+        dest="fleet_secret_file",
+        metavar="FILE",
+        default="",
+        help="the secret all replicas share, authenticating the relay mesh (16 bytes or more)",
+    )
+    parser.add_argument("--fleet-secret", dest="fleet_secret", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
         *_flags(dash, "ip-rate"),
         dest="ip_rate",
         type=float,

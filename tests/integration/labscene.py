@@ -10,6 +10,8 @@ from natlab import INET_IP, NatLab
 from netcheck import digest_of_pattern
 from procs import Proc, direct, natter, server, tool
 
+FLEET_SECRET = "natter-lab-fleet-secret-0123"
+
 
 class Scene:
     def __init__(self, lab: NatLab, engine: str | None = None) -> None:
@@ -35,12 +37,18 @@ class Scene:
         broker.wait_event("broker listening")
         return broker
 
-    def replicas(self, redis_url: str, ports: tuple[int, ...]) -> list[Proc]:
-        """Fleet replicas r1, r2, ... sharing Redis, one per port."""
+    def replicas(self, redis_url: str, ports: tuple[int, ...], *, mesh: bool = False) -> list[Proc]:
+        """Fleet replicas r1, r2, ... sharing Redis, one per port; with ``mesh``, relaying
+        to each other over the relay mesh (port + 1000, a shared fleet secret) and
+        serving metrics on port + 2000."""
         started = []
         for i, port in enumerate(ports, start=1):
             argv = ["broker", "--listen", f"{INET_IP}:{port}", "--redis", redis_url, "--broker-id", f"r{i}"]
-            replica = self.add(natter(*argv, prefix=self.lab.prefix("inet")))
+            prefix = self.lab.prefix("inet")
+            if mesh:
+                argv += ["--mesh-listen", f"{INET_IP}:{port + 1000}", "--metrics", f"{INET_IP}:{port + 2000}"]
+                prefix = [*prefix, "env", f"NATTER_FLEET_SECRET={FLEET_SECRET}"]
+            replica = self.add(natter(*argv, prefix=prefix))
             replica.wait_event("broker listening")
             started.append(replica)
         return started

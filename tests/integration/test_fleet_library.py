@@ -231,3 +231,49 @@ async def test_sentinel_url_finds_the_master(echo_port: int) -> None:
         sentinel.terminate()
         sentinel.wait(10)
         master.close()
+
+
+async def test_the_relay_mesh_refuses_what_the_fleet_did_not_seal(
+    redis: RedisProcess | RedisContainer,
+) -> None:
+    """Datagrams to a replica's mesh port: garbage, a datagram sealed with another secret
+    and a replay are dropped and counted; the mesh address is announced in Redis."""
+    import time
+
+    from natter_proto.mesh import MeshSealer
+
+    redis_client.Redis.from_url(redis.url).flushall()
+    secret = "fleet-secret-for-the-test-0123"
+    broker = Broker(
+        config(
+            broker_addr="127.0.0.1:0",
+            redis_url=redis.url,
+            broker_id="r9",
+            mesh_addr="127.0.0.1:0",
+            fleet_secret=secret,
+        )
+    )
+    await broker.start()
+    try:
+        for _ in range(100):
+            if broker.is_ready():
+                break
+            await asyncio.sleep(0.05)
+        announced = await broker.registry.mesh_address("r9")
+        assert announced is not None
+        host, port = announced.rsplit(":", 1)
+        forged = MeshSealer(b"another-secret-0123456789", "r1", 0).seal("bob", bytes(8), b"x" * 100)
+        genuine = MeshSealer(secret.encode(), "r1", time.time_ns()).seal("bob", bytes(8), b"y" * 100)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for datagram in [b"", b"\x01", os.urandom(1400), forged, genuine, genuine]:
+                sock.sendto(datagram, (host, int(port)))
+        await asyncio.sleep(0.3)
+        sample = broker.metrics.sample
+        assert sample("natter_broker_frames_dropped_total", reason="mesh_bad_tag") >= 1
+        assert sample("natter_broker_frames_dropped_total", reason="mesh_replayed") == 1
+        assert sample("natter_broker_frames_dropped_total", reason="mesh_bad_frame") >= 1
+        assert sample("natter_broker_mesh_packets_total", direction="received") == 1
+        assert sample("natter_broker_frames_dropped_total", reason="relay_peer_gone") == 1  # no bob here
+        assert broker.is_ready()
+    finally:
+        await broker.close()

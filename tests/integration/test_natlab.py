@@ -173,21 +173,34 @@ def test_two_symmetric_nats_fall_back_to_the_relay(engine: str) -> None:
         scene.send_checked(8027, 3 << 20)
 
 
-def test_relay_across_broker_replicas() -> None:
+@pytest.mark.parametrize("mesh", [False, True], ids=["over-redis", "over-the-mesh"])
+def test_relay_across_broker_replicas(mesh: bool) -> None:
     """alice talks to replica 1, bob to replica 2, both NATs symmetric: relayed packets cross
-    Redis pub/sub from one replica to the other."""
+    from one replica to the other, over Redis pub/sub or straight over the relay mesh."""
     require_lab()
     with NatLab(kind_a="symmetric", kind_b="symmetric") as lab:
         redis = RedisProcess(prefix=lab.prefix("inet"), port=6379)
         try:
             redis.start()
             with Scene(lab) as scene:
-                scene.replicas(redis.url, (10000, 10001))
+                scene.replicas(redis.url, (10000, 10001), mesh=mesh)
                 sink_port = scene.service("sink")
                 scene.listener(10001)
                 alice = scene.agent("alice", "alice", 10000, f"8028:bob:{sink_port}")
                 alice.wait_kind("tunnel_up", peer="bob", path="relayed", timeout=40)
                 scene.send_checked(8028, 2 << 20)
+                if mesh:  # the packets went replica to replica, not through Redis
+                    for port in (12000, 12001):
+                        metrics = subprocess.run(
+                            [*lab.prefix("inet"), "curl", "-s", f"http://{INET_IP}:{port}/metrics"],
+                            capture_output=True, text=True, check=True,
+                        ).stdout  # fmt: skip
+                        sent = [
+                            line
+                            for line in metrics.splitlines()
+                            if line.startswith("natter_broker_mesh_packets_total")
+                        ]
+                        assert any(float(line.split()[-1]) > 100 for line in sent), sent
         finally:
             redis.close()
 

@@ -47,6 +47,12 @@ class Config:
     probe_addr: str = ""  # a second UDP port: agents learn whether their NAT is symmetric
     relay_bytes: int = 1 << 30  # per relayed session; 0 turns the relay off
     relay_seconds: float = 3600.0
+    # broker: the relay mesh between replicas (UDP, authenticated with the fleet secret):
+    # where this replica listens ("" off), the address the others send to ("" the bound
+    # one), and the secret every replica of the fleet shares (16 bytes or more)
+    mesh_addr: str = ""
+    mesh_advertise: str = ""
+    fleet_secret: str = ""
     # broker: the TCP way in for agents whose UDP is blocked (TLS, then WebSocket at
     # /natter/v1): "" the UDP address's host and port, "off" none, else HOST:PORT (":443")
     tcp_addr: str = ""

@@ -52,6 +52,12 @@ class BrokerMetrics:
         self.redis_no_receiver = Counter(
             "natter_broker_redis_no_receiver", "Publishes that reached no replica", registry=r
         )
+        self.mesh_packets = Counter(
+            "natter_broker_mesh_packets",
+            "Relayed packets sent to or received from other replicas over the mesh",
+            ["direction"],
+            registry=r,
+        )
         self.redis_redelivered = Counter(
             "natter_broker_redis_redelivered",
             "Publishes that found a live replica between subscriptions and were sent again: healed or lost",

@@ -6,7 +6,8 @@ Keys (all soft state, rebuilt by the next keepalives):
 - ``natter:owner:{name}``  the key that registered a name first; it binds the name for
   ``OWNER_TTL`` after its last registration, across broker and Redis-replica restarts
   (with persistence enabled).
-- ``natter:replica:{id}``  liveness of one replica, refreshed every few seconds.
+- ``natter:replica:{id}``  liveness of one replica, refreshed every few seconds; its value
+  is the replica's relay mesh address (``-``: none).
 - ``natter:req:{peer}:{request_id}``  the session id of one connect request (SET NX), so a
   retried request gets the same session whichever replica it lands on.
 Channel ``natter:bus:{id}`` carries introductions to the replica that owns a peer.
@@ -170,6 +171,7 @@ class RedisRegistry:
         self._reachable = False
         self._lost_subscription = asyncio.Event()  # the heartbeat's probe found no subscriber
         self._heard_probe = False  # our own empty message came back: the subscription works
+        self._mesh = "-"  # the relay mesh address announced with our liveness ("-": none)
         self.drop_incoming = 0  # fault injection for tests: lose this many bus messages
 
     # -- lifecycle ------------------------------------------------------------------
@@ -214,7 +216,7 @@ class RedisRegistry:
                 await self._discover()
                 await self._timed(
                     "heartbeat",
-                    self.client.set(replica_key(self._broker_id), str(time.time()), ex=REPLICA_TTL),
+                    self.client.set(replica_key(self._broker_id), self._mesh, ex=REPLICA_TTL),
                 )
                 if not self._reachable:
                     log.info("redis reachable", url=self._safe_url())
@@ -381,6 +383,14 @@ class RedisRegistry:
         if receivers == 0:
             self.metrics.redis_no_receiver.inc()
         return receivers
+
+    def announce_mesh(self, address: str) -> None:
+        self._mesh = address  # the next heartbeat says it
+
+    async def mesh_address(self, broker_id: str) -> str | None:
+        raw = await self._timed("mesh_address", self.client.get(replica_key(broker_id)))
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else ""
+        return text if ":" in text else None  # older replicas store a time here
 
     async def _publish_raw(self, channel: str, data: bytes) -> int:
         """PUBLISH, or SPUBLISH on a cluster (to the master owning the channel's slot)."""

@@ -50,6 +50,14 @@ class Registry(Protocol):
         """Send to another replica; returns how many received it (0: it is gone)."""
         ...
 
+    def announce_mesh(self, address: str) -> None:
+        """Where the other replicas reach this one's relay mesh (with its liveness)."""
+        ...
+
+    async def mesh_address(self, broker_id: str) -> str | None:
+        """Another replica's mesh address, if it announced one."""
+        ...
+
 
 class MemoryRegistry:
     """The embedded default: records in memory, name bindings in ``names`` (kept on disk by
@@ -112,3 +120,9 @@ class MemoryRegistry:
 
     async def publish(self, broker_id: str, message: BusMessage) -> int:
         return 0
+
+    def announce_mesh(self, address: str) -> None:
+        pass  # alone: no other replica to relay to
+
+    async def mesh_address(self, broker_id: str) -> str | None:
+        return None

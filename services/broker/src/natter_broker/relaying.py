@@ -1,6 +1,7 @@
 """The broker's relay: forwards the QUIC packets of pairs it introduced when no direct path
 answers. Within one replica a packet goes straight to the other peer; across replicas it
-crosses Redis pub/sub to the replica that peer talks to (its NAT only answers that one).
+goes to the replica that peer talks to (its NAT only answers that one): over the relay
+mesh where the fleet has one (mesh.py), else over Redis pub/sub.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import structlog
 
 from natter_proto.bus import RELAY_BATCH, RelayBatch, RelayItem
 from natter_proto.endpoints import Endpoint
+from natter_proto.mesh import MeshPacket
 from natter_proto.relay import (
     RelayFrameError,
     RelaySession,
@@ -22,6 +24,7 @@ from natter_proto.relay import (
     session_key,
 )
 
+from .mesh import Mesh
 from .metrics import BrokerMetrics
 from .registry import Registry
 
@@ -52,6 +55,7 @@ class Relayer:
         # packets for other replicas, gathered over one event-loop turn and published together
         self._outgoing: dict[str, list[RelayItem]] = {}
         self._flush_scheduled = False
+        self.mesh: Mesh | None = None  # straight to other replicas, when the fleet has a mesh
 
     def allow(self, session_id: str, requester: str, target: str, replicas: tuple[str, str]) -> None:
         """Let the pair the broker just introduced use the relay; replicas: whom each talks to."""
@@ -83,6 +87,8 @@ class Relayer:
         if not replica or replica == self.broker_id:
             self.metrics.dropped.labels("relay_peer_gone").inc()
             return
+        if self.mesh is not None and self.mesh.send(replica, receiver, key, packet):
+            return
         self._outgoing.setdefault(replica, []).append(RelayItem(receiver, key, packet))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -110,12 +116,19 @@ class Relayer:
     def on_bus(self, batch: RelayBatch) -> None:
         """Packets another replica relayed for agents of ours (checked by bus.decode)."""
         for item in batch.items:
-            local = self.heard.get(item.to)
-            if local is None:
-                self.metrics.dropped.labels("relay_peer_gone").inc()
-                continue
-            self.metrics.relayed_bytes.inc(len(item.packet))
-            self.sendto(encode_relay(item.key, item.packet), local[0])
+            self._to_local(item.to, item.key, item.packet)
+
+    def on_mesh(self, packet: MeshPacket) -> None:
+        """A packet another replica relayed over the mesh (authenticated and fresh)."""
+        self._to_local(packet.to, packet.key, packet.packet)
+
+    def _to_local(self, to: str, key: bytes, packet: bytes) -> None:
+        local = self.heard.get(to)
+        if local is None:
+            self.metrics.dropped.labels("relay_peer_gone").inc()
+            return
+        self.metrics.relayed_bytes.inc(len(packet))
+        self.sendto(encode_relay(key, packet), local[0])
 
     def _name_at(self, source: Endpoint) -> str | None:
         name = self._by_addr.get(source)

@@ -48,6 +48,7 @@ from natter_proto.tokens import TokenList, TokenListError
 
 from .batcher import Batcher
 from .http import HealthServer
+from .mesh import Mesh
 from .metrics import BrokerMetrics
 from .namestore import NameStore
 from .registry import MemoryRegistry, Registry
@@ -117,6 +118,7 @@ class Broker:
         self._probe = BrokerSocket(self.probe_received)
         self.probe_address: Endpoint | None = None
         self._streams: StreamListener | None = None
+        self._mesh: Mesh | None = None
         self.tcp_address: Endpoint | None = None  # the TCP (TLS, WebSocket) way in
         self.tls_key = ""  # its certificate's key, as agents pin it
         self._health: HealthServer | None = None
@@ -186,6 +188,7 @@ class Broker:
             self._probe.close()
             raise
         await self.registry.start(self.broker_id, self.replicas.on_bus)
+        self._start_mesh()
         self._registers = Batcher(lambda batch: self._guard(self._on_registers(batch), "register"))
         self._keepalives = Batcher(lambda batch: self._guard(self._on_keepalives(batch), "keepalive"))
         self._connects = Batcher(lambda batch: self._guard(self._on_connects(batch), "connect"))
@@ -209,6 +212,24 @@ class Broker:
             tls_key=self.tls_key or None,
         )
         return self.address
+
+    def _start_mesh(self) -> None:
+        """The relay mesh, where the fleet has a secret and this replica a mesh address."""
+        c = self.config
+        if not c.mesh_addr:
+            return
+        if not c.fleet_secret or not c.redis_url:
+            raise AddressError("the relay mesh (--mesh-listen) needs a fleet secret and --redis")
+        mesh = Mesh(self.broker_id, c.fleet_secret.encode(), self.registry.mesh_address,
+                    self.relayer.on_mesh, self.metrics)  # fmt: skip
+        try:
+            bound = mesh.bind(c.mesh_addr)
+        except OSError as exc:
+            raise AddressError(f"cannot listen on {c.mesh_addr} for the relay mesh: {exc.strerror}") from None
+        advertised = c.mesh_advertise or f"{bound.host}:{bound.port}"
+        self.registry.announce_mesh(advertised)
+        self.relayer.mesh = self._mesh = mesh
+        self._log.info("relay mesh listening", mesh=str(bound), advertised=advertised)
 
     async def _start_streams(self) -> None:
         """The TCP way in, on the UDP address's port unless told otherwise. Where that
@@ -269,6 +290,8 @@ class Broker:
         await self.registry.close()
         self._socket.close()
         self._probe.close()
+        if self._mesh is not None:
+            self._mesh.close()
         self._stopped.set()
 
     def _send_goaways(self) -> None:
