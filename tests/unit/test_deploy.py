@@ -185,6 +185,10 @@ def check_invocation(args: list[str], env: dict[str, str], monkeypatch: pytest.M
                 value = "redis://redis:6379/0"
             if key == "NATTER_BROKER_ID" and value == "from-elsewhere":
                 value = "pod-name"
+            if key == "NATTER_FLEET_SECRET" and value == "from-elsewhere":
+                value = "a-fleet-secret-from-a-kubernetes-secret"
+            if value.startswith("$(POD_IP)"):
+                value = "10.1.2.3" + value.removeprefix("$(POD_IP)")
             patch.setenv(key, value)
         return options.parse(args)
 
@@ -208,6 +212,7 @@ def test_manifests_use_only_what_the_code_has(monkeypatch: pytest.MonkeyPatch) -
             declared = {(p["containerPort"], p["protocol"]) for p in container.get("ports", [])}
             if args.command == "broker":
                 assert (port_of(args.server), "UDP") in declared
+                assert (port_of(args.mesh_listen), "UDP") in declared
                 assert (port_of(args.metrics), "TCP") in declared
                 probe = container["readinessProbe"]["httpGet"]["port"]
                 assert probe in {
