@@ -132,6 +132,12 @@ def test_registration_answers_a_challenge_and_keeps_the_cookie() -> None:
     (keepalive,) = reg.frames_to_send()
     assert keepalive.cookie == b"d" * 20  # type: ignore[attr-defined]
     reg.receive(Challenge(b"e" * 20), 20.3)  # the broker restarted with a new secret
+    # a challenge proves nothing by itself (anyone can provoke one while our keepalive
+    # waits): asked again with its cookie, the broker's answer decides
+    assert reg.state is RegState.REGISTERED and reg.next_event() is None
+    (probe,) = reg.frames_to_send()
+    assert isinstance(probe, Keepalive) and probe.cookie == b"e" * 20
+    reg.receive(Error(ErrorCode.NOT_REGISTERED, "bob is not registered here"), 20.35)
     assert reg.state is RegState.REGISTERING and isinstance(reg.next_event(), RegistrationLost)
     assert reg.frames_to_send()[0].cookie == b"e" * 20  # type: ignore[attr-defined]
 

@@ -485,6 +485,7 @@ def test_peer_reflexive_candidates_are_probed() -> None:
 
 def test_a_moved_address_is_reported_after_the_cookie_challenge_too() -> None:
     """From a new address the old cookie no longer passes: the broker challenges, the agent
+    asks again with the challenge's cookie, the broker does not know it there, the agent
     registers again, and the new endpoint is still reported as a change."""
     reg = Registration("alice", (), keepalive_interval=20)
     reg.start(0.0)
@@ -496,6 +497,8 @@ def test_a_moved_address_is_reported_after_the_cookie_challenge_too() -> None:
     reg.handle_timer(5.0)
     assert reg.frames_to_send() == [Keepalive(name="alice")]
     reg.receive(Challenge(cookie=b"c" * 16), 5.1)
+    assert reg.frames_to_send() == [Keepalive(name="alice", cookie=b"c" * 16)]
+    reg.receive(Error(ErrorCode.NOT_REGISTERED, "alice is not registered here"), 5.15)
     assert isinstance(reg.next_event(), RegistrationLost)
     reg.frames_to_send()
     moved = Endpoint("203.0.113.1", 50001)

@@ -168,29 +168,23 @@ class Registration:
         self._lose("broker no longer knows us", now)
 
     def _challenged_while_registered(self, message: Challenge, now: float) -> None:
-        """A challenge that can be the answer to our keepalive (it came while we wait for
-        one: our address moved, or the broker restarted) means register again, at once.
-
-        Any other is unbound: anyone who spoofs our address towards the broker makes it
-        challenge us, with a cookie genuine or forged, and a working registration is not
-        dropped for that. We answer with one keepalive that carries the challenge's cookie
-        (at most one per CHALLENGE_ANSWER_INTERVAL) and keep our own; the broker's answer
-        decides, as for any keepalive: a Registered with a fresh cookie, or "not
-        registered", which registers again."""
+        """A challenge while registered never re-registers by itself: anyone who spoofs our
+        address towards the broker makes it challenge us (with a genuine cookie), also
+        while our own keepalive waits for its answer. We answer with one keepalive that
+        carries the challenge's cookie (at most one per CHALLENGE_ANSWER_INTERVAL) and
+        keep our registration; the broker's answer decides: a Registered with a fresh
+        cookie, or "not registered" (it restarted, or our address moved), which registers
+        again with that cookie. A challenge that cannot be the answer to a keepalive of
+        ours is counted as unbound."""
         sent = self._keepalive_sent
-        if sent is not None and now - sent <= ANSWER_WINDOW:
-            self._keepalive_sent = None
-            self.cookie = message.cookie
-            self._unanswered = 0
-            self._lose("broker asked for a fresh cookie", now)
-            return
         last = self._challenge_answered
         if last is not None and now - last < CHALLENGE_ANSWER_INTERVAL:
             self.unbound["challenge_ignored"] += 1
             return
+        if sent is None or now - sent > ANSWER_WINDOW:
+            self.unbound["challenge_answered"] += 1
         self._challenge_answered = now
         self._offered_cookie = message.cookie
-        self.unbound["challenge_answered"] += 1
         self._outbox.append(Keepalive(name=self.name, cookie=message.cookie))
 
     def handle_timer(self, now: float) -> None:

@@ -302,18 +302,30 @@ class RedisRegistry:
         results = await self._batched("register", REGISTER_LUA, [self.forget_after, OWNER_TTL], items)
         return [fingerprint(bytes(r)) if r else None for r in results]
 
-    async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
+    async def touch(
+        self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str
+    ) -> list[bool | None]:
         """One EVALSHA for the whole batch of keepalives (one per slot on a cluster): one
-        round trip."""
+        round trip. A slot whose master is failing over answers None for its peers, and
+        the rest of the batch is answered."""
         batch: list[BatchItem] = [([peer_key(name)], [_public_text(public)]) for name, public in items]
         fixed: list[bytes | str | int] = [repr(now), broker_id, self.forget_after]
-        return [bool(r) for r in await self._batched("keepalive", TOUCH_LUA, fixed, batch)]
+        results = await self._batched("keepalive", TOUCH_LUA, fixed, batch, partial=True)
+        return [None if r is None else bool(r) for r in results]
 
     async def _batched(
-        self, op: str, source: str, fixed: list[bytes | str | int], items: Sequence[BatchItem]
+        self,
+        op: str,
+        source: str,
+        fixed: list[bytes | str | int],
+        items: Sequence[BatchItem],
+        *,
+        partial: bool = False,
     ) -> list[Any]:
         """Run a batch script over items (each its KEYS and ARGV after ``fixed``), once, or
-        on a cluster once per slot among them, all at once; results in the items' order."""
+        on a cluster once per slot among them, all at once; results in the items' order.
+        With ``partial``, a group that fails gives None for its items (the others stand);
+        without, the failure is raised."""
         if self.redis is not None and self.redis.cluster:
             groups: dict[int, list[int]] = {}
             for i, (keys, _) in enumerate(items):
@@ -327,9 +339,13 @@ class RedisRegistry:
             args = fixed + [arg for i in group for arg in items[i][1]]
             return await self._script(op, source, keys, args)
 
-        results = await asyncio.gather(*(run(group) for group in indices))
+        results = await asyncio.gather(*(run(group) for group in indices), return_exceptions=partial)
         out: list[Any] = [None] * len(items)
         for group, result in zip(indices, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, RedisError | OSError):
+                    raise result
+                continue  # counted by _timed; these items stay None
             for i, value in zip(group, result, strict=True):
                 out[i] = value
         return out

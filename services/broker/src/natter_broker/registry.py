@@ -37,8 +37,11 @@ class Registry(Protocol):
         for a name bound to another key, return that key's fingerprint instead of storing."""
         ...
 
-    async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
-        """Refresh each (name, public) that is registered at exactly that endpoint."""
+    async def touch(
+        self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str
+    ) -> list[bool | None]:
+        """Refresh each (name, public) that is registered at exactly that endpoint; None
+        where the store could not say (a Redis node failing over): the caller decides."""
         ...
 
     async def lookup_connects(self, requests: Sequence[ConnectLookup], now: float) -> list[ConnectFound]:
@@ -95,8 +98,10 @@ class MemoryRegistry:
             results.append(None)
         return results
 
-    async def touch(self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str) -> list[bool]:
-        results = []
+    async def touch(
+        self, items: Sequence[tuple[str, Endpoint]], now: float, broker_id: str
+    ) -> list[bool | None]:
+        results: list[bool | None] = []
         for name, public in items:
             record = self.table.get(name)
             ok = record is not None and record.public == public

@@ -441,12 +441,30 @@ class Broker:
 
     async def _on_keepalives(self, batch: list[tuple[Keepalive, Endpoint]]) -> None:
         now = time.time()
-        known = await self.registry.touch([(m.name, addr) for m, addr in batch], now, self.broker_id)
+        try:
+            known = await self.registry.touch([(m.name, addr) for m, addr in batch], now, self.broker_id)
+        except Exception as exc:  # Redis down: the same as no answer for every peer
+            self._log.warning("keepalive failed", error=f"{type(exc).__name__}: {exc}")
+            known = [None] * len(batch)
         for (message, addr), ok in zip(batch, known, strict=True):
+            if ok is None:
+                self._keepalive_unconfirmed(message, addr, now)
+                continue
             self.metrics.keepalives.labels("ok" if ok else "unknown").inc()
             if ok:
                 self._heard[message.name] = (addr, now)
             self._send(self.core.on_keepalive(message, addr, ok, now), addr)
+
+    def _keepalive_unconfirmed(self, message: Keepalive, addr: Endpoint, now: float) -> None:
+        """Redis could not confirm this agent (its master failing over, an outage): an
+        agent this replica confirmed from the same address within three keepalive
+        intervals is answered from memory, so a Redis hiccup does not send the fleet
+        re-registering (which needs Redis too). After that it gets no answer and moves on."""
+        seen = self._heard.get(message.name)
+        recent = seen is not None and seen[0] == addr and now - seen[1] < 3 * self.config.keepalive_interval
+        self.metrics.keepalives.labels("answered_from_memory" if recent else "unconfirmed").inc()
+        if recent:
+            self._send(self.core.on_keepalive(message, addr, True, now), addr)
 
     async def _on_connects(self, batch: list[tuple[ConnectRequest, Endpoint]]) -> None:
         now = time.time()
