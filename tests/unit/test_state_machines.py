@@ -76,14 +76,35 @@ def test_registration_keepalive_cycle_and_loss() -> None:
     assert reg.frames_to_send() == [Keepalive(name="alice")]
     reg.receive(Registered("alice", PUB, 20, "b1"), 20.2)
     assert reg.next_event() is None
-    # the broker falls silent: after two intervals the registration is lost and restarts
+    # the broker falls silent: the keepalive due at 40.1 goes unanswered, and so do its
+    # two retries a quarter interval apart; three quarters of an interval after it the
+    # registration is lost and restarts (1.75 intervals after the last answer, not two)
     now = 20.2
+    sent = []
     while reg.state is RegState.REGISTERED:
         now = reg.get_timer()  # type: ignore[assignment]
         reg.handle_timer(now)
-    assert now == 60.2
+        if reg.state is RegState.REGISTERED:
+            assert reg.frames_to_send() == [Keepalive(name="alice")]
+            sent.append(now)
+    assert sent == [40.1, 45.1, 50.1] and now == 55.1
     assert isinstance(reg.next_event(), RegistrationLost)
     assert Register(name="alice", locals=(), listening=False) in reg.frames_to_send()
+
+
+def test_an_answer_to_a_retried_keepalive_keeps_the_regular_schedule() -> None:
+    """One keepalive lost on the way costs a retry, not the registration."""
+    reg = Registration("alice", (), keepalive_interval=20)
+    reg.start(0.0)
+    reg.frames_to_send()
+    reg.receive(Registered("alice", PUB, 20, "b1"), 0.1)
+    reg.next_event()
+    reg.handle_timer(20.1)  # lost on the way
+    reg.handle_timer(25.1)  # the retry, answered
+    assert len(reg.frames_to_send()) == 2
+    reg.receive(Registered("alice", PUB, 20, "b1"), 25.2)
+    assert reg.state is RegState.REGISTERED and reg.next_event() is None
+    assert reg.get_timer() == 40.1  # the next regular keepalive, as if none had been lost
 
 
 def test_registration_notices_public_endpoint_change_and_broker_amnesia() -> None:

@@ -18,6 +18,11 @@ from .frames import Challenge, Error, ErrorCode, Goaway, Keepalive, Message, Reg
 
 CHALLENGE_ANSWER_INTERVAL = 1.0  # seconds: a registered agent answers challenges no faster
 ANSWER_WINDOW = 3.0  # seconds: a challenge this soon after our keepalive may be its answer
+# an unanswered keepalive is sent again a quarter interval later, twice; when the third
+# goes unanswered too (three quarters of an interval after the first), the broker is gone:
+# a dead replica is noticed within 1.75 intervals of its last answer, and two keepalives
+# lost on the way cost nothing
+KEEPALIVE_RETRIES = 2
 
 
 class RegState(enum.Enum):
@@ -104,6 +109,9 @@ class Registration:
         self._challenge_answered: float | None = None
         self._offered_cookie: bytes | None = None  # a challenge's, sent back in a keepalive
         self._keepalive_sent: float | None = None  # our keepalive the broker has not answered
+        self._keepalive_first: float | None = None  # when the unanswered one was first sent
+        self._keepalive_tries = 0
+        self._keepalive_due: float | None = None  # when the next regular keepalive is due
         # frames from the broker's address that cannot be answers to ours, while registered:
         # challenge_answered, challenge_ignored (too frequent), not_registered_ignored
         self.unbound = Counter[str]()
@@ -199,9 +207,18 @@ class Registration:
                     self._rotate(f"no answer to {self._unanswered} registrations")
                 self._send_register(now)
             elif self.state is RegState.REGISTERED:
-                self._outbox.append(Keepalive(name=self.name, cookie=self.cookie))
-                self._keepalive_sent = now
-                self._next_send = now + self.keepalive_interval
+                self._send_keepalive(now)
+
+    def _send_keepalive(self, now: float) -> None:
+        """The regular keepalive, or a retry of an unanswered one (a quarter interval on)."""
+        if self._keepalive_first is None:
+            self._keepalive_first = now
+            self._keepalive_due = now + self.keepalive_interval
+        self._outbox.append(Keepalive(name=self.name, cookie=self.cookie))
+        self._keepalive_sent = now
+        self._keepalive_tries += 1
+        retry = self.keepalive_interval / 4
+        self._next_send = now + retry if self._keepalive_tries <= KEEPALIVE_RETRIES else None
 
     def check_endpoint(self, now: float) -> None:
         """Send a keepalive now: its answer says whether our public endpoint moved (the agent
@@ -279,9 +296,14 @@ class Registration:
         self.use_broker((self.broker_index + 1) % self.brokers, reason)
 
     def _loss_deadline(self) -> float | None:
-        if self.state is RegState.REGISTERED and self._last_heard is not None:
-            return self._last_heard + self.lost_after
-        return None
+        """Silence for ``lost_after``, or every try of a keepalive unanswered."""
+        if self.state is not RegState.REGISTERED or self._last_heard is None:
+            return None
+        deadline = self._last_heard + self.lost_after
+        if self._keepalive_first is not None:
+            tries_over = self._keepalive_first + (KEEPALIVE_RETRIES + 1) * self.keepalive_interval / 4
+            deadline = min(deadline, tries_over)
+        return deadline
 
     def _on_registered(self, message: Registered, now: float) -> None:
         if self.state is RegState.REGISTERING and message.listening not in (None, self.listening):
@@ -289,6 +311,10 @@ class Registration:
         self._last_heard = now
         self._unanswered = 0
         self._keepalive_sent = self._offered_cookie = None
+        if self._keepalive_first is not None and self.state is RegState.REGISTERED:
+            self._next_send = self._keepalive_due  # answered: the regular schedule again
+        self._keepalive_first = self._keepalive_due = None
+        self._keepalive_tries = 0
         self.broker_id = message.broker_id
         if message.cookie is not None:
             self.cookie = message.cookie
@@ -307,6 +333,8 @@ class Registration:
 
     def _lose(self, reason: str, now: float) -> None:
         self.state = RegState.REGISTERING
+        self._keepalive_first = self._keepalive_due = self._keepalive_sent = None
+        self._keepalive_tries = 0
         self._events.append(RegistrationLost(reason))
         self.backoff.reset()
         self._send_register(now)

@@ -88,6 +88,11 @@ def listen_address(addr: str) -> tuple[str, int]:
     return split_host_port(addr, default_host="0.0.0.0")
 
 
+# seconds a keepalive waits for Redis to confirm it; then it is answered from memory (an
+# agent retries an unanswered keepalive a quarter interval later, and gives up after three)
+KEEPALIVE_BUDGET = 1.0
+
+
 class Broker:
     """The seed's ``Broker``: ``await Broker(Config(broker_addr=":10000")).serve()``.
 
@@ -441,9 +446,10 @@ class Broker:
 
     async def _on_keepalives(self, batch: list[tuple[Keepalive, Endpoint]]) -> None:
         now = time.time()
+        items = [(m.name, addr) for m, addr in batch]
         try:
-            known = await self.registry.touch([(m.name, addr) for m, addr in batch], now, self.broker_id)
-        except Exception as exc:  # Redis down: the same as no answer for every peer
+            known = await asyncio.wait_for(self.registry.touch(items, now, self.broker_id), KEEPALIVE_BUDGET)
+        except Exception as exc:  # Redis down or slow: the same as no answer for every peer
             self._log.warning("keepalive failed", error=f"{type(exc).__name__}: {exc}")
             known = [None] * len(batch)
         for (message, addr), ok in zip(batch, known, strict=True):
