@@ -7,7 +7,8 @@ epoll loop (a process may hold only so many sockets); the coordinator starts sev
     python fleetswarm.py worker --first 0 --count 5000 --brokers H:P,H:P,H:P \
         --interval 20 --duration 120 --connect-rate 5 --agents 20000 --out FILE
 
-A worker also asks for connects between random agents at ``--connect-rate`` per second,
+It runs until SIGTERM (or ``--duration``), then writes its report; SIGUSR1 starts the
+connects. A worker asks for connects between random agents at ``--connect-rate`` per second,
 retrying each (same request id, as agents do) every second until a punch comes or the
 deadline (two keepalive intervals and 5 s) passes. It writes what happened, with wall-clock
 times, as JSON: the coordinator knows when it injected faults.
@@ -20,6 +21,7 @@ import heapq
 import json
 import random
 import select
+import signal
 import socket
 import sys
 import time
@@ -92,6 +94,10 @@ class Worker:
         self.rng = random.Random(args.first)
         self.serial = 0
         self.sent = 0
+        self.stopping = False
+        self.connecting = args.connect_after == 0
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "connecting", True))
 
     # -- an agent's turn ------------------------------------------------------------
     def flush(self, agent: Agent, now: float) -> None:
@@ -187,7 +193,7 @@ class Worker:
             self.flush(agent, now)
         next_connect = start + self.args.connect_after
         next_sweep = start
-        while now < end:
+        while now < end and not self.stopping:
             wait = min(0.05, max(0.0, self.timers[0][0] - now)) if self.timers else 0.05
             for fd, _ in self.poller.poll(wait):
                 agent = self.by_fd[fd]
@@ -207,7 +213,10 @@ class Worker:
                     continue
                 agent.reg.handle_timer(now)
                 self.flush(agent, now)
-            if self.args.connect_rate > 0:
+            self.connecting = self.connecting or now >= start + self.args.connect_after
+            if self.args.connect_rate > 0 and self.connecting:
+                if next_connect > now + 1.0:  # started by SIGUSR1
+                    next_connect = now
                 while next_connect <= now:
                     self.start_connect(now)
                     next_connect += 1.0 / self.args.connect_rate
@@ -242,7 +251,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--interval", type=float, default=20.0)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--connect-rate", type=float, default=0.0)
-    parser.add_argument("--connect-after", type=float, default=0.0, help="seconds before connects begin")
+    parser.add_argument(
+        "--connect-after", type=float, default=0.0, help="seconds before connects begin (or SIGUSR1)"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     worker = Worker(args)

@@ -326,36 +326,47 @@ class RedisRegistry:
         on a cluster once per slot among them, all at once; results in the items' order.
         With ``partial``, a group that fails gives None for its items (the others stand);
         without, the failure is raised."""
-        if self.redis is not None and self.redis.cluster:
-            groups: dict[int, list[int]] = {}
-            for i, (keys, _) in enumerate(items):
-                groups.setdefault(key_slot(keys[0].encode()), []).append(i)
-            indices = list(groups.values())
-        else:
-            indices = [list(range(len(items)))]
+        if self.redis is None or not self.redis.cluster:
+            keys = [key for item_keys, _ in items for key in item_keys]
+            args = fixed + [arg for _, item_args in items for arg in item_args]
+            try:
+                return list(await self._script(op, source, keys, args))
+            except (RedisError, OSError):
+                if not partial:
+                    raise
+                return [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (item_keys, _) in enumerate(items):
+            groups.setdefault(key_slot(item_keys[0].encode()), []).append(i)
+        indices = list(groups.values())
 
         async def run(group: list[int]) -> Any:
             keys = [key for i in group for key in items[i][0]]
             args = fixed + [arg for i in group for arg in items[i][1]]
             return await self._script(op, source, keys, args)
 
-        results = await asyncio.gather(*(run(group) for group in indices), return_exceptions=partial)
+        # EVALSHA is not pipelined on a cluster (redis-py refuses): one call per slot, at once
+        results = await asyncio.gather(*(run(group) for group in indices), return_exceptions=True)
         out: list[Any] = [None] * len(items)
         for group, result in zip(indices, results, strict=True):
             if isinstance(result, BaseException):
-                if not isinstance(result, RedisError | OSError):
+                if not partial or not isinstance(result, RedisError | OSError):
                     raise result
                 continue  # counted by _timed; these items stay None
             for i, value in zip(group, result, strict=True):
                 out[i] = value
         return out
 
+    async def _sha(self, source: str) -> str:
+        sha = self._scripts.get(source)
+        if sha is None:
+            sha = str(await self._timed("script_load", self.client.script_load(source)))
+            self._scripts[source] = sha
+        return sha
+
     async def _script(self, op: str, source: str, keys: list[str], args: list[bytes | str | int]) -> Any:
         for attempt in (1, 2):
-            sha = self._scripts.get(source)
-            if sha is None:
-                sha = str(await self._timed("script_load", self.client.script_load(source)))
-                self._scripts[source] = sha
+            sha = await self._sha(source)
             try:
                 return await self._timed(op, self.client.evalsha(sha, len(keys), *keys, *args))
             except NoScriptError:
