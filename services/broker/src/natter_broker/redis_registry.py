@@ -338,21 +338,42 @@ class RedisRegistry:
         groups: dict[int, list[int]] = {}
         for i, (item_keys, _) in enumerate(items):
             groups.setdefault(key_slot(item_keys[0].encode()), []).append(i)
-        indices = list(groups.values())
+        return await self._per_slot(op, source, fixed, items, list(groups.values()), partial)
 
-        async def run(group: list[int]) -> Any:
-            keys = [key for i in group for key in items[i][0]]
-            args = fixed + [arg for i in group for arg in items[i][1]]
-            return await self._script(op, source, keys, args)
-
-        # EVALSHA is not pipelined on a cluster (redis-py refuses): one call per slot, at once
-        results = await asyncio.gather(*(run(group) for group in indices), return_exceptions=True)
+    async def _per_slot(
+        self,
+        op: str,
+        source: str,
+        fixed: list[bytes | str | int],
+        items: Sequence[BatchItem],
+        groups: list[list[int]],
+        partial: bool,
+    ) -> list[Any]:
+        """A cluster's batch: one EVALSHA per slot, all in one pipeline (one round trip and
+        one connection per master). redis-py refuses ``pipe.evalsha`` on a cluster because
+        it cannot know a script's keys share a slot; ours do (one group, one slot), so the
+        command goes in by name. (One call per slot at once, as asyncio tasks, costs three
+        times the CPU and runs out of connections in a registration storm.)"""
+        results: list[Any] = []
+        for attempt in (1, 2):
+            sha = await self._sha(source)
+            pipe = self.client.pipeline(transaction=False)
+            for group in groups:
+                keys = [key for i in group for key in items[i][0]]
+                args = fixed + [arg for i in group for arg in items[i][1]]
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+            results = await self._timed(op, pipe.execute(raise_on_error=False))
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                self._scripts.clear()  # a promoted replica without our scripts: load them again
+                continue
+            break
         out: list[Any] = [None] * len(items)
-        for group, result in zip(indices, results, strict=True):
-            if isinstance(result, BaseException):
+        for group, result in zip(groups, results, strict=True):
+            if isinstance(result, Exception):
                 if not partial or not isinstance(result, RedisError | OSError):
                     raise result
-                continue  # counted by _timed; these items stay None
+                self.metrics.redis_errors.labels(op).inc()
+                continue  # these items stay None
             for i, value in zip(group, result, strict=True):
                 out[i] = value
         return out
