@@ -24,7 +24,7 @@ else
   echo "test: no container images; the container tests will skip" >&2
 fi
 echo "== tests"
-.venv/bin/pytest -p no:cacheprovider -ra "$@"
+.venv/bin/pytest -p no:cacheprovider -ra --durations=20 "$@"
 # The library-level suites run on every engine by parameter; the suites that start natter
 # processes (the command line, the C library, the NAT lab's reach and NAT matrix) run on
 # the default engine above and once more here on the native engine, where it is built.

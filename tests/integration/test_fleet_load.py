@@ -19,7 +19,7 @@ INTERVAL = 4.0  # seconds: short, so the faults are noticed within the test
 
 def test_storm_steady_state_and_faults() -> None:
     try:
-        report = fleetload.run(1500, INTERVAL, connect_rate=20)
+        report = fleetload.run(1500, INTERVAL, connect_rate=20, settle=2 * INTERVAL + 4)
     except RuntimeError as exc:
         if os.environ.get("CI"):
             raise
