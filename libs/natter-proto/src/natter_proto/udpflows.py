@@ -14,8 +14,15 @@ from typing import Generic, TypeVar
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds without a datagram either way, as conntrack's UDP stream
 DEFAULT_MAX_FLOWS = 4096  # per forward (or per listener): a flood of sources cannot grow it
 DEFAULT_QUEUE = 64  # datagrams a flow holds while its tunnel comes up
+LOG_EVERY = 100  # a drop reason is worth a log line on its first time and every hundredth after
 
 K = TypeVar("K", bound=Hashable)
+
+
+def worth_saying(count: int) -> bool:
+    """Whether the count-th drop of one reason deserves a log line (the first, then one in
+    LOG_EVERY): a flood is said, not echoed."""
+    return count % LOG_EVERY == 1
 
 
 class Drop(enum.Enum):
@@ -89,7 +96,7 @@ class FlowTable(Generic[K]):
             flow.last_seen = now
             return flow
         if len(self._flows) >= self.max_flows:
-            self.dropped[Drop.TOO_MANY_FLOWS] += 1
+            self.drop(Drop.TOO_MANY_FLOWS)
             return None
         if number is None:
             number = self._next_number
@@ -102,10 +109,15 @@ class FlowTable(Generic[K]):
     def enqueue(self, flow: Flow[K], payload: bytes) -> bool:
         """Hold a datagram until the flow can send; a full queue drops it (counted)."""
         if len(flow.queue) >= self.queue_limit:
-            self.dropped[Drop.QUEUE_FULL] += 1
+            self.drop(Drop.QUEUE_FULL)
             return False
         flow.queue.append(payload)
         return True
+
+    def drop(self, reason: Drop) -> int:
+        """Count a dropped datagram; returns how many were dropped for that reason."""
+        self.dropped[reason] += 1
+        return self.dropped[reason]
 
     def close(self, flow: Flow[K]) -> None:
         self._flows.pop(flow.key, None)

@@ -8,11 +8,12 @@ itself in. Anything malformed, or for no flow of ours, is dropped and counted.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from natter_proto import udpframes
+from natter_proto.udpflows import Drop, FlowTable, worth_saying
 
 from .links import AnyLink
 
@@ -69,5 +70,15 @@ class UdpDemux:
 
     def _drop(self, counter: str, link: AnyLink, why: str) -> None:
         self.dropped[counter] += 1
-        if self.dropped[counter] % 100 == 1:
+        if worth_saying(self.dropped[counter]):
             log.info("udp datagram dropped", peer=link.peer, reason=why, dropped=self.dropped[counter])
+
+
+def say_dropped(
+    logger: Any, flows: FlowTable[Any], reason: Drop, *, counted: bool = False, **fields: object
+) -> None:
+    """Count a UDP forward's dropped datagram (unless its flow table already did) and say
+    so on the first and every LOG_EVERY-th time, on either side of the tunnel."""
+    count = flows.dropped[reason] if counted else flows.drop(reason)
+    if worth_saying(count):
+        logger.warning("udp datagram dropped", reason=reason.value, dropped=count, **fields)

@@ -23,6 +23,7 @@ from natter_proto.udpflows import Drop, Flow, FlowState, FlowTable
 from .errors import NatterError
 from .keeper import TunnelKeeper
 from .links import AnyLink
+from .udpdemux import say_dropped
 from .udpsocket import BatchedUdpSocket
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("natter.udp")
 
 Source = tuple[Any, ...]  # a local sender's address, as asyncio gives it
-WARN_EVERY = 100  # a drop reason is logged on its first time and every hundredth after
 
 
 class UdpForward:
@@ -168,12 +168,7 @@ class UdpForward:
                 self._dropped(Drop.LOCAL_FULL)
 
     def _dropped(self, reason: Drop, *, counted: bool = False, **fields: object) -> None:
-        if not counted:
-            self.flows.dropped[reason] += 1
-        if self.flows.dropped[reason] % WARN_EVERY == 1:
-            self.log.warning(
-                "udp datagram dropped", reason=reason.value, dropped=self.flows.dropped[reason], **fields
-            )
+        say_dropped(self.log, self.flows, reason, counted=counted, **fields)
 
     def status(self) -> dict[str, object]:
         return {

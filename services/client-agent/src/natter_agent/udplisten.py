@@ -18,6 +18,7 @@ from natter_proto.endpoints import split_host_port
 from natter_proto.udpflows import Drop, Flow, FlowState, FlowTable
 
 from .links import AnyLink
+from .udpdemux import say_dropped
 from .udpsocket import BatchedUdpSocket
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("natter.udp")
 
 FlowKey = tuple[int, int]  # (tunnel, the forwarding side's flow number)
-WARN_EVERY = 100
 
 
 class UdpListener:
@@ -57,7 +57,7 @@ class UdpListener:
         flow = self.flows.get(key)
         if flow is None:
             if frame.kind is not udpframes.Kind.OPEN:
-                self.flows.dropped[Drop.UNKNOWN_FLOW] += 1
+                self.flows.drop(Drop.UNKNOWN_FLOW)
                 link.send_datagram(udpframes.encode_reset(frame.flow))
                 return
             flow = self.flows.open(key, now, number=frame.flow)
@@ -79,7 +79,7 @@ class UdpListener:
         if frame.kind is udpframes.Kind.OPEN:
             link.send_datagram(udpframes.encode_accepted(frame.flow))  # the first was lost
         if (frame.payload or frame.kind is udpframes.Kind.DATA) and not target.send(frame.payload):
-            self.flows.dropped[Drop.LOCAL_FULL] += 1
+            self.flows.drop(Drop.LOCAL_FULL)
 
     async def _open(self, link: AnyLink, flow: Flow[FlowKey], target: str) -> None:
         try:
@@ -120,20 +120,13 @@ class UdpListener:
         flow.last_seen = asyncio.get_running_loop().time()
         frame = udpframes.encode_reply(flow.number, payload)
         if len(frame) > link.datagram_room():
-            self.flows.dropped[Drop.TOO_BIG] += 1
-            if self.flows.dropped[Drop.TOO_BIG] % WARN_EVERY == 1:
-                log.warning(
-                    "udp datagram dropped",
-                    reason=Drop.TOO_BIG.value,
-                    size=len(payload),
-                    dropped=self.flows.dropped[Drop.TOO_BIG],
-                )
+            say_dropped(log.bind(peer=link.peer), self.flows, Drop.TOO_BIG, size=len(payload))
             return
         if link.send_datagram(frame):
             flow.datagrams_out += 1
             self.flows.datagrams_out += 1
         else:
-            self.flows.dropped[Drop.CONGESTED if link.is_alive else Drop.NO_TUNNEL] += 1
+            self.flows.drop(Drop.CONGESTED if link.is_alive else Drop.NO_TUNNEL)
 
     async def _expire(self) -> None:
         while True:
