@@ -22,7 +22,7 @@ from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 from . import nativeforward
 from .agent import Agent
 from .bridge import LocalEnd, read_header, splice
-from .errors import NatterError, PeerUnavailable, StreamRefused
+from .errors import NatterError, PeerUnavailable, StreamRefused, cannot_listen
 from .keeper import ConnectionCap, TunnelKeeper
 from .link import PeerLink
 from .links import AnyLink
@@ -269,8 +269,7 @@ class Forward:
                 return
             self._server = await asyncio.get_running_loop().create_server(self._accept, host, port)
         except OSError as exc:
-            why = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
-            raise NatterError(f"cannot listen on {format_host_port(host, port)}: {why}") from None
+            raise cannot_listen(host, port, exc) from None
         sockname = self._server.sockets[0].getsockname()
         self.local = Endpoint(sockname[0], sockname[1])
 

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from natter_proto import socks, streamhdr
-from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
+from natter_proto.endpoints import Endpoint, split_host_port
 
 from . import nativeforward
 from .bridge import splice
-from .errors import NatterError, StreamRefused
+from .errors import NatterError, StreamRefused, cannot_listen
 from .forward import open_tunnel_stream, stream_timeout, tunnel_to
 from .keeper import ConnectionCap, TunnelKeeper
 from .tcpend import TcpEnd
@@ -78,8 +78,7 @@ class SocksForward:
         try:
             self._socket = nativeforward.listening_socket(host, port)
         except OSError as exc:
-            why = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
-            raise NatterError(f"cannot listen on {format_host_port(host, port)}: {why}") from None
+            raise cannot_listen(host, port, exc) from None
         self._socket.setblocking(False)
         sockname = self._socket.getsockname()
         self.local = Endpoint(sockname[0], sockname[1])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from natter_proto import udpframes
 from natter_proto.endpoints import Endpoint, format_host_port, split_host_port
 from natter_proto.udpflows import Drop, Flow, FlowState, FlowTable
 
-from .errors import NatterError
+from .errors import cannot_listen
 from .keeper import TunnelKeeper
 from .links import AnyLink
 from .udpdemux import say_dropped
@@ -62,8 +61,7 @@ class UdpForward:
         try:
             self._socket = BatchedUdpSocket.bound(host or "127.0.0.1", port, self.from_local)
         except OSError as exc:
-            why = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
-            raise NatterError(f"cannot listen on {format_host_port(host, port)}/udp: {why}") from None
+            raise cannot_listen(host, port, exc, "/udp") from None
         sockname = self._socket.address
         self.local = Endpoint(sockname[0], sockname[1])
 

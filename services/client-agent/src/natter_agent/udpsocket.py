@@ -40,26 +40,12 @@ class BatchedUdpSocket:
     @classmethod
     def bound(cls, host: str, port: int, on_datagram: Receiver) -> BatchedUdpSocket:
         """Listening on ``host:port`` (raises OSError if it cannot)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            sock.close()
-            raise
-        return cls(sock, on_datagram)
+        return cls(_opened(host, port, socket.socket.bind), on_datagram)
 
     @classmethod
     def connected(cls, address: str, port: int, on_datagram: Receiver) -> BatchedUdpSocket:
         """Towards one target: the kernel drops datagrams from anyone else."""
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.connect((address, port))
-        except OSError:
-            sock.close()
-            raise
-        return cls(sock, on_datagram)
+        return cls(_opened(address, port, socket.socket.connect), on_datagram)
 
     @property
     def address(self) -> Address:
@@ -99,3 +85,14 @@ class BatchedUdpSocket:
             self.closed = True
             self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
+
+
+def _opened(host: str, port: int, attach: Callable[[socket.socket, tuple[str, int]], None]) -> socket.socket:
+    """A UDP socket of the address's family, bound or connected to it (closed if that fails)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        attach(sock, (host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
